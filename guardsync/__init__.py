@@ -1,0 +1,1 @@
+"""guardsync: provision Atlassian Cloud from Microsoft Entra ID."""

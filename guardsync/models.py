@@ -1,0 +1,84 @@
+"""Typed records that cross stage boundaries.
+
+The Graph snapshot is a set of pandas frames (bulk data, vectorised logic); the
+desired state and the plan are small frozen dataclasses, hashable and easy to diff.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import pandas as pd
+
+# Columns of the frames in a Snapshot. Graph field names are kept as Graph spells them.
+USER_COLUMNS = [
+    "id",
+    "userPrincipalName",
+    "mail",
+    "displayName",
+    "givenName",
+    "surname",
+    "jobTitle",
+    "accountEnabled",
+    "userType",
+]
+GROUP_COLUMNS = ["id", "displayName"]
+EDGE_COLUMNS = ["group_id", "member_id", "member_type"]  # direct memberships
+MEMBERSHIP_COLUMNS = ["group_id", "user_id"]  # effective (flattened) memberships
+
+
+@dataclass
+class Snapshot:
+    """What one read of the tenant returned."""
+
+    tenant_id: str
+    organization: str
+    users: pd.DataFrame  # USER_COLUMNS
+    groups: pd.DataFrame  # GROUP_COLUMNS
+    edges: pd.DataFrame  # EDGE_COLUMNS; member_type: user, group, device, servicePrincipal, orgContact
+    verified_domains: list[str]
+    initial_domain: str | None
+
+
+@dataclass(frozen=True)
+class DesiredUser:
+    """A user as Atlassian should hold it. external_id is the Entra object id."""
+
+    external_id: str
+    user_name: str
+    display_name: str
+    given_name: str
+    family_name: str
+    title: str
+    active: bool
+
+    def digest(self) -> str:
+        return content_digest(asdict(self))
+
+
+@dataclass(frozen=True)
+class DesiredGroup:
+    """A group as Atlassian should hold it; members are user external ids."""
+
+    external_id: str
+    display_name: str
+    members: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass
+class DesiredState:
+    """Output of scope: what Atlassian should look like, and who was set aside."""
+
+    users: dict[str, DesiredUser]  # by external_id
+    groups: dict[str, DesiredGroup]  # by external_id
+    excluded: dict[str, int]  # reason -> count (guest, domain, disabled_not_synced)
+    quarantined: pd.DataFrame  # columns: id, identifier, rule
+    identifier: str  # "upn" or "email": SSO must use the same
+
+
+def content_digest(record: dict) -> str:
+    """Stable short hash of a JSON-able record: the plan compares these, not fields."""
+    raw = json.dumps(record, sort_keys=True, default=sorted, ensure_ascii=False)
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
