@@ -53,6 +53,6 @@ class GuardsyncBlocked(GuardsyncError):
     exit_code = 3
 
     def __init__(self, rule: str, message: str, advice: str):
-        super().__init__(f"blocked by {rule}: {message}. {advice}")
+        super().__init__(f"blocked by {rule}: {message}" + (f". {advice}" if advice else ""))
         self.rule = rule
         self.advice = advice

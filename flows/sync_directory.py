@@ -1,0 +1,127 @@
+"""The sync-directory flow: Entra ID -> gates -> Atlassian SCIM, one thin composition of stage tasks.
+
+extract -> flatten -> scope -> validate (users, groups, memberships gates) -> plan (+ guards)
+  -> load users -> load groups -> load memberships -> summary
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect import flow, get_run_logger, runtime
+from prefect.artifacts import create_markdown_artifact
+
+from guardsync.config import Settings, resolve_secret
+from guardsync.errors import GuardsyncBlocked, GuardsyncError
+from guardsync.graph import GraphClient
+from guardsync.load import Loader
+from guardsync.scim import ScimClient
+from guardsync.state import StateStore
+from guardsync.summary import RunSummary
+from tasks.extract import extract
+from tasks.flatten import flatten
+from tasks.load import load_groups, load_memberships, load_users
+from tasks.plan import plan_changes
+from tasks.scope import scope_users
+from tasks.validate import validate_gates
+
+os.environ.setdefault("DO_NOT_TRACK", "1")  # the flow never phones home, wherever it runs
+
+
+class WritesFailed(GuardsyncError):
+    """The run finished, but Atlassian refused some writes (listed in the summary)."""
+
+    def __init__(self, summary: RunSummary):
+        super().__init__(f"{len(summary.failures)} writes failed; see the summary and fix the objects named there")
+        self.summary = summary
+
+
+def prefect_secret(name: str) -> str:
+    from prefect.blocks.system import Secret
+
+    return Secret.load(name).get()
+
+
+def resolve(reference: str | None, key: str) -> str | None:
+    return resolve_secret(reference, key, prefect_secret) if reference else None
+
+
+def connect(settings: Settings, dry_run: bool) -> tuple[GraphClient, ScimClient, StateStore]:
+    """Build the run's clients; secrets are resolved here, in memory, never passed as parameters."""
+    entra, atlassian = settings.entra, settings.atlassian
+    graph = GraphClient(
+        tenant_id=entra.tenant_id,
+        client_id=entra.client_id,
+        client_secret=resolve(entra.client_secret, "entra.client_secret"),
+        certificate_path=entra.certificate_path,
+        authority_host=entra.authority_host,
+        graph_url=entra.graph_url,
+    )
+    scim = ScimClient(atlassian.scim_url, resolve(atlassian.api_key, "atlassian.api_key"), dry_run=dry_run)
+    state_url = settings.sync.state
+    if state_url.startswith(("env:", "prefect:")):
+        state_url = resolve(state_url, "sync.state")
+    return graph, scim, StateStore(state_url)
+
+
+@flow(name="sync-directory", persist_result=True, log_prints=True)
+def sync_directory(
+    settings: Settings,
+    dry_run: bool = False,
+    full: bool = False,
+    allow_mass_deactivation: bool = False,
+) -> dict:
+    """One run: read Entra ID, gate, plan, and (unless dry_run) apply to Atlassian."""
+    run_id = str(runtime.flow_run.id)
+    mode = "dry-run" if dry_run else "sync"
+    graph, scim, store = connect(settings, dry_run)
+    summary = RunSummary(run_id=run_id, mode=mode, status="running", identifier=settings.sync.identifier)
+    if not dry_run:
+        store.start_run(run_id, mode)
+    try:
+        snapshot = extract(graph)
+        store.check_binding(snapshot.tenant_id, settings.atlassian.scim_url)
+        scoped = scope_users(snapshot, flatten(snapshot), settings.sync)
+        summary.excluded = dict(scoped.excluded)
+        validated = validate_gates(scoped, settings.sync)
+        summary.quarantined = validated.quarantined_by_rule()
+        summary.quarantined_examples = [
+            f"{row.identifier or '(none)'} [{row.id}] ({row.rule})" for row in validated.quarantined.head(20).itertuples()
+        ]
+        applied = store.load()
+        plan = plan_changes(validated, applied, settings.sync, allow_mass_deactivation)
+        summary.excluded["disabled_never_synced"] = plan.not_created_disabled
+        if dry_run:
+            summary.counts = plan.counts()
+        else:
+            store.bind(snapshot.tenant_id, settings.atlassian.scim_url)
+            loader = Loader(scim, store, run_id, settings.sync.write_concurrency)
+            for result in (load_users(loader, plan), load_groups(loader, plan, validated.groups), load_memberships(loader, plan)):
+                for key, value in result["counts"].items():
+                    summary.counts[key] = summary.counts.get(key, 0) + value
+                summary.failures += result["failures"]
+        summary.new_groups = sorted(validated.groups[c.group_id].display_name for c in plan.groups if c.kind == "create")
+        summary.renamed_groups = sorted(c.display_name for c in plan.groups if c.kind == "rename")
+        summary.requests = {"graph": sum(graph.requests_made.values()), "scim": sum(scim.requests_made.values())}
+        summary.status = "completed" if not summary.failures else "failed"
+    except GuardsyncBlocked as exc:
+        summary.status, summary.message = "blocked", str(exc)
+        raise
+    except Exception as exc:
+        summary.status, summary.message = "failed", str(exc) if isinstance(exc, GuardsyncError) else type(exc).__name__
+        raise
+    finally:
+        publish_summary(summary)
+        if not dry_run:
+            store.finish_run(run_id, summary.status, summary.counts, summary.message or None)
+        store.dispose()
+    if summary.failures:
+        raise WritesFailed(summary)
+    return summary.as_dict()
+
+
+def publish_summary(summary: RunSummary) -> None:
+    lines = summary.lines()
+    get_run_logger().info("\n".join(lines))
+    create_markdown_artifact(key="summary", markdown="# Summary\n\n" + "\n".join(f"- {line.strip()}" for line in lines),
+                             description=f"guardsync {summary.mode}: {summary.status}")

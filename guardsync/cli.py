@@ -1,0 +1,127 @@
+"""The guardsync command line (the contract in DESIGN.md).
+
+Exit status: 0 completed (quarantined rows allowed), 3 blocked by a gate or guard,
+1 any other failure. Errors are one line naming the cause and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Before anything imports Prefect or Great Expectations: nothing phones home.
+for _name, _value in (
+    ("DO_NOT_TRACK", "1"),
+    ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+    ("GX_ANALYTICS_ENABLED", "false"),
+):
+    os.environ.setdefault(_name, _value)
+
+from guardsync.config import Settings, load_settings  # noqa: E402
+from guardsync.errors import GuardsyncError  # noqa: E402
+from guardsync.summary import RunSummary  # noqa: E402
+
+
+def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, allow_mass_deactivation: bool = False,
+             out=sys.stdout) -> int:
+    """One run of the sync-directory flow, in this process; prints the summary; returns the exit status."""
+    from flows.sync_directory import WritesFailed, sync_directory  # Prefect loads only when a flow runs
+
+    try:
+        result = sync_directory(settings=settings, dry_run=dry_run, full=full,
+                                allow_mass_deactivation=allow_mass_deactivation)
+    except WritesFailed as exc:
+        print("\n".join(exc.summary.lines()), file=out)
+        print(f"guardsync: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except GuardsyncError as exc:
+        print(f"guardsync: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print("\n".join(RunSummary(**result).lines()), file=out)
+    return 0
+
+
+def _sync(args) -> int:
+    return run_flow(load_settings(args.config), dry_run=args.dry_run, full=args.full,
+                    allow_mass_deactivation=args.allow_mass_deactivation)
+
+
+def _plan(args) -> int:
+    return run_flow(load_settings(args.config), dry_run=True, full=args.full)
+
+
+def _demo(args) -> int:
+    from guardsync.demo import run_demo
+
+    return run_demo(users=args.users, workdir=args.workdir)
+
+
+def _history(args) -> int:
+    from guardsync.state import StateStore
+
+    store = StateStore(load_settings(args.config).sync.state)
+    for run in store.history(args.limit):
+        counts = ", ".join(f"{k} {v}" for k, v in run["counts"].items() if v) or "no change"
+        print(f"{run['started_at']:%Y-%m-%d %H:%M:%S}  {run['run_id']}  {run['mode']:<7}  {run['status']:<9}  {counts}")
+    return 0
+
+
+def _audit(args) -> int:
+    from guardsync.state import StateStore
+
+    store = StateStore(load_settings(args.config).sync.state)
+    rows = store.audit_of(args.user)
+    if not rows:
+        print(f"no recorded write for {args.user}")
+    for row in rows:
+        print(f"{row['at']:%Y-%m-%d %H:%M:%S}  run {row['run_id']}  {row['operation']:<10} {row['object_type']:<5} "
+              f"{row['object_name'] or row['object_id']}  {row['outcome']}" + (f"  {row['detail']}" if row["detail"] else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guardsync", description="Provision Atlassian Cloud from Microsoft Entra ID.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sync = commands.add_parser("sync", help="one run of the sync-directory flow")
+    sync.add_argument("--config", required=True, metavar="FILE")
+    sync.add_argument("--dry-run", action="store_true", help="write nothing to Atlassian or the state; print the plan")
+    sync.add_argument("--full", action="store_true", help="ignore Graph delta links and re-read everything")
+    sync.add_argument("--allow-mass-deactivation", action="store_true",
+                      help="this run only: allow more deactivations than [sync] max_deactivations")
+    sync.set_defaults(handler=_sync)
+
+    plan = commands.add_parser("plan", help="same as sync --dry-run")
+    plan.add_argument("--config", required=True, metavar="FILE")
+    plan.add_argument("--full", action="store_true")
+    plan.set_defaults(handler=_plan)
+
+    demo = commands.add_parser("demo", help="the whole job on the built-in sandbox; no credentials, no network")
+    demo.add_argument("--users", type=int, default=300, help="size of the generated tenant")
+    demo.add_argument("--workdir", default=".guardsync-demo", help="where the demo keeps its config and state")
+    demo.set_defaults(handler=_demo)
+
+    history = commands.add_parser("history", help="recent runs with their counts")
+    history.add_argument("--config", required=True, metavar="FILE")
+    history.add_argument("--limit", type=int, default=20)
+    history.set_defaults(handler=_history)
+
+    audit = commands.add_parser("audit", help="every write guardsync made for one user or group")
+    audit.add_argument("user", help="userName, group name or Entra object id")
+    audit.add_argument("--config", required=True, metavar="FILE")
+    audit.set_defaults(handler=_audit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except GuardsyncError as exc:
+        print(f"guardsync: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Configuration: the TOML file of the contract, as a pydantic model.
+
+The same model is the flow's parameter, so a Prefect deployment shows and
+validates it. It holds secret *references* (env:NAME, prefect:BLOCK), never secret
+values: those are resolved at the client edge, in memory only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from guardsync.errors import ConfigError
+
+SECRET_REF = re.compile(r"^(env|prefect):[A-Za-z0-9_.\-/]+$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_secret_ref(value: str | None) -> str | None:
+    if value is not None and not SECRET_REF.match(value):
+        # Never echo the value: it may be a pasted secret.
+        raise ValueError("must be a reference, env:VARIABLE or prefect:SECRET_BLOCK, not the secret itself")
+    return value
+
+
+class EntraSettings(_Section):
+    tenant_id: str = Field(min_length=1)
+    client_id: str = Field(min_length=1)
+    client_secret: str | None = None
+    certificate_path: str | None = None
+    authority_host: str = "https://login.microsoftonline.com"
+    graph_url: str = "https://graph.microsoft.com"
+
+    _ref = field_validator("client_secret")(_check_secret_ref)
+
+    @field_validator("authority_host", "graph_url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        if not value.startswith("https://"):
+            raise ValueError("must be an https:// URL (TLS is always verified)")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> "EntraSettings":
+        if (self.client_secret is None) == (self.certificate_path is None):
+            raise ValueError("set exactly one of client_secret or certificate_path")
+        return self
+
+
+class AtlassianSettings(_Section):
+    scim_url: str
+    api_key: str
+
+    _ref = field_validator("api_key")(_check_secret_ref)
+
+    @field_validator("scim_url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        if not value.startswith("https://"):
+            raise ValueError("must be an https:// URL, e.g. https://api.atlassian.com/scim/directory/DIRECTORY_ID")
+        return value.rstrip("/")
+
+
+class SyncSettings(_Section):
+    groups: list[str] = []
+    domains: list[str] = []
+    identifier: Literal["upn", "email"] = "upn"
+    max_group_size: int = Field(10_000, ge=1)
+    max_deactivations: str | int = "10%"
+    state: str = "sqlite:///guardsync-state.db"
+    # Extensions of the contract (optional keys):
+    write_concurrency: int = Field(4, ge=1, le=32)  # parallel SCIM writes; adapts down on 429
+    full_read_every_hours: float = Field(24, gt=0)  # delta sync: force a full read this often
+
+    @field_validator("max_deactivations")
+    @classmethod
+    def _limit(cls, value: str | int) -> str | int:
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError("must be a count >= 0 or a percentage like \"10%\"")
+            return value
+        if re.fullmatch(r"\d+(\.\d+)?%", value.strip()) or value.strip().isdigit():
+            return value.strip()
+        raise ValueError("must be a count like 50 or a percentage like \"10%\"")
+
+    def deactivation_limit(self, active_managed: int) -> int | None:
+        """The most deactivations allowed; None when a percentage has no base (first run)."""
+        value = self.max_deactivations
+        if isinstance(value, int) or value.isdigit():
+            return int(value)
+        if active_managed == 0:
+            return None
+        return int(active_managed * float(value.rstrip("%")) / 100)
+
+
+class Settings(_Section):
+    entra: EntraSettings
+    atlassian: AtlassianSettings
+    sync: SyncSettings = SyncSettings()
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read and validate a TOML file; every problem is one ConfigError line with the fix."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} not found: pass --config with the path of your TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML ({exc}): fix the syntax at that line") from None
+    return parse_settings(raw, source=str(path))
+
+
+def parse_settings(raw: dict, source: str = "configuration") -> Settings:
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """First problem as `[section] key: what is wrong and what to do`; no input values echoed."""
+    error = exc.errors()[0]
+    location = [str(part) for part in error["loc"]]
+    where = f"[{location[0]}] {'.'.join(location[1:])}".strip() if location else "top level"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{where}: unknown key; remove it or check its spelling against the documented keys"
+    if kind == "missing":
+        return f"{where}: required key is missing; add it"
+    if kind == "literal_error":
+        return f"{where}: {error['msg'].lower()}"
+    message = error["msg"].removeprefix("Value error, ")
+    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+    return f"{where}: {message}{more}"
+
+
+SecretLookup = Callable[[str], str]
+
+
+def resolve_secret(reference: str, key: str, prefect_lookup: SecretLookup | None = None) -> str:
+    """Turn env:NAME / prefect:BLOCK into the secret value; errors name the key, never the value."""
+    scheme, _, name = reference.partition(":")
+    if scheme == "env":
+        value = os.environ.get(name)
+        if not value:
+            raise ConfigError(f"{key}: environment variable {name} is not set; export it before running guardsync")
+        return value
+    if scheme == "prefect":
+        if prefect_lookup is None:
+            raise ConfigError(f"{key}: prefect:{name} needs a Prefect server; run through the flow or use env:VARIABLE")
+        try:
+            return prefect_lookup(name)
+        except Exception as exc:  # the block store's own error types vary
+            raise ConfigError(
+                f"{key}: could not load Prefect Secret block {name!r} ({type(exc).__name__}); create it with "
+                f"`prefect block create secret` or fix the name"
+            ) from None
+    raise ConfigError(f"{key}: must be env:VARIABLE or prefect:SECRET_BLOCK")

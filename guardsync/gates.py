@@ -1,0 +1,441 @@
+"""Gates: run the Great Expectations suites in `expectations/` over the frames of a run.
+
+Each suite is a GX 1.x ExpectationSuite kept as JSON (``name``, ``expectations``
+with ``type``, ``kwargs``, ``meta``, ``severity``) and read from disk on every run,
+so editing the JSON changes the gate without a code change. What a failed
+expectation does depends on its ``severity``:
+
+- ``critical``: blocks the load (``GateResult.blocking``; the caller raises
+  ``GuardsyncBlocked`` with ``blocked_message``);
+- ``warning``: quarantines the offending rows (``GateResult.quarantined_ids``),
+  the rest goes on;
+- ``info``: only reported.
+
+``meta.rule`` names the rule (snake_case) and ``meta.advice`` tells the operator
+what to do; ``{name}`` in the advice is filled from the run's suite parameters
+(e.g. ``{max_group_size}``). A suite that does not parse, is not shaped like a
+suite, names an unknown expectation, has invalid kwargs, refers to a parameter the
+run does not pass, or whose expectation raises while validating (a column that
+does not exist, ...) is a broken suite: ``GuardsyncError`` (exit 1), never a pass
+and never a data block.
+
+No Prefect here; GX is imported on first use (it takes seconds) and one ephemeral
+context is kept per process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from guardsync.errors import GuardsyncError
+
+#: The repository's suites; GUARDSYNC_EXPECTATIONS points elsewhere (read at import
+#: time here, and again on every call that does not pass `directory`).
+DEFAULT_EXPECTATIONS_DIR = Path(__file__).resolve().parent.parent / "expectations"
+EXPECTATIONS_DIR = Path(os.environ.get("GUARDSYNC_EXPECTATIONS") or DEFAULT_EXPECTATIONS_DIR)
+
+#: Columns that identify a row of each gated frame (their values are the ids of
+#: offending rows). Memberships use both columns, joined as "group_id/user_id".
+KEY_COLUMNS: dict[str, tuple[str, ...]] = {
+    "users": ("id",),
+    "groups": ("id",),
+    "memberships": ("group_id", "user_id"),
+}
+#: A column that names a row for people, shown next to its id in messages when present.
+LABEL_COLUMNS: dict[str, str] = {"users": "display_name", "groups": "display_name"}
+
+SEVERITIES = ("critical", "warning", "info")
+MAX_EXAMPLES = 20
+MISSING = "(missing)"  # how a null value or key is shown to people
+
+_EXPECTATION_KEYS = {"type", "kwargs", "meta", "severity", "id", "notes", "description", "rendered_content"}
+_SUITE_KEYS = {"name", "expectations", "meta", "notes", "id", "suite_parameters", "data_asset_type", "ge_cloud_id"}
+_PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class ExpectationOutcome:
+    """What one expectation of a suite found."""
+
+    suite: str  # "users"
+    rule: str  # meta.rule, or the expectation type
+    expectation: str  # GX type, e.g. "expect_column_values_to_not_be_null"
+    column: str | None  # the column, or "a,b" for a compound expectation; None for table-level
+    severity: str  # critical | warning | info
+    success: bool
+    failed_count: int
+    failed_ids: tuple[str, ...]  # key of ALL offending rows (users/groups: id; memberships: "group_id/user_id")
+    examples: tuple[str, ...]  # the first 20 offending values, for people
+    advice: str
+    labels: tuple[str, ...] = ()  # display names of the first 20 offending rows ("" when none), aligned with examples
+
+
+@dataclass(frozen=True)
+class GateResult:
+    suite: str
+    outcomes: tuple[ExpectationOutcome, ...]
+
+    @property
+    def blocking(self) -> list[ExpectationOutcome]:
+        """Failed critical expectations: any of them blocks the load."""
+        return [o for o in self.outcomes if o.severity == "critical" and not o.success]
+
+    @property
+    def quarantined_ids(self) -> frozenset[str]:
+        """Ids of rows offending a failed warning expectation: set these rows aside."""
+        return frozenset(i for o in self.outcomes if o.severity == "warning" and not o.success for i in o.failed_ids)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.success for o in self.outcomes)
+
+    def quarantined_by_rule(self) -> dict[str, frozenset[str]]:
+        """rule -> ids it quarantines (a row can appear under several rules)."""
+        out: dict[str, set[str]] = {}
+        for o in self.outcomes:
+            if o.severity == "warning" and not o.success:
+                out.setdefault(o.rule, set()).update(o.failed_ids)
+        return {rule: frozenset(ids) for rule, ids in out.items()}
+
+
+# --------------------------------------------------------------------------- suites
+
+
+def expectations_dir() -> Path:
+    """The suites' folder now: GUARDSYNC_EXPECTATIONS, else the repository's expectations/."""
+    return Path(os.environ.get("GUARDSYNC_EXPECTATIONS") or DEFAULT_EXPECTATIONS_DIR)
+
+
+def suite_path(name: str, directory: Path | None = None) -> Path:
+    return Path(directory if directory is not None else expectations_dir()) / f"{name}.json"
+
+
+def load_suite(name: str, directory: Path | None = None) -> dict:
+    """Read and check `{directory}/{name}.json`; GuardsyncError naming the file and the fix."""
+    path = suite_path(name, directory)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GuardsyncError(
+            f"expectation suite {path} not found; restore it from the repository, or set "
+            f"GUARDSYNC_EXPECTATIONS to the folder holding users.json, groups.json and memberships.json"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GuardsyncError(f"expectation suite {path} cannot be read ({exc}); fix the file or its permissions") from None
+    try:
+        suite = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GuardsyncError(
+            f"expectation suite {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+            f"fix the file or restore it from the repository"
+        ) from None
+    _check_structure(suite, path)
+    return suite
+
+
+def _check_structure(suite: Any, path: Path) -> None:
+    def bad(what: str) -> GuardsyncError:
+        return GuardsyncError(f"expectation suite {path} is invalid: {what}; fix the file or restore it from the repository")
+
+    if not isinstance(suite, dict):
+        raise bad("the top level must be an object with 'name' and 'expectations'")
+    unknown = set(suite) - _SUITE_KEYS
+    if unknown:
+        raise bad(f"unknown top-level key(s) {', '.join(sorted(unknown))}")
+    if not isinstance(suite.get("name"), str) or not suite["name"].strip():
+        raise bad("'name' must be a non-empty string")
+    expectations = suite.get("expectations")
+    if not isinstance(expectations, list):
+        raise bad("'expectations' must be a list")
+    from great_expectations.expectations.registry import get_expectation_impl  # noqa: PLC0415 (slow import)
+
+    for number, exp in enumerate(expectations, start=1):
+        where = f"expectation #{number}"
+        if not isinstance(exp, dict):
+            raise bad(f"{where} must be an object with 'type', 'kwargs', 'meta', 'severity'")
+        unknown = set(exp) - _EXPECTATION_KEYS
+        if unknown:
+            raise bad(f"{where} has unknown key(s) {', '.join(sorted(unknown))}")
+        kind = exp.get("type")
+        if not isinstance(kind, str) or not kind:
+            raise bad(f"{where} needs 'type' (a GX expectation name such as expect_column_values_to_not_be_null)")
+        where = f"{where} ({kind})"
+        try:
+            get_expectation_impl(kind)
+        except Exception:  # GX: ExpectationNotFoundError
+            raise bad(f"{where}: GX has no expectation of that type; check the spelling") from None
+        if not isinstance(exp.get("kwargs"), dict):
+            raise bad(f"{where} needs 'kwargs' (an object)")
+        meta = exp.get("meta", {})
+        if not isinstance(meta, dict):
+            raise bad(f"{where}: 'meta' must be an object")
+        for key in ("rule", "advice"):
+            if key in meta and not isinstance(meta[key], str):
+                raise bad(f"{where}: meta.{key} must be a string")
+        if exp.get("severity") not in SEVERITIES:
+            raise bad(f"{where}: 'severity' must be one of {', '.join(SEVERITIES)} (got {exp.get('severity')!r})")
+
+
+def _parameter_names(value: Any) -> set[str]:
+    """Names used as {"$PARAMETER": name} anywhere in kwargs."""
+    if isinstance(value, dict):
+        if set(value) == {"$PARAMETER"} and isinstance(value["$PARAMETER"], str):
+            return {value["$PARAMETER"]}
+        return set().union(*(_parameter_names(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(_parameter_names(v) for v in value)) if value else set()
+    return set()
+
+
+def _build_suite(suite: dict, path: Path, parameters: dict):
+    """A GX ExpectationSuite, each expectation carrying an id that maps its result back."""
+    from great_expectations.core.expectation_suite import ExpectationSuite  # noqa: PLC0415
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration  # noqa: PLC0415
+
+    configs = []
+    ids: list[str] = []
+    for number, exp in enumerate(suite["expectations"], start=1):
+        kind = exp["type"]
+        missing = sorted(n for n in _parameter_names(exp["kwargs"]) if _PARAMETER_NAME.fullmatch(n) and n not in parameters)
+        if missing:
+            given = ", ".join(sorted(parameters)) or "none"
+            raise GuardsyncError(
+                f"expectation suite {path}: {kind} needs the suite parameter(s) {', '.join(missing)}, "
+                f"which this run does not pass (it passes: {given}); use one of those or remove the parameter"
+            )
+        exp_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{path}#{number}"))
+        try:
+            config = ExpectationConfiguration(
+                type=kind,
+                kwargs=copy.deepcopy(exp["kwargs"]),
+                meta=copy.deepcopy(exp.get("meta") or {}),
+                severity=exp["severity"],
+                id=exp_id,
+            )
+            config.to_domain_obj()  # checks the kwargs (pydantic) with a precise message
+        except Exception as exc:  # a missing or invalid kwarg
+            raise GuardsyncError(
+                f"expectation suite {path}: expectation #{number} ({kind}) is invalid: {_one_line(exc)}; fix its kwargs"
+            ) from None
+        configs.append(config)
+        ids.append(exp_id)
+    gx_suite = ExpectationSuite(name=suite["name"], expectations=configs)
+    if [e.id for e in gx_suite.expectations] != ids:  # GX drops (and only logs) what it cannot build
+        raise GuardsyncError(f"expectation suite {path}: GX could not build every expectation; fix the suite")
+    return gx_suite, ids
+
+
+# --------------------------------------------------------------------------- GX context
+
+
+class _Gx:
+    """One ephemeral GX context per process, with a pandas whole-dataframe batch definition."""
+
+    _lock = threading.RLock()
+    _instance: _Gx | None = None
+
+    def __init__(self) -> None:
+        # GX 1.x reads GX_ANALYTICS_ENABLED when the config leaves analytics unset; set both.
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+        import great_expectations as gx  # noqa: PLC0415 (slow import: only when a gate runs)
+        from great_expectations.data_context.types.base import (  # noqa: PLC0415
+            DataContextConfig,
+            InMemoryStoreBackendDefaults,
+            ProgressBarsConfig,
+        )
+
+        config = DataContextConfig(
+            store_backend_defaults=InMemoryStoreBackendDefaults(),
+            analytics_enabled=False,
+            progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
+        )
+        self.context = gx.get_context(mode="ephemeral", project_config=config)
+        asset = self.context.data_sources.add_pandas("guardsync").add_dataframe_asset("frame")
+        self.batch_definition = asset.add_batch_definition_whole_dataframe("whole frame")
+
+    @classmethod
+    def get(cls) -> _Gx:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+
+# --------------------------------------------------------------------------- running a gate
+
+
+def run_gate(
+    name: str,
+    frame: pd.DataFrame,
+    parameters: dict | None = None,
+    directory: Path | None = None,
+    key_columns: tuple[str, ...] | None = None,
+) -> GateResult:
+    """Validate `frame` against suite `name`; the outcomes say what blocks and what is quarantined.
+
+    `parameters` fill {"$PARAMETER": name} in the suite's kwargs and {name} in its advice.
+    `key_columns` defaults to KEY_COLUMNS[name].
+    """
+    parameters = dict(parameters or {})
+    path = suite_path(name, directory)
+    suite = load_suite(name, directory)
+    keys = tuple(key_columns or KEY_COLUMNS.get(name, ()))
+    if not keys:
+        raise GuardsyncError(f"gate {name!r}: no key columns known; pass key_columns (known gates: {', '.join(KEY_COLUMNS)})")
+    absent = [k for k in keys if k not in frame.columns]
+    if absent:
+        raise GuardsyncError(f"gate {name!r}: the frame lacks key column(s) {', '.join(absent)} (it has {', '.join(map(str, frame.columns))})")
+    label = LABEL_COLUMNS.get(name) if key_columns is None else None
+    label = label if label in frame.columns and label not in keys else None
+
+    gx_suite, ids = _build_suite(suite, path, parameters)
+    if not ids:
+        return GateResult(suite["name"], ())
+    data = frame if isinstance(frame.index, pd.RangeIndex) and frame.index.start == 0 and frame.index.step == 1 else frame.reset_index(drop=True)
+    index_columns = list(keys) + ([label] if label else [])
+    result_format = {
+        "result_format": "COMPLETE",
+        "unexpected_index_column_names": index_columns,
+        "partial_unexpected_count": MAX_EXAMPLES,
+        "return_unexpected_index_query": False,
+    }
+    gx = _Gx.get()
+    try:
+        with _Gx._lock:
+            batch = gx.batch_definition.get_batch(batch_parameters={"dataframe": data})
+            validation = batch.validate(gx_suite, result_format=result_format, expectation_parameters=parameters)
+    except GuardsyncError:
+        raise
+    except Exception as exc:
+        raise GuardsyncError(f"expectation suite {path} could not run: {_one_line(exc)}; fix the suite") from exc
+
+    by_id = {r.expectation_config.id: r for r in validation.results}
+    broken = []
+    for exp_id, exp in zip(ids, suite["expectations"]):
+        r = by_id.get(exp_id)
+        if r is None:
+            broken.append(f"{exp['type']}: GX returned no result")
+        elif (message := _raised(r.exception_info)) is not None:
+            broken.append(f"{exp['type']}: {message}")
+    if broken:
+        raise GuardsyncError(f"expectation suite {path} is broken: {'; '.join(broken)}; fix the suite (this is not a data problem)")
+
+    outcomes = tuple(
+        _outcome(suite["name"], exp, by_id[exp_id], keys, label, parameters) for exp_id, exp in zip(ids, suite["expectations"])
+    )
+    return GateResult(suite["name"], outcomes)
+
+
+def _raised(exception_info: Any) -> str | None:
+    """GX's message when the expectation itself raised; None when it ran.
+
+    exception_info is either {"raised_exception": bool, "exception_message": ...} or,
+    when a metric failed, a dict of those keyed by metric id.
+    """
+    if not exception_info:
+        return None
+    infos = [exception_info] if "raised_exception" in exception_info else list(exception_info.values())
+    messages = [
+        _one_line(info.get("exception_message") or "an exception without a message")
+        for info in infos
+        if isinstance(info, dict) and info.get("raised_exception")
+    ]
+    return "; ".join(dict.fromkeys(messages)) if messages else None
+
+
+def _outcome(suite_name: str, exp: dict, r: Any, keys: tuple[str, ...], label: str | None, parameters: dict) -> ExpectationOutcome:
+    kwargs = exp["kwargs"]
+    meta = exp.get("meta") or {}
+    domain = [kwargs["column"]] if "column" in kwargs else list(kwargs.get("column_list") or [])
+    if "column_A" in kwargs and "column_B" in kwargs:
+        domain = [kwargs["column_A"], kwargs["column_B"]]
+    result = r.result or {}
+    rows = result.get("unexpected_index_list") or []
+    failed_ids = tuple("/".join(_text(row.get(k)) for k in keys) for row in rows if isinstance(row, dict))
+    head = [row for row in rows[:MAX_EXAMPLES] if isinstance(row, dict)]
+    if head and domain:
+        examples = tuple("/".join(_text(row.get(c)) for c in domain) for row in head)
+    else:
+        values = result.get("unexpected_list") or result.get("partial_unexpected_list") or []
+        examples = tuple(_text(v) for v in values[:MAX_EXAMPLES])
+    labels = tuple(_text(row.get(label), missing="") for row in head) if label else ()
+    failed_count = result.get("unexpected_count")
+    if failed_count is None:
+        failed_count = len(rows) if rows else (0 if r.success else 1)
+    return ExpectationOutcome(
+        suite=suite_name,
+        rule=meta.get("rule") or exp["type"],
+        expectation=exp["type"],
+        column=",".join(map(str, domain)) or None,
+        severity=exp["severity"],
+        success=bool(r.success),
+        failed_count=int(failed_count),
+        failed_ids=failed_ids,
+        examples=examples,
+        advice=_fill(meta.get("advice") or "", parameters),
+        labels=labels,
+    )
+
+
+def _text(value: Any, missing: str = MISSING) -> str:
+    if value is None or value is pd.NA or value is pd.NaT:
+        return missing
+    if isinstance(value, float) and math.isnan(value):
+        return missing
+    if isinstance(value, dict):
+        return "/".join(_text(v, missing) for v in value.values())
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
+        try:
+            value = value.item()
+        except (TypeError, ValueError):
+            pass
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def _fill(advice: str, parameters: dict) -> str:
+    """Replace {name} with the parameter's value; leave other braces alone."""
+    for key, value in parameters.items():
+        advice = advice.replace("{" + str(key) + "}", str(value))
+    return advice
+
+
+def _one_line(exc: Any) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def blocked_message(result: GateResult) -> str:
+    """For people: one paragraph per failed critical expectation (rule, first 20 offenders, count, advice)."""
+    paragraphs = []
+    for o in result.blocking:
+        where = f" on {o.column}" if o.column else ""
+        lines = [f"{result.suite} gate, rule {o.rule} ({o.expectation}{where}): {o.failed_count} offending row(s)."]
+        shown = []
+        for i, example in enumerate(o.examples[:MAX_EXAMPLES]):
+            row_id = o.failed_ids[i] if i < len(o.failed_ids) else ""
+            name = o.labels[i] if i < len(o.labels) else ""
+            who = " ".join(part for part in (f'"{name}"' if name else "", f"id {row_id}" if row_id else "") if part)
+            shown.append(f"{who}: {example}" if who else example)
+        if shown:
+            more = o.failed_count - len(shown)
+            tail = f" ... and {more} more ({o.failed_count} in total)" if more > 0 else f" ({o.failed_count} in total)"
+            lines.append("First offenders: " + "; ".join(shown) + tail + ".")
+        if o.advice:
+            lines.append(f"What to do: {o.advice}")
+        paragraphs.append(" ".join(lines))
+    return "\n\n".join(paragraphs)

@@ -1,0 +1,212 @@
+"""Apply a plan to Atlassian through the SCIM client, recording each write as it succeeds.
+
+Safe to re-run at any point: every change is checked against the state store
+first and skipped when already applied; a create whose earlier attempt reached
+Atlassian but not the store answers 409 and is adopted (looked up by userName or
+displayName), so nothing is ever duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, TypeVar
+
+from guardsync.errors import ApiError, Conflict, GuardsyncError, NotFound
+from guardsync.models import DesiredGroup, DesiredUser
+from guardsync.plan import GroupChange, MemberChange, UserChange
+from guardsync.scim import ScimClient
+from guardsync.state import StateStore
+
+log = logging.getLogger("guardsync.load")
+T = TypeVar("T")
+
+
+@dataclass
+class LoadReport:
+    counts: Counter = field(default_factory=Counter)  # users_created, groups_adopted, members_added, ...
+    failures: list[str] = field(default_factory=list)  # one line each: object, operation, Atlassian's words
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[key] += n
+
+    def fail(self, line: str) -> None:
+        with self._lock:
+            self.failures.append(line)
+
+
+class Loader:
+    """One run's writes: users, then groups, then memberships."""
+
+    def __init__(self, scim: ScimClient, store: StateStore, run_id: str, concurrency: int = 4,
+                 on_progress: Callable[[str, int, int], None] | None = None):
+        self.scim = scim
+        self.store = store
+        self.run_id = run_id
+        self.concurrency = concurrency
+        self.report = LoadReport()
+        self.on_progress = on_progress or (lambda stage, done, total: None)
+
+    # -- plumbing ------------------------------------------------------------------
+    def _each(self, stage: str, items: list[T], apply: Callable[[T], None], describe: Callable[[T], str]) -> None:
+        """Apply every item with a few threads; a 4xx on one item is recorded and the rest go on."""
+        done = 0
+
+        def tick() -> None:  # report from the caller's thread, where the Prefect run context lives
+            nonlocal done
+            done += 1
+            if done % 200 == 0 or done == len(items):
+                self.on_progress(stage, done, len(items))
+
+        def one(item: T) -> None:
+            try:
+                apply(item)
+            except ApiError as exc:  # Atlassian refused this object: show its words, keep going
+                name = describe(item)
+                self.report.fail(f"{stage} {name}: {exc}")
+                self.store.record_failure(self.run_id, stage, stage.rstrip("s"), name, None, str(exc))
+
+        if self.concurrency <= 1 or len(items) <= 1:
+            for item in items:
+                one(item)
+                tick()
+            return
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"load-{stage}")
+        try:
+            for future in as_completed([pool.submit(one, item) for item in items]):
+                future.result()  # re-raises a fatal error (auth, transient after retries) here
+                tick()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- users -----------------------------------------------------------------------
+    def load_users(self, changes: Iterable[UserChange]) -> None:
+        applied = self.store.load().users
+        pending = [c for c in changes if not (c.user.external_id in applied and applied[c.user.external_id].record == c.user)]
+        self._each("users", pending, lambda c: self._apply_user(c, applied), lambda c: c.user.user_name)
+
+    def _apply_user(self, change: UserChange, applied) -> None:
+        user = change.user
+        before = applied.get(user.external_id)
+        if before is None:
+            self._create_user(user, change.kind)
+            return
+        try:
+            self.scim.replace_user(before.scim_id, user)
+            self.store.save_user(self.run_id, change.kind, before.scim_id, user)
+        except NotFound:  # deleted in Atlassian by hand: bring it back
+            self._create_user(user, "recreate")
+            return
+        self.report.count(f"users_{_past(change.kind)}")
+
+    def _create_user(self, user: DesiredUser, kind: str) -> None:
+        try:
+            created = self.scim.create_user(user)
+            operation = kind
+        except Conflict:  # exists already (made by hand, or by an earlier attempt): take it over
+            existing = self.scim.find_user(user_name=user.user_name)
+            if existing is None:
+                raise
+            created = self.scim.replace_user(existing["id"], user)
+            operation = "adopt"
+        self.store.save_user(self.run_id, operation, created["id"], user)
+        self.report.count("users_adopted" if operation == "adopt" else f"users_{_past(kind)}")
+
+    # -- groups ----------------------------------------------------------------------
+    def load_groups(self, changes: Iterable[GroupChange], desired: dict[str, DesiredGroup]) -> None:
+        """Create, rename and delete groups; renamed and adopted groups get their members here, new ones in load_members."""
+        applied = self.store.load()
+        pending = [c for c in changes if not _group_done(c, applied)]
+        self._each("groups", pending, lambda c: self._apply_group(c, applied, desired), lambda c: c.display_name)
+
+    def _apply_group(self, change: GroupChange, applied, desired: dict[str, DesiredGroup]) -> None:
+        before = applied.groups.get(change.group_id)
+        if change.kind == "delete":
+            self._delete_group(before.scim_id)
+            self.store.drop_group(self.run_id, change.group_id, change.display_name)
+            self.report.count("groups_deleted")
+            return
+        group = desired[change.group_id]
+        scim_id, adopted, current = self._create_group(group)
+        members = None
+        if change.kind == "rename" or adopted:
+            # Atlassian refuses renames, so the new group takes the members before the old one
+            # goes; an adopted group's members become exactly ours, whoever else was in it.
+            members = self._make_members_exact(scim_id, group.members, current, applied.users)
+        if change.kind == "rename":
+            self._delete_group(before.scim_id)
+        self.store.save_group(self.run_id, "adopt" if adopted else change.kind, change.group_id, scim_id, group.display_name)
+        if members is not None:
+            self.store.save_members(self.run_id, change.group_id, members, [])
+        self.report.count("groups_adopted" if adopted else f"groups_{_past(change.kind)}")
+
+    def _create_group(self, group: DesiredGroup) -> tuple[str, bool, set[str]]:
+        """(scim id, adopted?, scim ids of the members it already has)."""
+        try:
+            return self.scim.create_group(group.display_name, group.external_id)["id"], False, set()
+        except Conflict:
+            existing = self.scim.find_group(group.display_name)
+            if existing is None:
+                raise
+            return existing["id"], True, {member["value"] for member in existing.get("members") or []}
+
+    def _make_members_exact(self, group_scim_id: str, members: frozenset[str], current: set[str], users) -> list[str]:
+        """PATCH a group to exactly `members` (Entra ids); returns the Entra ids now in it."""
+        wanted = {users[u].scim_id: u for u in members if u in users}
+        add = [s for s in wanted if s not in current]
+        remove = [s for s in current if s not in wanted]
+        if add or remove:
+            self.scim.patch_members(group_scim_id, add, remove)
+        self.report.count("members_added", len(add))
+        self.report.count("members_removed", len(remove))
+        return sorted(wanted.values())
+
+    def _delete_group(self, scim_id: str) -> None:
+        try:
+            self.scim.delete_group(scim_id)
+        except NotFound:
+            pass  # already gone: the goal is reached
+
+    # -- memberships -------------------------------------------------------------------
+    def load_members(self, changes: Iterable[MemberChange]) -> None:
+        applied = self.store.load()
+        work = []
+        for change in changes:
+            group = applied.groups.get(change.group_id)
+            if group is None:
+                continue  # its create failed (reported there) or it was renamed (members moved with it)
+            current = applied.members.get(change.group_id, frozenset())
+            add = [u for u in change.add if u not in current]
+            remove = [u for u in change.remove if u in current]
+            if add or remove:
+                work.append((change.group_id, group.scim_id, add, remove))
+        self._each("members", work, lambda w: self._patch(*w, scim_ids=applied), lambda w: w[0])
+
+    def _patch(self, group_id: str, group_scim_id: str, add: list[str], remove: list[str], scim_ids) -> None:
+        users = scim_ids.users
+        add = [u for u in add if u in users]  # a user whose create failed cannot join yet
+        remove_scim = [users[u].scim_id for u in remove if u in users]
+        self.scim.patch_members(group_scim_id, [users[u].scim_id for u in add], remove_scim)
+        self.store.save_members(self.run_id, group_id, add, remove)
+        self.report.count("members_added", len(add))
+        self.report.count("members_removed", len(remove))
+
+
+def _group_done(change: GroupChange, applied) -> bool:
+    before = applied.groups.get(change.group_id)
+    if change.kind == "delete":
+        return before is None
+    return before is not None and before.display_name == change.display_name
+
+
+def _past(kind: str) -> str:
+    return {"create": "created", "recreate": "created", "update": "updated", "rename": "renamed",
+            "deactivate": "deactivated", "reactivate": "reactivated"}[kind]
+
+
+__all__ = ["Loader", "LoadReport", "GuardsyncError"]

@@ -1,0 +1,297 @@
+"""A local SCIM 2.0 server that behaves like Atlassian's user-provisioning API.
+
+The protocol is served by the real scim2-server package (InMemoryStorage, ScimService,
+WSGIApplication); this module only adds what Atlassian does differently, at the
+extension points scim2-server offers:
+
+- AtlassianStorage: the rules on stored state (verified email domain, primary email,
+  group names unique and never renamed) and cheap paging of a plain listing;
+- AtlassianService: the search restrictions (three eq filters, pages of 100);
+- AtlassianApplication: the bearer API key and URLs without the /v2 prefix;
+- AtlassianScimServer: mounts it at /scim/directory/{directory_id} over HTTPS.
+
+Searches that compare userName, externalId or displayName with eq hit
+InMemoryStorage's equality index (built on the first such search, then kept up to
+date on every write), so a lookup does not walk the directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterable
+
+from scim2_models import (
+    Context,
+    InvalidFilterException,
+    InvalidValueException,
+    MutabilityException,
+    NotFoundException,
+    Resource,
+    ResourceType,
+    ScimProvider,
+    SearchRequest,
+)
+from scim2_models.path import CompareOperator, Comparison
+from werkzeug.wrappers import Request
+
+from scim2_server.memory import InMemoryStorage
+from scim2_server.service import ScimService
+from scim2_server.storage import SearchPage
+from scim2_server.testserver.application import BEARER_TOKEN_SCHEME, BearerTokenApplication
+from scim2_server.utils import (
+    load_default_resource_types,
+    load_default_service_provider_config,
+    load_json_resource,
+)
+from scim2_models import Schema
+
+from guardsync.sandbox.http import SandboxCA, SandboxServer
+from guardsync.scim import endpoint_key
+
+CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
+CORE_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
+PAGE_LIMIT = 100
+
+# Atlassian filters on these attributes only (resource type -> attribute names).
+FILTERABLE = {"User": {"userName", "externalId"}, "Group": {"displayName"}}
+
+
+# -- description of the service ---------------------------------------------
+
+
+def atlassian_provider() -> ScimProvider:
+    """The RFC 7643 schemas, with group names unique, and Atlassian's capabilities."""
+    schemas = [Schema.model_validate(_with_unique_group_names(s)) for s in load_json_resource("default-schemas.json")]
+    config = load_default_service_provider_config()
+    config.bulk.supported = False  # Atlassian has no /Bulk
+    config.sort.supported = False
+    config.etag.supported = False
+    config.change_password.supported = False
+    config.filter.max_results = PAGE_LIMIT  # scim2-server then serves count > 100 as 100
+    config.authentication_schemes = [BEARER_TOKEN_SCHEME]
+    return ScimProvider.from_discovery(schemas, load_default_resource_types().values(), config=config)
+
+
+def _with_unique_group_names(schema: dict) -> dict:
+    # RFC 7643 leaves Group.displayName non-unique; Atlassian answers 409 on a taken name.
+    if schema["id"] == CORE_GROUP:
+        for attribute in schema["attributes"]:
+            if attribute["name"] == "displayName":
+                attribute["uniqueness"] = "server"
+    return schema
+
+
+# -- storage: the rules on stored state ----------------------------------------
+
+
+class AtlassianStorage(InMemoryStorage):
+    """InMemoryStorage plus Atlassian's rules on users and groups, and O(page) listing."""
+
+    def __init__(self, verified_domains: Iterable[str]):
+        super().__init__()
+        self.verified_domains = {d.casefold() for d in verified_domains}
+        # Resource type -> ids in creation order (a dict keeps order and deletes in O(1)).
+        # Updates keep their place, so paging stays stable while a sync writes.
+        self._listing: dict[str | None, dict[str, None]] = {}
+
+    def create(self, resource_type: ResourceType, resource: Resource[Any]) -> Resource[Any]:
+        with self.lock:
+            self._check_rules(resource_type, resource, stored=None)
+            created = super().create(resource_type, resource)
+            self._listing.setdefault(resource_type.name, {})[created.id] = None
+            return created
+
+    def update(self, resource_type, resource, *, expected_version=None):
+        with self.lock:
+            stored = self._stored(resource_type, resource.id)
+            self._check_rules(resource_type, resource, stored=stored)
+            return super().update(resource_type, resource, expected_version=expected_version)
+
+    def delete(self, resource_type, resource_id, *, expected_version=None):
+        with self.lock:
+            super().delete(resource_type, resource_id, expected_version=expected_version)
+            self._listing.get(resource_type.name, {}).pop(resource_id, None)
+
+    def search(self, resource_types, search_request: SearchRequest[Any], *, position=None) -> SearchPage:
+        if not _is_plain_listing(resource_types, search_request):
+            return super().search(resource_types, search_request, position=position)
+        # The base class sorts every resource on every page (O(n log n) a page);
+        # a plain listing pages the creation order instead.
+        with self.lock:
+            name = resource_types[0].name
+            ids = self._listing.get(name, {})
+            start = search_request.start_index_0 or 0
+            stop = start + (search_request.count if search_request.count is not None else len(ids))
+            stored = self._resources.get(name, {})
+            page = [stored[i].model_copy(deep=True) for i in itertools.islice(ids, start, stop)]
+            return SearchPage(len(ids), page)
+
+    def stored_of(self, resource_type_name: str) -> list[Resource[Any]]:
+        with self.lock:
+            return [r.model_copy(deep=True) for r in self._resources.get(resource_type_name, {}).values()]
+
+    # -- rules ---------------------------------------------------------------
+    def _check_rules(self, resource_type: ResourceType, resource: Resource[Any], stored) -> None:
+        if resource_type.name == "User":
+            self._check_user(resource)
+        elif resource_type.name == "Group" and stored is not None:
+            if stored.display_name != resource.display_name:
+                raise MutabilityException(
+                    detail="Renaming a group is not supported: create a group with the new name, "
+                    "move the members and delete the old group"
+                )
+
+    def _check_user(self, user: Resource[Any]) -> None:
+        if not user.user_name:
+            raise InvalidValueException(detail="userName is required")
+        primary = [e for e in (user.emails or []) if e.primary and e.value]
+        if not primary:
+            raise InvalidValueException(detail="A primary email is required")
+        domain = str(primary[0].value).rpartition("@")[2].casefold()
+        if domain not in self.verified_domains:
+            raise InvalidValueException(
+                detail=f"The email domain {domain!r} is not verified in this organization; "
+                "verify it in Atlassian Administration before provisioning its users"
+            )
+
+
+def _is_plain_listing(resource_types, search_request: SearchRequest[Any]) -> bool:
+    return (
+        len(resource_types) == 1
+        and search_request.filter is None
+        and search_request.sort_by is None
+        and search_request.cursor is None
+    )
+
+
+# -- service: what a search may ask ---------------------------------------------
+
+
+class AtlassianService(ScimService):
+    """Only `userName eq`/`externalId eq` on Users and `displayName eq` on Groups."""
+
+    def read_search(self, resource_types: list[ResourceType], payload: Any):
+        search_request, position = super().read_search(resource_types, payload)
+        if len(resource_types) != 1:
+            raise InvalidFilterException(detail="Search the /Users or /Groups endpoint")
+        if search_request.filter is not None:
+            _check_filter(resource_types[0].name, search_request)
+        return search_request, position
+
+
+def _check_filter(resource_type_name: str, search_request: SearchRequest[Any]) -> None:
+    scim_filter = search_request.filter
+    node = scim_filter.ast
+    allowed = FILTERABLE.get(resource_type_name, set())
+    if isinstance(node, Comparison) and node.op == CompareOperator.eq and isinstance(node.value, str):
+        binding = scim_filter.resolve_comparison(node.attr_path, strict=False)
+        if binding is not None and binding.urn.rpartition(":")[2] in allowed:
+            return
+    raise InvalidFilterException(
+        detail=f"Unsupported filter {str(scim_filter)!r}: only "
+        + " or ".join(f'{name} eq "..."' for name in sorted(allowed))
+        + f" is supported on {resource_type_name}s"
+    )
+
+
+# -- application: the key and the URLs --------------------------------------------
+
+
+class AtlassianApplication(BearerTokenApplication):
+    @staticmethod
+    def get_base_url(environ) -> str:
+        # Atlassian's URLs have no /v2 segment: {scim_url}/Users/{id}.
+        from wsgiref.util import application_uri
+
+        return application_uri(environ).rstrip("/")
+
+
+class _Mount:
+    """Serve `app` under `prefix` (moved to SCRIPT_NAME); 404 elsewhere."""
+
+    def __init__(self, prefix: str, app):
+        self.prefix = prefix
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path != self.prefix and not path.startswith(self.prefix + "/"):
+            body = b'{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"404","detail":"Not found"}'
+            start_response("404 Not Found", [("Content-Type", "application/scim+json")])
+            return [body]
+        environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + self.prefix
+        environ["PATH_INFO"] = path[len(self.prefix) :]
+        return self.app(environ, start_response)
+
+
+# -- the server --------------------------------------------------------------------
+
+
+class AtlassianScimServer(SandboxServer):
+    """An Atlassian-flavoured SCIM directory over HTTPS on loopback."""
+
+    def __init__(
+        self,
+        ca: SandboxCA,
+        api_key: str,
+        verified_domains: set[str],
+        directory_id: str = "sandbox-directory",
+        latency: float = 0.0,
+    ):
+        self.directory_id = directory_id
+        self.prefix = f"/scim/directory/{directory_id}"
+        provider = atlassian_provider()
+        self.service = AtlassianService(provider)
+        self.storage = AtlassianStorage(verified_domains)
+        self.application = AtlassianApplication(self.storage, provider, self.service, bearer_tokens=[api_key])
+        super().__init__(_Mount(self.prefix, self.application), ca, latency=latency)
+
+    @property
+    def scim_url(self) -> str:
+        return f"{self.base_url}{self.prefix}"
+
+    def endpoint_of(self, request: Request) -> str:
+        path = request.path
+        if path.startswith(self.prefix):
+            return endpoint_key(request.method, path[len(self.prefix) :])
+        return f"{request.method} {path}"
+
+    # -- inspection and seeding, for tests and the demo ------------------------
+    def users(self) -> list[dict]:
+        return [self._dump(r) for r in self.storage.stored_of("User")]
+
+    def groups(self) -> list[dict]:
+        return [self._dump(r) for r in self.storage.stored_of("Group")]
+
+    def add_user(self, user: dict) -> dict:
+        """Store a user as if someone else had provisioned it (adoption tests); returns it with its id."""
+        return self._add("User", {"schemas": [CORE_USER], **user})
+
+    def add_group(self, name: str, member_ids: Iterable[str] = ()) -> dict:
+        members = [{"value": member_id} for member_id in member_ids]
+        return self._add("Group", {"schemas": [CORE_GROUP], "displayName": name, "members": members})
+
+    def _add(self, resource_type_name: str, payload: dict) -> dict:
+        resource_type = self.service.get_resource_type(resource_type_name)
+        model = self.service.get_model(resource_type)
+        with self.service.provider:
+            resource = model.model_validate(payload, scim_ctx=Context.RESOURCE_CREATION_REQUEST)
+            return self._dump(self.storage.create(resource_type, resource))
+
+    def _dump(self, resource: Resource[Any]) -> dict:
+        with self.service.provider:
+            return resource.model_dump(scim_ctx=Context.RESOURCE_QUERY_RESPONSE)
+
+    def get_user(self, scim_id: str) -> dict:
+        return self._get("User", scim_id)
+
+    def get_group(self, scim_id: str) -> dict:
+        return self._get("Group", scim_id)
+
+    def _get(self, resource_type_name: str, scim_id: str) -> dict:
+        resource_type = self.service.get_resource_type(resource_type_name)
+        try:
+            return self._dump(self.storage.get(resource_type, scim_id))
+        except NotFoundException:
+            raise KeyError(scim_id) from None
+

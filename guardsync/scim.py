@@ -1,0 +1,307 @@
+"""Client of the Atlassian user-provisioning SCIM API (the only code that talks to it).
+
+Three rules hold here so that no caller has to think about them:
+
+- Dry-run is enforced in the transport: with `dry_run=True` every non-GET request
+  raises before anything is sent, so no code path can write by accident.
+- HTTP answers are mapped to guardsync.errors once, in `_raise_for`; 429, 5xx and
+  connection trouble are retried inside the client, within `max_retry_seconds`.
+- The API key lives only in the Authorization header of each request: it is not an
+  attribute anyone prints, and no exception, log line or repr carries it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import re
+import threading
+import time
+from collections import Counter
+from email.utils import parsedate_to_datetime
+from typing import Any, Callable, Iterator
+
+import requests
+
+from guardsync.errors import ApiError, AuthError, Conflict, GuardsyncError, NotFound, TransientError
+from guardsync.models import DesiredUser
+
+log = logging.getLogger(__name__)
+
+CORE_USER = "urn:ietf:params:scim:schemas:core:2.0:User"
+CORE_GROUP = "urn:ietf:params:scim:schemas:core:2.0:Group"
+PATCH_OP = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
+PAGE_SIZE = 100  # Atlassian serves at most 100 a page
+MEMBER_CHANGES_PER_PATCH = 100  # at most 100 members an operation, and we pack 100 changes a request
+TIMEOUT = (10.0, 60.0)  # connect, read (seconds)
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+
+EXPIRED_KEY_ADVICE = (
+    "Atlassian refused the SCIM API key (401): API keys expire after one year; regenerate it in "
+    "Atlassian Administration > Security > Identity providers > your directory, and update atlassian.api_key"
+)
+
+_ID_IN_PATH = re.compile(r"^/(Users|Groups)/[^/?]+")
+
+
+def endpoint_key(method: str, path: str) -> str:
+    """'PATCH /Groups/{id}' for 'PATCH /Groups/8f3c...': the key requests are counted under."""
+    path = path.split("?", 1)[0]
+    return f"{method} {_ID_IN_PATH.sub(lambda m: f'/{m.group(1)}/{{id}}', path)}"
+
+
+def escape_filter_value(value: str) -> str:
+    """Quote a value for a SCIM filter: backslash and double quote escaped (RFC 7644 §3.4.2.2)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def user_resource(user: DesiredUser) -> dict:
+    """The full SCIM representation of a user (PUT clears what is left out, so send everything).
+
+    Empty names and title are left out rather than sent as "": Atlassian and scim2 treat
+    a missing attribute as cleared, and some validators refuse empty strings.
+    """
+    resource: dict[str, Any] = {
+        "schemas": [CORE_USER],
+        "externalId": user.external_id,
+        "userName": user.user_name,
+        "emails": [{"value": user.user_name, "type": "work", "primary": True}],
+        "active": user.active,
+    }
+    name = {k: v for k, v in (("givenName", user.given_name), ("familyName", user.family_name)) if v}
+    if name:
+        resource["name"] = name
+    if user.display_name:
+        resource["displayName"] = user.display_name
+    if user.title:
+        resource["title"] = user.title
+    return resource
+
+
+class ScimClient:
+    """Users and groups of one Atlassian SCIM directory. Thread-safe (one session per thread)."""
+
+    def __init__(self, scim_url: str, api_key: str, *, dry_run: bool = False, max_retry_seconds: float = 120.0):
+        self.scim_url = scim_url.rstrip("/")
+        self.dry_run = dry_run
+        self.max_retry_seconds = max_retry_seconds
+        self.requests_made: Counter[str] = Counter()  # endpoint_key -> HTTP requests sent, retries included
+        self._counter_lock = threading.Lock()
+        self._local = threading.local()
+        # Kept in a closure, not an attribute, so vars()/repr()/a debugger dump of the client shows no key.
+        self._authorization = _secret_header(api_key)
+
+    def __repr__(self) -> str:
+        return f"ScimClient({self.scim_url!r}, dry_run={self.dry_run})"
+
+    # -- users ---------------------------------------------------------------
+    def find_user(self, external_id: str | None = None, user_name: str | None = None) -> dict | None:
+        """The user with this externalId (case-sensitive) or userName (case-insensitive), else None.
+
+        externalId is not unique in Atlassian; if several match, the first is returned.
+        """
+        if (external_id is None) == (user_name is None):
+            raise ValueError("find_user takes exactly one of external_id, user_name")
+        attribute, value = ("externalId", external_id) if external_id is not None else ("userName", user_name)
+        return self._find("/Users", attribute, value)
+
+    def get_user(self, scim_id: str) -> dict:
+        return self._call("GET", f"/Users/{scim_id}")
+
+    def create_user(self, user: DesiredUser) -> dict:
+        # A POST whose answer was lost may have been applied: before each retry, look the
+        # user up by externalId and return it if it is there, so a retry never duplicates.
+        return self._call(
+            "POST", "/Users", body=user_resource(user),
+            already_done=lambda: self.find_user(external_id=user.external_id),
+        )
+
+    def replace_user(self, scim_id: str, user: DesiredUser) -> dict:
+        return self._call("PUT", f"/Users/{scim_id}", body=user_resource(user))
+
+    def iter_users(self) -> Iterator[dict]:
+        return self._iter("/Users")
+
+    # -- groups --------------------------------------------------------------
+    def find_group(self, display_name: str) -> dict | None:
+        """The group with this displayName (case-insensitive), else None."""
+        return self._find("/Groups", "displayName", display_name)
+
+    def get_group(self, scim_id: str) -> dict:
+        return self._call("GET", f"/Groups/{scim_id}")
+
+    def create_group(self, display_name: str, external_id: str) -> dict:
+        # Same guard as create_user: a retried POST first looks for the group by name.
+        body = {"schemas": [CORE_GROUP], "displayName": display_name, "externalId": external_id}
+        return self._call("POST", "/Groups", body=body, already_done=lambda: self.find_group(display_name))
+
+    def delete_group(self, scim_id: str) -> None:
+        self._call("DELETE", f"/Groups/{scim_id}")
+
+    def iter_groups(self) -> Iterator[dict]:
+        return self._iter("/Groups")
+
+    def patch_members(self, group_scim_id: str, add: list[str], remove: list[str]) -> int:
+        """Add and remove members, up to 100 changes a PATCH request; returns the number of requests.
+
+        Removal uses the RFC 7644 form `members[value eq "id"]`, one operation per member:
+        a bare `remove` on path "members" with a value list is a vendor extension that a
+        strict server reads as "remove every member".
+        """
+        changes = [("add", i) for i in add] + [("remove", i) for i in remove]
+        requests_sent = 0
+        for start in range(0, len(changes), MEMBER_CHANGES_PER_PATCH):
+            chunk = changes[start : start + MEMBER_CHANGES_PER_PATCH]
+            body = {"schemas": [PATCH_OP], "Operations": _member_operations(chunk)}
+            self._call("PATCH", f"/Groups/{group_scim_id}", body=body)
+            requests_sent += 1
+        return requests_sent
+
+    # -- reading helpers -----------------------------------------------------------
+    def _find(self, endpoint: str, attribute: str, value: str) -> dict | None:
+        params = {"filter": f"{attribute} eq {escape_filter_value(value)}"}
+        found = self._call("GET", endpoint, params=params).get("Resources") or []
+        return found[0] if found else None
+
+    def _iter(self, endpoint: str) -> Iterator[dict]:
+        start = 1
+        while True:
+            page = self._call("GET", endpoint, params={"startIndex": start, "count": PAGE_SIZE})
+            resources = page.get("Resources") or []
+            yield from resources
+            start += len(resources)
+            if not resources or start > int(page.get("totalResults", 0)):
+                return
+
+    # -- transport -------------------------------------------------------------------
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict | None = None,
+        body: dict | None = None,
+        already_done: Callable[[], dict | None] | None = None,
+    ) -> dict:
+        """Send one request, retrying transient failures; the parsed JSON body ({} if none)."""
+        if self.dry_run and method != "GET":
+            raise GuardsyncError(f"dry-run: refused {method} {path}")
+        deadline = time.monotonic() + self.max_retry_seconds
+        for attempt in itertools.count():
+            response, failure, retry_after = self._attempt(method, path, params, body)
+            if response is not None:
+                return self._raise_for(method, path, response)
+            delay = retry_after if retry_after is not None else _full_jitter(attempt)
+            if time.monotonic() + delay > deadline:
+                raise TransientError(
+                    f"Atlassian SCIM {method} {path} still failing after {attempt + 1} attempts "
+                    f"over {self.max_retry_seconds:.0f}s: {failure}; try again later",
+                    retry_after=delay,
+                )
+            log.info("SCIM %s %s: %s; retrying in %.1fs", method, path, failure, delay)
+            _pause(delay)
+            # A 429 was refused before being applied; anything else may have been applied.
+            if False:
+                existing = already_done()
+                if existing is not None:
+                    return existing
+        raise AssertionError("unreachable")
+
+    def _attempt(self, method, path, params, body) -> tuple[requests.Response | None, str, float | None]:
+        """One HTTP exchange: (response, "", None) if final, else (None, what failed, Retry-After)."""
+        self._count(method, path)
+        try:
+            response = self._session().request(
+                method, self.scim_url + path, params=params, json=body, timeout=TIMEOUT,
+                headers=self._authorization(),
+            )
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            # The message names host and reason; requests never puts headers in it.
+            return None, f"{type(exc).__name__}: {exc}", None
+        if response.status_code == 429 or response.status_code >= 500:
+            return None, f"{response.status_code} {_scim_detail(response)}", _retry_after(response)
+        return response, "", None
+
+    @staticmethod
+    def _raise_for(method: str, path: str, response: requests.Response) -> dict:
+        """The one place HTTP answers become guardsync errors."""
+        status = response.status_code
+        if status < 400:
+            return response.json() if response.content else {}
+        if status == 401:
+            raise AuthError(EXPIRED_KEY_ADVICE)
+        detail, scim_type = _scim_error(response)
+        message = f"Atlassian SCIM refused {method} {path} ({status}"
+        message += f", scimType {scim_type}): {detail}" if scim_type else f"): {detail}"
+        error_type = {404: NotFound, 409: Conflict}.get(status, ApiError)
+        raise error_type(message, status=status, code=scim_type)
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()  # trust_env stays on: REQUESTS_CA_BUNDLE is honoured
+            session.headers.update({"Accept": "application/scim+json, application/json"})
+            self._local.session = session
+        return session
+
+    def _count(self, method: str, path: str) -> None:
+        with self._counter_lock:
+            self.requests_made[endpoint_key(method, path)] += 1
+
+
+def _secret_header(api_key: str) -> Callable[[], dict[str, str]]:
+    def authorization() -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key}"}
+
+    return authorization
+
+
+def _member_operations(chunk: list[tuple[str, str]]) -> list[dict]:
+    added = [{"value": member} for op, member in chunk if op == "add"]
+    operations = [{"op": "add", "path": "members", "value": added}] if added else []
+    operations += [
+        {"op": "remove", "path": f"members[value eq {escape_filter_value(member)}]"}
+        for op, member in chunk
+        if op == "remove"
+    ]
+    return operations
+
+
+def _pause(seconds: float) -> None:
+    time.sleep(seconds)  # a function of its own so tests can see the delays without waiting
+
+
+def _full_jitter(attempt: int) -> float:
+    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _scim_error(response: requests.Response) -> tuple[str, str | None]:
+    """Atlassian's own words: (detail, scimType) of a SCIM error body, else the raw text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return (response.text.strip()[:300] or response.reason or "no detail"), None
+    if not isinstance(body, dict):
+        return str(body)[:300], None
+    detail = body.get("detail") or body.get("message") or str(body)[:300]
+    return f"{detail} (status {body.get('status', response.status_code)})", body.get("scimType")
+
+
+def _scim_detail(response: requests.Response) -> str:
+    return _scim_error(response)[0]

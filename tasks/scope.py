@@ -1,0 +1,21 @@
+"""Stage 3: choose the groups and users in scope (groups, domains, identifier)."""
+
+from __future__ import annotations
+
+import pandas as pd
+from prefect import get_run_logger, task
+
+from guardsync.config import SyncSettings
+from guardsync.models import Snapshot
+from guardsync.scope import Scoped, scope
+from tasks.common import PER_RUN
+
+
+@task(name="scope", cache_policy=PER_RUN, persist_result=True)
+def scope_users(snapshot: Snapshot, memberships: pd.DataFrame, sync: SyncSettings) -> Scoped:
+    scoped = scope(snapshot, memberships, sync)
+    get_run_logger().info(
+        "%d candidate users and %d groups in scope (domains: %s); excluded: %s",
+        len(scoped.users), len(scoped.groups), ", ".join(scoped.allowed_domains), scoped.excluded,
+    )
+    return scoped

@@ -1,0 +1,38 @@
+"""Stage 4: the Great Expectations gates. Critical failures block the run; warnings quarantine."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from guardsync.config import SyncSettings
+from guardsync.errors import GuardsyncBlocked
+from guardsync.scope import Scoped
+from guardsync.validate import Validated, validate
+from tasks.common import PER_RUN
+
+
+@task(name="validate", cache_policy=PER_RUN, persist_result=True)
+def validate_gates(scoped: Scoped, sync: SyncSettings) -> Validated:
+    validated = validate(scoped, sync.max_group_size)
+    rows = [
+        {
+            "suite": outcome.suite,
+            "rule": outcome.rule,
+            "severity": outcome.severity,
+            "result": "pass" if outcome.success else ("BLOCK" if outcome.severity == "critical" else "quarantine"),
+            "failed rows": outcome.failed_count,
+            "examples": ", ".join(outcome.examples[:5]),
+            "advice": "" if outcome.success else outcome.advice,
+        }
+        for result in validated.results
+        for outcome in result.outcomes
+    ]
+    create_table_artifact(key="gate-results", table=rows, description="Great Expectations gates of this run")
+    logger = get_run_logger()
+    for rule, count in validated.quarantined_by_rule().items():
+        logger.warning("quarantined %d users by %s", count, rule)
+    if validated.blocking:
+        first = validated.blocking[0].blocking[0]
+        raise GuardsyncBlocked(first.rule, validated.blocked_message(), "")
+    return validated
