@@ -19,8 +19,14 @@ run does not pass, or whose expectation raises while validating (a column that
 does not exist, ...) is a broken suite: ``GuardsyncError`` (exit 1), never a pass
 and never a data block.
 
+Only row-level (map) expectations name offending rows; a failed aggregate or table
+expectation (e.g. a row count) reports but quarantines nothing. An expectation that
+passes thanks to ``mostly`` still lists its offending rows but quarantines none.
+
 No Prefect here; GX is imported on first use (it takes seconds) and one ephemeral
-context is kept per process.
+context is kept per process. Offending rows come back from GX as row positions and
+are turned into ids with numpy: asking GX for ``unexpected_index_column_names``
+makes it fetch every cell one by one (9 s for 200,000 offending rows of 500,000).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from guardsync.errors import GuardsyncError
@@ -60,7 +67,7 @@ MAX_EXAMPLES = 20
 MISSING = "(missing)"  # how a null value or key is shown to people
 
 _EXPECTATION_KEYS = {"type", "kwargs", "meta", "severity", "id", "notes", "description", "rendered_content"}
-_SUITE_KEYS = {"name", "expectations", "meta", "notes", "id", "suite_parameters", "data_asset_type", "ge_cloud_id"}
+_SUITE_KEYS = {"name", "expectations", "meta", "notes", "id"}
 _PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -83,6 +90,8 @@ class ExpectationOutcome:
 
 @dataclass(frozen=True)
 class GateResult:
+    """All outcomes of one suite over one frame."""
+
     suite: str
     outcomes: tuple[ExpectationOutcome, ...]
 
@@ -285,7 +294,7 @@ def run_gate(
     """Validate `frame` against suite `name`; the outcomes say what blocks and what is quarantined.
 
     `parameters` fill {"$PARAMETER": name} in the suite's kwargs and {name} in its advice.
-    `key_columns` defaults to KEY_COLUMNS[name].
+    `directory` defaults to expectations_dir(); `key_columns` to KEY_COLUMNS[name].
     """
     parameters = dict(parameters or {})
     path = suite_path(name, directory)
@@ -295,21 +304,19 @@ def run_gate(
         raise GuardsyncError(f"gate {name!r}: no key columns known; pass key_columns (known gates: {', '.join(KEY_COLUMNS)})")
     absent = [k for k in keys if k not in frame.columns]
     if absent:
-        raise GuardsyncError(f"gate {name!r}: the frame lacks key column(s) {', '.join(absent)} (it has {', '.join(map(str, frame.columns))})")
+        raise GuardsyncError(
+            f"gate {name!r}: the frame lacks key column(s) {', '.join(absent)} (it has {', '.join(map(str, frame.columns))})"
+        )
     label = LABEL_COLUMNS.get(name) if key_columns is None else None
     label = label if label in frame.columns and label not in keys else None
 
     gx_suite, ids = _build_suite(suite, path, parameters)
     if not ids:
         return GateResult(suite["name"], ())
-    data = frame if isinstance(frame.index, pd.RangeIndex) and frame.index.start == 0 and frame.index.step == 1 else frame.reset_index(drop=True)
-    index_columns = list(keys) + ([label] if label else [])
-    result_format = {
-        "result_format": "COMPLETE",
-        "unexpected_index_column_names": index_columns,
-        "partial_unexpected_count": MAX_EXAMPLES,
-        "return_unexpected_index_query": False,
-    }
+    # Row labels 0..n-1, unnamed: GX then reports offending rows as positions (see _Rows).
+    data = frame.reset_index(drop=True)
+    # COMPLETE lists every offending row; no unexpected_index_column_names (slow, see above).
+    result_format = {"result_format": "COMPLETE", "partial_unexpected_count": MAX_EXAMPLES}
     gx = _Gx.get()
     try:
         with _Gx._lock:
@@ -322,17 +329,18 @@ def run_gate(
 
     by_id = {r.expectation_config.id: r for r in validation.results}
     broken = []
-    for exp_id, exp in zip(ids, suite["expectations"]):
+    for number, (exp_id, exp) in enumerate(zip(ids, suite["expectations"]), start=1):
         r = by_id.get(exp_id)
         if r is None:
-            broken.append(f"{exp['type']}: GX returned no result")
+            broken.append(f"expectation #{number} ({exp['type']}): GX returned no result")
         elif (message := _raised(r.exception_info)) is not None:
-            broken.append(f"{exp['type']}: {message}")
+            broken.append(f"expectation #{number} ({exp['type']}): {message}")
     if broken:
         raise GuardsyncError(f"expectation suite {path} is broken: {'; '.join(broken)}; fix the suite (this is not a data problem)")
 
+    rows = _Rows(data, keys, label)
     outcomes = tuple(
-        _outcome(suite["name"], exp, by_id[exp_id], keys, label, parameters) for exp_id, exp in zip(ids, suite["expectations"])
+        _outcome(suite["name"], exp, by_id[exp_id], rows, parameters) for exp_id, exp in zip(ids, suite["expectations"])
     )
     return GateResult(suite["name"], outcomes)
 
@@ -354,25 +362,74 @@ def _raised(exception_info: Any) -> str | None:
     return "; ".join(dict.fromkeys(messages)) if messages else None
 
 
-def _outcome(suite_name: str, exp: dict, r: Any, keys: tuple[str, ...], label: str | None, parameters: dict) -> ExpectationOutcome:
+class _Rows:
+    """Looks rows of the validated frame up by position: their ids, values and names."""
+
+    def __init__(self, data: pd.DataFrame, keys: tuple[str, ...], label: str | None):
+        self.data, self.keys, self.label = data, keys, label
+        self._ids: np.ndarray | None = None
+
+    def ids(self, positions: np.ndarray) -> tuple[str, ...]:
+        if self._ids is None:  # rendered once per gate, only when some expectation failed
+            parts = [self.data[k].astype(object).where(self.data[k].notna(), MISSING).astype(str) for k in self.keys]
+            joined = parts[0]
+            for part in parts[1:]:
+                joined = joined + "/" + part
+            self._ids = joined.to_numpy(dtype=object)
+        return tuple(self._ids[positions].tolist())
+
+    def values(self, positions: np.ndarray, columns: list[str]) -> tuple[str, ...]:
+        columns = [c for c in columns if c in self.data.columns]
+        if not columns:
+            return ()
+        head = self.data.iloc[positions][columns]
+        return tuple("/".join(_text(v) for v in row) for row in head.itertuples(index=False, name=None))
+
+    def labels(self, positions: np.ndarray) -> tuple[str, ...]:
+        if not self.label:
+            return ()
+        return tuple(_text(v, missing="") for v in self.data[self.label].iloc[positions])
+
+
+def _positions(result: dict, size: int) -> np.ndarray | None:
+    """Row positions of the offending rows (GX's unexpected_index_list), or None if it has none."""
+    listed = result.get("unexpected_index_list")
+    if not listed:
+        return None
+    try:
+        positions = np.asarray(listed, dtype=np.int64)
+    except (TypeError, ValueError):
+        return None
+    if positions.ndim != 1 or (positions.size and (positions.min() < 0 or positions.max() >= size)):
+        return None
+    return positions
+
+
+def _outcome(suite_name: str, exp: dict, r: Any, rows: _Rows, parameters: dict) -> ExpectationOutcome:
     kwargs = exp["kwargs"]
     meta = exp.get("meta") or {}
-    domain = [kwargs["column"]] if "column" in kwargs else list(kwargs.get("column_list") or [])
-    if "column_A" in kwargs and "column_B" in kwargs:
+    if "column" in kwargs:
+        domain = [kwargs["column"]]
+    elif "column_A" in kwargs and "column_B" in kwargs:
         domain = [kwargs["column_A"], kwargs["column_B"]]
-    result = r.result or {}
-    rows = result.get("unexpected_index_list") or []
-    failed_ids = tuple("/".join(_text(row.get(k)) for k in keys) for row in rows if isinstance(row, dict))
-    head = [row for row in rows[:MAX_EXAMPLES] if isinstance(row, dict)]
-    if head and domain:
-        examples = tuple("/".join(_text(row.get(c)) for c in domain) for row in head)
     else:
+        domain = list(kwargs.get("column_list") or [])
+    result = r.result or {}
+    positions = _positions(result, len(rows.data)) if not r.success or result.get("unexpected_count") else None
+    if positions is not None:
+        head = positions[:MAX_EXAMPLES]
+        failed_ids = rows.ids(positions)
+        examples = rows.values(head, domain) or tuple(_text(v) for v in (result.get("unexpected_list") or [])[:MAX_EXAMPLES])
+        labels = rows.labels(head)
+    else:  # table-level or aggregate expectations (no offending rows), or nothing failed
+        failed_ids, labels = (), ()
         values = result.get("unexpected_list") or result.get("partial_unexpected_list") or []
         examples = tuple(_text(v) for v in values[:MAX_EXAMPLES])
-    labels = tuple(_text(row.get(label), missing="") for row in head) if label else ()
+        if not values and not r.success and "observed_value" in result:
+            examples = (_text(result["observed_value"]),)
     failed_count = result.get("unexpected_count")
     if failed_count is None:
-        failed_count = len(rows) if rows else (0 if r.success else 1)
+        failed_count = len(failed_ids) if failed_ids else (0 if r.success else 1)
     return ExpectationOutcome(
         suite=suite_name,
         rule=meta.get("rule") or exp["type"],

@@ -203,7 +203,7 @@ class ScimClient:
             log.info("SCIM %s %s: %s; retrying in %.1fs", method, path, failure, delay)
             _pause(delay)
             # A 429 was refused before being applied; anything else may have been applied.
-            if False:
+            if already_done is not None and not failure.startswith("429"):
                 existing = already_done()
                 if existing is not None:
                     return existing

@@ -333,7 +333,8 @@ class GraphEmulator(SandboxServer):
 
     def _resume(self, skiptoken: str) -> tuple[str, int, list]:
         try:
-            snapshot_id, offset = base64.urlsafe_b64decode(skiptoken.encode()).decode().split(":")
+            padded = skiptoken + "=" * (-len(skiptoken) % 4)
+            snapshot_id, offset = base64.urlsafe_b64decode(padded.encode()).decode().split(":")
             with self._state_lock:
                 return snapshot_id, int(offset), self._snapshots[snapshot_id]
         except (ValueError, KeyError, binascii.Error, UnicodeDecodeError):
@@ -341,7 +342,7 @@ class GraphEmulator(SandboxServer):
 
     def _next_link(self, request: Request, snapshot_id: str, offset: int) -> str:
         query = {key: value for key, value in request.args.items() if key != "$skiptoken"}
-        query["$skiptoken"] = base64.urlsafe_b64encode(f"{snapshot_id}:{offset}".encode()).decode()
+        query["$skiptoken"] = _b64url(f"{snapshot_id}:{offset}".encode())
         return f"{self.graph_url}{request.path}?{urlencode(query, quote_via=quote, safe='$,')}"
 
 

@@ -1,0 +1,430 @@
+"""The Microsoft Graph edge: app-only auth with msal, paged reads, retries, one error mapping.
+
+`GraphClient.extract()` reads the whole tenant (users, groups, direct memberships,
+domains, organization) into a `Snapshot`. Every Graph answer is turned into data or
+a guardsync error in one place (`_interpret`), so nothing above this module sees
+HTTP. Secrets and tokens never reach a message, a log line or an exception.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import re
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import msal
+import numpy as np
+import pandas as pd
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from msal.authority import WELL_KNOWN_AUTHORITY_HOSTS
+from msal.exceptions import MsalServiceError
+
+from guardsync.errors import ApiError, AuthError, ConfigError, GuardsyncError, NotFound, TransientError
+from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, Snapshot
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
+DEFAULT_GRAPH_URL = "https://graph.microsoft.com"
+PAGE_SIZE = 999  # Graph's largest page: fewest requests, fewest resource units
+TIMEOUT = (10, 60)  # connect, read (seconds): a silent server must not hang a run
+BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  # seconds; full jitter between 0 and base * 2**attempt
+ODATA_PREFIX = "#microsoft.graph."
+
+# The application permission each read needs (all need admin consent).
+PERMISSIONS = {
+    "GET /v1.0/users": "User.Read.All",
+    "GET /v1.0/groups": "Group.Read.All",
+    "GET /v1.0/groups/{id}/members": "GroupMember.Read.All (or Group.Read.All)",
+    "GET /v1.0/groups/{id}/transitiveMembers": "GroupMember.Read.All (or Group.Read.All)",
+    "GET /v1.0/domains": "Domain.Read.All",
+    "GET /v1.0/organization": "Organization.Read.All",
+}
+ALL_PERMISSIONS = "User.Read.All, GroupMember.Read.All (or Group.Read.All), Domain.Read.All, Organization.Read.All"
+
+# What to do about an AADSTS code from the token endpoint.
+LOGIN_ADVICE = {
+    7000215: "create a new client secret for app {client_id} and update entra.client_secret",
+    7000222: "the client secret has expired: create a new one for app {client_id} and update entra.client_secret",
+    7000218: "set entra.client_secret or entra.certificate_path",
+    700016: "check entra.client_id, and that app {client_id} is registered in (or consented to by) tenant {tenant}",
+    700027: "upload the certificate in entra.certificate_path to app {client_id} (Certificates & secrets)",
+    700024: "check this machine's clock: the certificate assertion fell outside its valid time",
+    90002: "check entra.tenant_id (the tenant GUID or its *.onmicrosoft.com domain) and entra.authority_host",
+    1002012: "check entra.graph_url: the scope must be that URL followed by /.default",
+    70011: "check entra.graph_url: the scope must be that URL followed by /.default",
+    7000112: "app {client_id} is disabled in tenant {tenant}: enable it (Enterprise applications) or use another",
+}
+TRANSIENT_LOGIN_ERRORS = {"temporarily_unavailable", "server_error"}
+
+
+class _Retry(Exception):
+    """A transient failure: wait (Retry-After when given) and try again within the budget."""
+
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason, self.retry_after = reason, retry_after
+
+
+class _StaleToken(Exception):
+    """Graph answered 401: the token expired or was revoked; a fresh one may do."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class _LoginSession(requests.Session):
+    """msal's HTTP client: a plain Session (so REQUESTS_CA_BUNDLE applies) that never waits forever."""
+
+    def request(self, method, url, **kwargs):
+        kwargs.setdefault("timeout", TIMEOUT)
+        return super().request(method, url, **kwargs)
+
+
+def endpoint_pattern(method: str, path: str) -> str:
+    """"GET /v1.0/groups/{id}/members", "POST /{tenant}/oauth2/v2.0/token": ids collapsed, as the emulator counts."""
+    parts = path.split("/")
+    if len(parts) > 2 and parts[1] != "v1.0":
+        parts[1] = "{tenant}"  # login endpoints: /{tenant}/oauth2/..., /{tenant}/v2.0/...
+    for i in range(3, len(parts)):
+        if parts[i - 1] in ("users", "groups") and parts[i] != "delta":
+            parts[i] = "{id}"
+    return f"{method} {'/'.join(parts)}"
+
+
+class GraphClient:
+    """Reads one Entra tenant through Microsoft Graph v1.0 with an app-only token."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: str,
+        client_id: str,
+        client_secret: str | None = None,
+        certificate_path: str | None = None,
+        authority_host: str = DEFAULT_AUTHORITY_HOST,
+        graph_url: str = DEFAULT_GRAPH_URL,
+        max_retry_seconds: float = 120.0,
+        member_read_concurrency: int = 4,
+    ):
+        if (client_secret is None) == (certificate_path is None):
+            raise ConfigError("[entra] needs exactly one of client_secret and certificate_path: set one, remove the other")
+        self.tenant_id = tenant_id
+        self.client_id = client_id
+        self.authority_host = authority_host.rstrip("/")
+        self.graph_url = graph_url.rstrip("/")
+        self.max_retry_seconds = max_retry_seconds
+        self.member_read_concurrency = max(1, member_read_concurrency)
+        self.requests_made: Counter[str] = Counter()  # "GET /v1.0/users" -> requests sent, retries included
+
+        self._secret = client_secret  # kept only to scrub it from any text we pass on
+        self._credential = client_secret if client_secret is not None else _certificate_credential(certificate_path)
+        self._scopes = [f"{self.graph_url}/.default"]
+        self._app: msal.ConfidentialClientApplication | None = None  # one per client: its token cache is reused
+        self._token_lock = threading.Lock()  # one token request at a time, however many readers wait
+        self._count_lock = threading.Lock()
+        self._login_http = self._session(_LoginSession())
+        self._graph_http = self._session(requests.Session(), pool=self.member_read_concurrency + 2)
+
+    # -- lifecycle -----------------------------------------------------------
+    def close(self) -> None:
+        self._graph_http.close()
+        self._login_http.close()
+
+    def __enter__(self) -> "GraphClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the whole tenant ------------------------------------------------------
+    def extract(self) -> Snapshot:
+        """Users, groups, direct memberships, domains and organization, as one Snapshot."""
+        organization = self.read_all("/organization", {"$select": "id,displayName"})[0]
+        domains = self.read_all("/domains", {"$select": "id,isVerified,isInitial,isDefault"})
+        users = self.read_all("/users", {"$select": ",".join(USER_COLUMNS), "$top": PAGE_SIZE})
+        groups = self.read_all("/groups", {"$select": "id,displayName", "$top": PAGE_SIZE})
+        return Snapshot(
+            tenant_id=organization["id"],
+            organization=organization.get("displayName") or "",
+            users=_users_frame(users),
+            groups=pd.DataFrame({c: [g.get(c) for g in groups] for c in GROUP_COLUMNS}, columns=GROUP_COLUMNS),
+            edges=self._edges([g["id"] for g in groups]),
+            verified_domains=[d["id"] for d in domains if d.get("isVerified")],
+            initial_domain=next((d["id"] for d in domains if d.get("isInitial")), None),
+        )
+
+    def direct_members(self, group_id: str) -> list[dict]:
+        """A group's direct members: id and @odata.type only."""
+        return self.read_all(f"/groups/{group_id}/members", {"$select": "id", "$top": PAGE_SIZE})
+
+    def _edges(self, group_ids: list[str]) -> pd.DataFrame:
+        """Direct memberships of every group, read `member_read_concurrency` groups at a time."""
+        columns: dict[str, list] = {c: [] for c in EDGE_COLUMNS}
+        pool = ThreadPoolExecutor(self.member_read_concurrency, thread_name_prefix="graph-members")
+        try:
+            for group_id, members in zip(group_ids, pool.map(self.direct_members, group_ids)):
+                columns["group_id"].extend([group_id] * len(members))
+                columns["member_id"].extend(m["id"] for m in members)
+                columns["member_type"].extend(m.get("@odata.type", "").removeprefix(ODATA_PREFIX) or None for m in members)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # a failure stops the groups not yet started
+        return pd.DataFrame(columns, columns=EDGE_COLUMNS)
+
+    # -- paged reads -------------------------------------------------------------
+    def read_all(self, path: str, params: dict | None = None) -> list[dict]:
+        return [item for page in self.pages(path, params) for item in page]
+
+    def pages(self, path: str, params: dict | None = None) -> Iterator[list[dict]]:
+        """Each page's `value`, following @odata.nextLink unchanged (it carries the query)."""
+        body = self.get(path, params)
+        yield body.get("value", [])
+        while next_link := body.get("@odata.nextLink"):
+            body = self.get(next_link)
+            yield body.get("value", [])
+
+    def get(self, path_or_url: str, params: dict | None = None) -> dict:
+        """One Graph GET ("/users" or a nextLink): retried while transient, one fresh token on 401."""
+        url = self._absolute(path_or_url)
+        endpoint = endpoint_pattern("GET", urlsplit(url).path)
+        deadline = time.monotonic() + self.max_retry_seconds
+        tried_fresh_token, attempt = False, 0
+        while True:
+            token = self._access_token()
+            try:
+                return self._interpret(self._send(url, params, token), endpoint)
+            except _StaleToken as stale:
+                if tried_fresh_token:
+                    raise AuthError(
+                        f"Microsoft Graph rejected a fresh token of app {self.client_id} on {endpoint} ({stale.detail}): "
+                        "check that entra.graph_url is the Graph of the cloud entra.authority_host signs in to"
+                    ) from None
+                tried_fresh_token = True
+                self._forget_token(token)
+            except _Retry as retry:
+                self._pause(retry, attempt, deadline, endpoint)
+                attempt += 1
+
+    def _absolute(self, path_or_url: str) -> str:
+        if not path_or_url.startswith(("https://", "http://")):
+            return f"{self.graph_url}/v1.0{path_or_url}"
+        if not path_or_url.startswith(self.graph_url + "/"):
+            # Following it would hand our token to another host.
+            raise GuardsyncError(f"Microsoft Graph sent a next page outside {self.graph_url}; refusing to follow it")
+        return path_or_url
+
+    def _send(self, url: str, params: dict | None, token: str) -> requests.Response | requests.RequestException:
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        try:
+            return self._graph_http.get(url, params=params, headers=headers, timeout=TIMEOUT)
+        except requests.RequestException as exc:
+            return exc
+
+    def _interpret(self, answer: requests.Response | requests.RequestException, endpoint: str) -> dict:
+        """The one mapping of a Graph answer: the JSON body, or _Retry, _StaleToken or a guardsync error."""
+        if isinstance(answer, requests.RequestException):
+            raise _tls_config_error(answer) or _Retry(f"{type(answer).__name__} talking to {self.graph_url}")
+        status = answer.status_code
+        if status < 300:
+            try:
+                return answer.json()
+            except ValueError:
+                raise _Retry("unreadable JSON (truncated page)") from None
+        code, message = _graph_error(answer)
+        if status == 401:
+            raise _StaleToken(f"{code}: {message}")
+        if status == 403:
+            needed = PERMISSIONS.get(endpoint, ALL_PERMISSIONS)
+            raise AuthError(
+                f"Microsoft Graph denied {endpoint} to app {self.client_id} ({code}: {message}): grant it the application "
+                f"permission {needed} with admin consent (guardsync needs {ALL_PERMISSIONS})"
+            )
+        if status in (429, 500, 502, 503, 504):
+            raise _Retry(f"HTTP {status} {code or ''}".strip(), _retry_after(answer))
+        error = NotFound if status == 404 else ApiError
+        raise error(f"Microsoft Graph refused {endpoint}: HTTP {status} {code}: {message}", status=status, code=code)
+
+    def _pause(self, retry: _Retry, attempt: int, deadline: float, what: str) -> None:
+        """Sleep before the next try, or give up with TransientError when that would overrun the budget."""
+        wait = retry.retry_after if retry.retry_after is not None else random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+        if time.monotonic() + wait > deadline:
+            raise TransientError(
+                f"{what} kept failing for up to {self.max_retry_seconds:g} s of retries (last: {retry.reason}): "
+                "Microsoft Graph or Entra is throttling or unavailable; run again later",
+                retry_after=retry.retry_after,
+            )
+        log.warning("%s: %s; retrying in %.1f s", what, retry.reason, wait)
+        time.sleep(wait)
+
+    # -- tokens --------------------------------------------------------------------
+    def _access_token(self) -> str:
+        """An app token from msal's cache, or a new one from Entra (token requests retried while transient)."""
+        deadline, attempt = time.monotonic() + self.max_retry_seconds, 0
+        while True:
+            try:
+                result = self._acquire()
+            except _Retry as retry:
+                self._pause(retry, attempt, deadline, f"token request to {self.authority_host}")
+                attempt += 1
+                continue
+            if "access_token" in result:
+                return result["access_token"]
+            raise self._login_refused(result)
+
+    def _acquire(self) -> dict:
+        try:
+            with self._token_lock:
+                return self._msal().acquire_token_for_client(self._scopes)
+        except requests.RequestException as exc:
+            raise _tls_config_error(exc) or _Retry(f"{type(exc).__name__} talking to {self.authority_host}") from None
+        except MsalServiceError:  # msal raises it for a 5xx from the token or discovery endpoint
+            raise _Retry("Entra answered 5xx") from None
+        except ValueError:  # msal could not parse the token answer (e.g. a 429 with an empty body)
+            raise _Retry("unreadable token answer") from None
+
+    def _msal(self) -> msal.ConfidentialClientApplication:
+        """The one msal application of this client, made on first use (making it fetches OpenID metadata)."""
+        if self._app is None:
+            host = urlsplit(self.authority_host).hostname
+            try:
+                self._app = msal.ConfidentialClientApplication(
+                    self.client_id,
+                    client_credential=self._credential,
+                    authority=f"{self.authority_host}/{self.tenant_id}",
+                    # msal asks login.microsoftonline.com about hosts it does not know: not for configured ones.
+                    instance_discovery=None if host in WELL_KNOWN_AUTHORITY_HOSTS else False,
+                    azure_region=False,  # so MSAL_FORCE_REGION cannot reroute the token request
+                    http_client=self._login_http,
+                )
+            except ValueError as exc:
+                raise self._authority_error(exc) from None
+        return self._app
+
+    def _authority_error(self, exc: ValueError) -> ConfigError:
+        if "authority configuration" in str(exc):
+            return ConfigError(
+                f"Entra at {self.authority_host} does not know tenant {self.tenant_id!r}: set entra.tenant_id to the "
+                "tenant GUID or its *.onmicrosoft.com domain, and entra.authority_host to your cloud's login host"
+            )
+        return ConfigError(f"msal refused the [entra] settings ({self._redact(str(exc))}): check entra.authority_host and the credential")
+
+    def _forget_token(self, rejected: str) -> None:
+        """Drop a token Graph refused from msal's cache: msal has no force_refresh for app tokens."""
+        cache = self._msal().token_cache
+        with self._token_lock:
+            for entry in list(cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN, target=self._scopes)):
+                if entry.get("secret") == rejected:
+                    cache.remove_at(entry)
+
+    def _login_refused(self, result: dict) -> GuardsyncError:
+        """One line naming the AADSTS code, what Entra said, and the fix; no secret in it."""
+        if result.get("error") in TRANSIENT_LOGIN_ERRORS:
+            return TransientError(f"Entra could not issue a token now ({result['error']}): run again later")
+        description = str(result.get("error_description") or "")
+        code = (result.get("error_codes") or [None])[0]
+        if code is None and (match := re.match(r"AADSTS(\d+)", description)):
+            code = int(match[1])
+        said = re.sub(r"^AADSTS\d+:\s*", "", description).split("\r\n")[0].split("\n")[0][:200]
+        advice = LOGIN_ADVICE.get(code, "check entra.tenant_id, entra.client_id and the app's credential").format(
+            client_id=self.client_id, tenant=self.tenant_id
+        )
+        return AuthError(self._redact(f"Entra refused the client credentials of app {self.client_id} (AADSTS{code}: {said}): {advice}"))
+
+    # -- plumbing ------------------------------------------------------------------
+    def _session(self, session: requests.Session, pool: int = 10) -> requests.Session:
+        """trust_env stays on (REQUESTS_CA_BUNDLE, proxies); verify is never turned off."""
+        adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=pool)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        session.hooks["response"].append(self._count)
+        return session
+
+    def _count(self, response: requests.Response, *args, **kwargs) -> None:
+        key = endpoint_pattern(response.request.method, urlsplit(response.request.url).path)
+        with self._count_lock:
+            self.requests_made[key] += 1
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "[redacted]") if self._secret else text
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def _users_frame(users: list[dict]) -> pd.DataFrame:
+    data = {c: [u.get(c) for u in users] for c in USER_COLUMNS}
+    # Graph always returns accountEnabled when selected; a missing one reads as disabled, so nobody gains access by accident.
+    data["accountEnabled"] = np.array([u.get("accountEnabled") is True for u in users], dtype=bool)
+    return pd.DataFrame(data, columns=USER_COLUMNS)
+
+
+def _graph_error(response: requests.Response) -> tuple[str | None, str]:
+    """Graph's {"error": {"code", "message"}}, or the start of whatever else came back."""
+    try:
+        error = response.json()["error"]
+        return error.get("code"), error.get("message", "")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None, (response.text or response.reason or "")[:200]
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    """Retry-After in seconds (Graph sends seconds; an HTTP date works too)."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _tls_config_error(exc: requests.RequestException) -> ConfigError | None:
+    """A certificate that does not verify will not heal by retrying: say how to trust it."""
+    if isinstance(exc, requests.exceptions.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        host = urlsplit(exc.request.url).hostname if exc.request is not None else "the server"
+        return ConfigError(
+            f"TLS verification of {host} failed: if a proxy or private CA signs its certificate, set REQUESTS_CA_BUNDLE "
+            "to that CA's PEM file (verification is never turned off)"
+        )
+    return None
+
+
+def _certificate_credential(path: str) -> dict:
+    """msal's certificate credential from one PEM file holding the private key and the certificate."""
+    try:
+        pem = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"entra.certificate_path {path} cannot be read ({exc.strerror}): point it at the PEM file with the key and certificate") from None
+    blocks = re.findall(r"(-----BEGIN ([A-Z ]+)-----.*?-----END \2-----)", pem, flags=re.S)
+    keys = [text for text, kind in blocks if kind.endswith("PRIVATE KEY")]
+    certificates = [text for text, kind in blocks if kind == "CERTIFICATE"]
+    if not keys or not certificates or any("ENCRYPTED" in key for key in keys):
+        raise ConfigError(
+            f"entra.certificate_path {path} must hold an unencrypted private key and its certificate in PEM: "
+            "export both into one file (e.g. openssl pkcs12 -in app.pfx -nodes -out app.pem)"
+        )
+    try:
+        serialization.load_pem_private_key(keys[0].encode(), password=None)
+        certificate = x509.load_pem_x509_certificate(certificates[0].encode())
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"entra.certificate_path {path} holds an unreadable key or certificate ({exc}): export them again") from None
+    return {
+        "private_key": keys[0],
+        "thumbprint": certificate.fingerprint(hashes.SHA1()).hex().upper(),  # Entra identifies app certificates by SHA-1
+        "public_certificate": certificates[0],
+    }

@@ -1,0 +1,78 @@
+"""Shared fixtures: one Prefect test server per session, a fresh sandbox per test.
+
+Everything runs over loopback: a Graph emulator and an Atlassian SCIM server behind
+HTTPS with a CA made at start; msal asks the emulator's token endpoint for real.
+"""
+
+import os
+import tempfile
+
+# Before Prefect or GX load: nothing phones home, Prefect keeps its files in a temp home.
+_home = tempfile.mkdtemp(prefix="guardsync-tests-prefect-")
+os.environ.update(
+    DO_NOT_TRACK="1",
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    GX_ANALYTICS_ENABLED="false",
+    PREFECT_HOME=_home,
+    PREFECT_LOGGING_LEVEL="WARNING",
+)
+
+import pytest  # noqa: E402
+
+from guardsync.errors import GuardsyncError  # noqa: E402
+from guardsync.sandbox.stack import Sandbox  # noqa: E402
+from guardsync.sandbox.tenant import generate_tenant  # noqa: E402
+from guardsync.summary import RunSummary  # noqa: E402
+
+DOMAINS = ("contoso.com", "fabrikam.com")
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def make_sandbox(monkeypatch):
+    started = []
+
+    def make(users=120, groups=10, seed=11, atlassian_domains=DOMAINS, **tenant_options):
+        tenant = generate_tenant(users=users, groups=groups, seed=seed, domains=DOMAINS, **tenant_options)
+        sandbox = Sandbox(tenant, atlassian_domains=set(atlassian_domains)).start()
+        started.append(sandbox)
+        for name, value in sandbox.environment().items():
+            monkeypatch.setenv(name, value)
+        return sandbox
+
+    yield make
+    for sandbox in started:
+        sandbox.stop()
+
+
+@pytest.fixture
+def sandbox(make_sandbox):
+    return make_sandbox()
+
+
+@pytest.fixture
+def state_url(tmp_path):
+    return f"sqlite:///{tmp_path / 'state.db'}"
+
+
+@pytest.fixture
+def sync(prefect_server):
+    """Run the flow in-process: (exit status, RunSummary or the error)."""
+    from flows.sync_directory import WritesFailed, sync_directory
+
+    def run(settings, **options):
+        try:
+            return 0, RunSummary(**sync_directory(settings=settings, **options))
+        except WritesFailed as exc:
+            return 1, exc.summary
+        except GuardsyncError as exc:
+            return exc.exit_code, exc
+
+    return run
