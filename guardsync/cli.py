@@ -18,7 +18,9 @@ for _name, _value in (
 ):
     os.environ.setdefault(_name, _value)
 
-from guardsync.config import Settings, load_settings  # noqa: E402
+import logging  # noqa: E402
+
+from guardsync.config import Settings, load_settings, preflight  # noqa: E402
 from guardsync.errors import GuardsyncError  # noqa: E402
 from guardsync.summary import RunSummary  # noqa: E402
 
@@ -26,8 +28,10 @@ from guardsync.summary import RunSummary  # noqa: E402
 def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, allow_mass_deactivation: bool = False,
              out=sys.stdout) -> int:
     """One run of the sync-directory flow, in this process; prints the summary; returns the exit status."""
+    preflight(settings)
     from flows.sync_directory import WritesFailed, sync_directory  # Prefect loads only when a flow runs
 
+    quiet_expected_tracebacks()
     try:
         result = sync_directory(settings=settings, dry_run=dry_run, full=full,
                                 allow_mass_deactivation=allow_mass_deactivation)
@@ -40,6 +44,24 @@ def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, a
         return exc.exit_code
     print("\n".join(RunSummary(**result).lines()), file=out)
     return 0
+
+
+class _NoTracebackForExpectedErrors(logging.Filter):
+    """On the terminal, a guardsync error is its one line; the traceback is only noise there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], GuardsyncError):
+            record.exc_info, record.exc_text = None, None  # the API log handler has already sent it
+        return True
+
+
+def quiet_expected_tracebacks() -> None:
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _NoTracebackForExpectedErrors) for f in handler.filters):
+            handler.addFilter(_NoTracebackForExpectedErrors())
 
 
 def _sync(args) -> int:

@@ -165,3 +165,13 @@ def resolve_secret(reference: str, key: str, prefect_lookup: SecretLookup | None
                 f"`prefect block create secret` or fix the name"
             ) from None
     raise ConfigError(f"{key}: must be env:VARIABLE or prefect:SECRET_BLOCK")
+
+
+def preflight(settings: Settings) -> None:
+    """Problems found without any network, before a flow run starts: missing variables and files."""
+    for key, reference in (("entra.client_secret", settings.entra.client_secret), ("atlassian.api_key", settings.atlassian.api_key)):
+        if reference and reference.startswith("env:"):
+            resolve_secret(reference, key)
+    certificate = settings.entra.certificate_path
+    if certificate and not Path(certificate).is_file():
+        raise ConfigError(f"[entra] certificate_path: {certificate} not found; give the path of the PEM file holding the key and certificate")

@@ -285,13 +285,16 @@ class GraphClient:
     def _acquire(self) -> dict:
         try:
             with self._token_lock:
-                return self._msal().acquire_token_for_client(self._scopes)
+                result = self._msal().acquire_token_for_client(self._scopes)
         except requests.RequestException as exc:
             raise _tls_config_error(exc) or _Retry(f"{type(exc).__name__} talking to {self.authority_host}") from None
         except MsalServiceError:  # msal raises it for a 5xx from the token or discovery endpoint
             raise _Retry("Entra answered 5xx") from None
         except ValueError:  # msal could not parse the token answer (e.g. a 429 with an empty body)
             raise _Retry("unreadable token answer") from None
+        if result.get("error") in TRANSIENT_LOGIN_ERRORS:
+            raise _Retry(f"Entra answered {result['error']}")
+        return result
 
     def _msal(self) -> msal.ConfidentialClientApplication:
         """The one msal application of this client, made on first use (making it fetches OpenID metadata)."""
@@ -327,10 +330,8 @@ class GraphClient:
                 if entry.get("secret") == rejected:
                     cache.remove_at(entry)
 
-    def _login_refused(self, result: dict) -> GuardsyncError:
+    def _login_refused(self, result: dict) -> AuthError:
         """One line naming the AADSTS code, what Entra said, and the fix; no secret in it."""
-        if result.get("error") in TRANSIENT_LOGIN_ERRORS:
-            return TransientError(f"Entra could not issue a token now ({result['error']}): run again later")
         description = str(result.get("error_description") or "")
         code = (result.get("error_codes") or [None])[0]
         if code is None and (match := re.match(r"AADSTS(\d+)", description)):

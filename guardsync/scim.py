@@ -4,7 +4,7 @@ Three rules hold here so that no caller has to think about them:
 
 - Dry-run is enforced in the transport: with `dry_run=True` every non-GET request
   raises before anything is sent, so no code path can write by accident.
-- HTTP answers are mapped to guardsync.errors once, in `_raise_for`; 429, 5xx and
+- HTTP answers are mapped to guardsync.errors once, in `_parse_or_raise`; 429, 5xx and
   connection trouble are retried inside the client, within `max_retry_seconds`.
 - The API key lives only in the Authorization header of each request: it is not an
   attribute anyone prints, and no exception, log line or repr carries it.
@@ -113,6 +113,7 @@ class ScimClient:
     def create_user(self, user: DesiredUser) -> dict:
         # A POST whose answer was lost may have been applied: before each retry, look the
         # user up by externalId and return it if it is there, so a retry never duplicates.
+        # (Should the lookup miss it, the retried POST gets 409 -> Conflict: the caller adopts.)
         return self._call(
             "POST", "/Users", body=user_resource(user),
             already_done=lambda: self.find_user(external_id=user.external_id),
@@ -192,12 +193,13 @@ class ScimClient:
         for attempt in itertools.count():
             response, failure, retry_after = self._attempt(method, path, params, body)
             if response is not None:
-                return self._raise_for(method, path, response)
+                return self._parse_or_raise(method, path, response)
             delay = retry_after if retry_after is not None else _full_jitter(attempt)
             if time.monotonic() + delay > deadline:
                 raise TransientError(
-                    f"Atlassian SCIM {method} {path} still failing after {attempt + 1} attempts "
-                    f"over {self.max_retry_seconds:.0f}s: {failure}; try again later",
+                    f"Atlassian SCIM {method} {path} failed {attempt + 1} time(s), last with {failure}; "
+                    f"waiting {delay:.0f}s more would exceed the {self.max_retry_seconds:.0f}s retry budget; "
+                    "try again later",
                     retry_after=delay,
                 )
             log.info("SCIM %s %s: %s; retrying in %.1fs", method, path, failure, delay)
@@ -225,7 +227,7 @@ class ScimClient:
         return response, "", None
 
     @staticmethod
-    def _raise_for(method: str, path: str, response: requests.Response) -> dict:
+    def _parse_or_raise(method: str, path: str, response: requests.Response) -> dict:
         """The one place HTTP answers become guardsync errors."""
         status = response.status_code
         if status < 400:

@@ -283,6 +283,21 @@ def test_retries_stop_at_the_budget(server, pauses):
     assert server.requests["GET /Users"] == 1
 
 
+def test_connection_refused_becomes_transient_error(ca, monkeypatch, pauses):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca.ca_file))
+    gone = AtlassianScimServer(ca, API_KEY, {"example.com"}).start()
+    url = gone.scim_url
+    gone.stop()
+    client = ScimClient(url, API_KEY, max_retry_seconds=0.3)
+
+    with pytest.raises(TransientError) as caught:
+        client.get_user("any")
+
+    assert "ConnectionError" in str(caught.value)
+    assert API_KEY not in str(caught.value)
+    assert client.requests_made["GET /Users/{id}"] == len(pauses) + 1
+
+
 def test_lost_answer_to_a_user_post_does_not_duplicate(server, client, pauses):
     fault = server.inject(Fault("POST", r"/Users\?", status=504, after_serving=True))
 

@@ -18,6 +18,7 @@ import itertools
 import json
 import re
 import secrets
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -109,6 +110,7 @@ class GraphEmulator(SandboxServer):
 
     # -- dispatch --------------------------------------------------------------
     def _app(self, environ, start_response):
+        _no_nagle(environ)
         request = Request(environ)
         try:
             endpoint, args = self.ROUTES.bind_to_environ(environ).match()
@@ -193,7 +195,7 @@ class GraphEmulator(SandboxServer):
             header = jwt.get_unverified_header(assertion)
         except jwt.PyJWTError:
             raise LoginFailure(400, "invalid_request", 50027, "The client assertion is not a well-formed JWT.") from None
-        if header.get("x5t") and header["x5t"] != _b64url(certificate.fingerprint(hashes.SHA1())):
+        if header.get("x5t") and header["x5t"].rstrip("=") != _b64url(certificate.fingerprint(hashes.SHA1())):
             raise LoginFailure(401, "invalid_client", 700027, "Client assertion failed signature validation: the key was not found (x5t does not match a registered certificate).")
         try:
             claims = jwt.decode(
@@ -347,6 +349,13 @@ class GraphEmulator(SandboxServer):
 
 
 # -- helpers ---------------------------------------------------------------------
+
+
+def _no_nagle(environ) -> None:
+    """werkzeug writes headers and body apart; with Nagle on, the body waits ~10 ms for an ACK."""
+    connection = environ.get("werkzeug.socket")
+    if connection is not None:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _page_size(raw: str | None) -> int:

@@ -6,7 +6,9 @@ extension points scim2-server offers:
 
 - AtlassianStorage: the rules on stored state (verified email domain, primary email,
   group names unique and never renamed) and cheap paging of a plain listing;
-- AtlassianService: the search restrictions (three eq filters, pages of 100);
+- AtlassianService: the search restrictions (three eq filters, pages of 100), and
+  member PATCHes applied as a set update (scim2-models' generic PATCH is
+  O(members x operations), far too slow for 10k-member groups);
 - AtlassianApplication: the bearer API key and URLs without the /v2 prefix;
 - AtlassianScimServer: mounts it at /scim/directory/{directory_id} over HTTPS.
 
@@ -20,7 +22,9 @@ from __future__ import annotations
 import itertools
 from http import HTTPStatus
 from typing import Any, Iterable
+from wsgiref.util import application_uri
 
+from pydantic import TypeAdapter
 from scim2_models import (
     Context,
     InvalidFilterException,
@@ -29,25 +33,19 @@ from scim2_models import (
     NotFoundException,
     Resource,
     ResourceType,
+    Schema,
     ScimProvider,
     SearchRequest,
 )
-from pydantic import TypeAdapter
 from scim2_models.path import CompareOperator, Comparison
 from scim2_models.path.expressions import AttrPath, ValuePath
-from werkzeug.wrappers import Request
-
 from scim2_server.memory import InMemoryStorage
 from scim2_server.responses import ScimResponse
 from scim2_server.service import ScimService
 from scim2_server.storage import SearchPage
 from scim2_server.testserver.application import BEARER_TOKEN_SCHEME, BearerTokenApplication
-from scim2_server.utils import (
-    load_default_resource_types,
-    load_default_service_provider_config,
-    load_json_resource,
-)
-from scim2_models import Schema
+from scim2_server.utils import load_default_resource_types, load_default_service_provider_config, load_json_resource
+from werkzeug.wrappers import Request
 
 from guardsync.sandbox.http import SandboxCA, SandboxServer
 from guardsync.scim import endpoint_key
@@ -290,8 +288,6 @@ class AtlassianApplication(BearerTokenApplication):
     @staticmethod
     def get_base_url(environ) -> str:
         # Atlassian's URLs have no /v2 segment: {scim_url}/Users/{id}.
-        from wsgiref.util import application_uri
-
         return application_uri(environ).rstrip("/")
 
 
@@ -334,6 +330,18 @@ class AtlassianScimServer(SandboxServer):
         self.storage = AtlassianStorage(verified_domains)
         self.application = AtlassianApplication(self.storage, provider, self.service, bearer_tokens=[api_key])
         super().__init__(_Mount(self.prefix, self.application), ca, latency=latency)
+        self._index_filterable_attributes()
+
+    def _index_filterable_attributes(self) -> None:
+        # InMemoryStorage builds an equality index on the first search by an attribute,
+        # then keeps it current on every write. Searching the empty store now makes that
+        # first build free, instead of an O(n) stall at the first lookup of a big directory.
+        with self.service.provider:
+            for resource_type_name, attributes in FILTERABLE.items():
+                resource_type = self.service.get_resource_type(resource_type_name)
+                for attribute in attributes:
+                    request, _ = self.service.read_search([resource_type], {"filter": f'{attribute} eq ""'})
+                    self.storage.search([resource_type], request)
 
     @property
     def scim_url(self) -> str:
@@ -347,9 +355,11 @@ class AtlassianScimServer(SandboxServer):
 
     # -- inspection and seeding, for tests and the demo ------------------------
     def users(self) -> list[dict]:
+        """SCIM JSON of every stored user (O(n): for tests and the demo, not per request)."""
         return [self._dump(r) for r in self.storage.stored_of("User")]
 
     def groups(self) -> list[dict]:
+        """SCIM JSON of every stored group, with its members' values."""
         return [self._dump(r) for r in self.storage.stored_of("Group")]
 
     def add_user(self, user: dict) -> dict:
@@ -357,6 +367,7 @@ class AtlassianScimServer(SandboxServer):
         return self._add("User", {"schemas": [CORE_USER], **user})
 
     def add_group(self, name: str, member_ids: Iterable[str] = ()) -> dict:
+        """Store a group guardsync did not create, with these user ids as members."""
         members = [{"value": member_id} for member_id in member_ids]
         return self._add("Group", {"schemas": [CORE_GROUP], "displayName": name, "members": members})
 
