@@ -110,7 +110,6 @@ class GraphEmulator(SandboxServer):
 
     # -- dispatch --------------------------------------------------------------
     def _app(self, environ, start_response):
-        _no_nagle(environ)
         request = Request(environ)
         try:
             endpoint, args = self.ROUTES.bind_to_environ(environ).match()
@@ -349,13 +348,6 @@ class GraphEmulator(SandboxServer):
 
 
 # -- helpers ---------------------------------------------------------------------
-
-
-def _no_nagle(environ) -> None:
-    """werkzeug writes headers and body apart; with Nagle on, the body waits ~10 ms for an ACK."""
-    connection = environ.get("werkzeug.socket")
-    if connection is not None:
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _page_size(raw: str | None) -> int:

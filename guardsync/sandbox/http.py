@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import trustme
-from werkzeug.serving import BaseWSGIServer, make_server
+import socket
+
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 
@@ -64,6 +66,14 @@ class Fault:
         return (self.method in ("*", request.method)) and re.search(self.path_re, request.full_path) is not None
 
 
+class _Handler(WSGIRequestHandler):
+    """Keep-alive (one TLS handshake per client connection, as with the real APIs) and no Nagle
+    delay: werkzeug writes headers and body apart, and Nagle would hold the body ~10 ms."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+
 class SandboxServer:
     """Serve `app` over HTTPS on loopback in a daemon thread, with counting and faults."""
 
@@ -80,7 +90,8 @@ class SandboxServer:
     def start(self) -> "SandboxServer":
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log on the operator's terminal
         self._server = make_server(
-            "127.0.0.1", 0, self._wsgi, threaded=True, ssl_context=self.ca.server_context()
+            "127.0.0.1", 0, self._wsgi, threaded=True, request_handler=_Handler,
+            ssl_context=self.ca.server_context(),
         )
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
@@ -139,7 +150,10 @@ class SandboxServer:
             list(self.app(environ, lambda *a, **k: None))
         if fault.delay:
             time.sleep(fault.delay)
-        if fault.reset:
+        if fault.reset:  # drop the connection under the client's feet
+            connection = environ.get("werkzeug.socket")
+            if connection is not None:
+                connection.shutdown(socket.SHUT_RDWR)
             raise ConnectionResetError("sandbox fault: connection reset")
         response = Response(fault.body, status=fault.status, headers=fault.headers, content_type="application/json")
         return response(environ, start_response)
