@@ -18,6 +18,7 @@ from guardsync.load import Loader
 from guardsync.scim import ScimClient
 from guardsync.state import StateStore
 from guardsync.summary import RunSummary
+from tasks.drift import read_drift
 from tasks.extract import extract
 from tasks.flatten import flatten
 from tasks.load import load_groups, load_memberships, load_users
@@ -77,6 +78,7 @@ def sync_directory(
     graph, scim, store = connect(settings, dry_run)
     summary = RunSummary(run_id=run_id, mode=mode, status="running", identifier=settings.sync.identifier)
     if not dry_run:
+        store.acquire_lock(run_id)  # one run per directory at a time; DirectoryBusy otherwise
         store.start_run(run_id, mode)
     try:
         snapshot = extract(graph)
@@ -89,6 +91,10 @@ def sync_directory(
             f"{row.identifier or '(none)'} [{row.id}] ({row.rule})" for row in validated.quarantined.head(20).itertuples()
         ]
         applied = store.load()
+        foreign: dict[str, list[str]] = {}
+        if applied.users or applied.groups:  # a full read also checks what people changed by hand in Atlassian
+            applied, drift = read_drift(scim, applied)
+            summary.drift, foreign = drift.lines(), drift.foreign_members
         plan = plan_changes(validated, applied, settings.sync, allow_mass_deactivation)
         summary.excluded["disabled_never_synced"] = plan.not_created_disabled
         if dry_run:
@@ -96,7 +102,7 @@ def sync_directory(
         else:
             store.bind(snapshot.tenant_id, settings.atlassian.scim_url)
             loader = Loader(scim, store, run_id, settings.sync.write_concurrency)
-            for result in (load_users(loader, plan), load_groups(loader, plan, validated.groups), load_memberships(loader, plan)):
+            for result in (load_users(loader, plan), load_groups(loader, plan, validated.groups), load_memberships(loader, plan, foreign)):
                 for key, value in result["counts"].items():
                     summary.counts[key] = summary.counts.get(key, 0) + value
                 summary.failures += result["failures"]
@@ -114,6 +120,7 @@ def sync_directory(
         publish_summary(summary)
         if not dry_run:
             store.finish_run(run_id, summary.status, summary.counts, summary.message or None)
+            store.release_lock(run_id)
         store.dispose()
     if summary.failures:
         raise WritesFailed(summary)

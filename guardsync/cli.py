@@ -102,6 +102,44 @@ def _audit(args) -> int:
     return 0
 
 
+def _init(args) -> int:
+    from pathlib import Path
+
+    from guardsync.onboarding import InitAnswers, complete_answers, write_config
+
+    answers = InitAnswers(
+        tenant_id=args.tenant_id, client_id=args.client_id, client_secret_ref=args.client_secret_ref,
+        certificate_path=args.certificate_path, scim_url=args.scim_url, api_key_ref=args.api_key_ref,
+        groups=args.group, domains=args.domain, identifier=args.identifier, state=args.state,
+        authority_host=args.authority_host, graph_url=args.graph_url,
+    )
+    output = Path(args.output)
+    if output.exists() and not args.force:  # say so before asking anything
+        print(f"guardsync: {output} already exists: pass --force to replace it, or --output another file", file=sys.stderr)
+        return 1
+    default_state = f"sqlite:///{output.absolute().parent / 'guardsync-state.db'}"
+    ask = _ask_on_terminal if sys.stdin.isatty() else None
+    result = write_config(complete_answers(answers, ask, default_state), output, force=args.force)
+    print("\n".join(result.next_steps))
+    return 0
+
+
+def _ask_on_terminal(question: str, default: str) -> str:
+    try:
+        return input(f"{question}{f' [{default}]' if default else ''}: ")
+    except EOFError:
+        return ""
+
+
+def _check(args) -> int:
+    from guardsync.onboarding import run_checks
+    from guardsync.progress import print_checklist
+
+    report = run_checks(args.config)
+    print_checklist(report, sys.stdout)
+    return report.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardsync", description="Provision Atlassian Cloud from Microsoft Entra ID.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("user", help="userName, group name or Entra object id")
     audit.add_argument("--config", required=True, metavar="FILE")
     audit.set_defaults(handler=_audit)
+
+    init = commands.add_parser("init", help="write a commented configuration file (asks for what is missing on a terminal)")
+    init.add_argument("--tenant-id", help="Entra tenant GUID or its *.onmicrosoft.com domain")
+    init.add_argument("--client-id", help="application (client) id of the app registration")
+    credential = init.add_mutually_exclusive_group()
+    credential.add_argument("--client-secret-ref", metavar="REF", help="env:VARIABLE or prefect:SECRET_BLOCK holding the client secret")
+    credential.add_argument("--certificate-path", metavar="PEM", help="PEM file with the app's private key and certificate")
+    init.add_argument("--scim-url", help="https://api.atlassian.com/scim/directory/DIRECTORY_ID")
+    init.add_argument("--api-key-ref", metavar="REF", help="env:VARIABLE or prefect:SECRET_BLOCK holding the SCIM API key")
+    init.add_argument("--group", action="append", metavar="NAME", help="a pilot group to sync (repeatable); none: all groups")
+    init.add_argument("--domain", action="append", metavar="DOMAIN", help="a domain to sync (repeatable); none: every verified one")
+    init.add_argument("--identifier", choices=["upn", "email"])
+    init.add_argument("--state", metavar="URL", help="state store, a SQLAlchemy URL (default: a SQLite file next to the output)")
+    init.add_argument("--authority-host", help="Entra login host (sovereign clouds); default https://login.microsoftonline.com")
+    init.add_argument("--graph-url", help="Microsoft Graph URL (sovereign clouds); default https://graph.microsoft.com")
+    init.add_argument("--output", default="guardsync.toml", metavar="FILE", help="where to write (default guardsync.toml)")
+    init.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    init.set_defaults(handler=_init)
+
+    check = commands.add_parser("check", help="check every prerequisite before a sync; writes nothing")
+    check.add_argument("--config", required=True, metavar="FILE")
+    check.set_defaults(handler=_check)
     return parser
 
 

@@ -1,7 +1,10 @@
 """The Microsoft Graph edge: app-only auth with msal, paged reads, retries, one error mapping.
 
 `GraphClient.extract()` reads the whole tenant (users, groups, direct memberships,
-domains, organization) into a `Snapshot`. Every Graph answer is turned into data or
+domains, organization) into a `Snapshot`. `GraphClient.read_changes()` reads only what
+changed since the last run through Graph delta queries (`/users/delta`, `/groups/delta`),
+as `GraphChanges` that `guardsync.delta.apply_changes` merges into the previous Snapshot;
+an expired delta link turns into a full read, transparently. Every Graph answer is turned into data or
 a guardsync error in one place (`_interpret`), so nothing above this module sees
 HTTP. Secrets and tokens never reach a message, a log line or an exception.
 """
@@ -16,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
@@ -41,6 +45,16 @@ TIMEOUT = (10, 60)  # connect, read (seconds): a silent server must not hang a r
 BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  # seconds; full jitter between 0 and base * 2**attempt
 ODATA_PREFIX = "#microsoft.graph."
 
+# Delta queries. Graph does not support $top on user and group delta: the page size is asked
+# for with the OData preference below, and Graph caps it (about 200 objects, 500 member links).
+DELTA_HEADERS = {"Prefer": "odata.maxpagesize=999"}
+USER_DELTA_QUERY = {"$select": ",".join(USER_COLUMNS)}
+GROUP_DELTA_QUERY = {"$select": "displayName,members"}  # members: members@delta on each group
+# An expired or reset delta (or skip) token: 410 Gone, or these error codes (any 4xx). Both mean
+# "read everything again". https://learn.microsoft.com/graph/delta-query-overview (Synchronization
+# reset, Token duration) and https://learn.microsoft.com/graph/errors (code property).
+DELTA_RESET_CODES = {"syncstatenotfound", "resyncrequired"}
+
 # The application permission each read needs (all need admin consent).
 PERMISSIONS = {
     "GET /v1.0/users": "User.Read.All",
@@ -49,6 +63,8 @@ PERMISSIONS = {
     "GET /v1.0/groups/{id}/transitiveMembers": "GroupMember.Read.All (or Group.Read.All)",
     "GET /v1.0/domains": "Domain.Read.All",
     "GET /v1.0/organization": "Organization.Read.All",
+    "GET /v1.0/users/delta": "User.Read.All",
+    "GET /v1.0/groups/delta": "GroupMember.Read.All (or Group.Read.All)",
 }
 ALL_PERMISSIONS = "User.Read.All, GroupMember.Read.All (or Group.Read.All), Domain.Read.All, Organization.Read.All"
 
@@ -82,6 +98,49 @@ class _StaleToken(Exception):
     def __init__(self, detail: str):
         super().__init__(detail)
         self.detail = detail
+
+
+class DeltaLinkExpired(ApiError):
+    """Graph no longer knows a delta link (expired after 7 days, or a sync reset): read everything again."""
+
+
+@dataclass
+class DeltaLinks:
+    """The @odata.deltaLink of each delta query: what the state store keeps between runs."""
+
+    users: str | None = None
+    groups: str | None = None
+
+
+@dataclass
+class GraphChanges:
+    """One round of Graph delta queries, netted (the last change of an object or membership wins).
+
+    `full` True: a complete picture (first round, or the resync after an expired link);
+    `users`/`groups` then hold every object and `added_edges` every membership. Otherwise
+    only what changed: a user dict holds `id` and the properties Graph returned (Graph may
+    leave unchanged or never-set ones out), a group dict `id` and `displayName` when given.
+    Removed users and groups (deleted or soft-deleted alike) take their memberships with them.
+    """
+
+    full: bool
+    users: list[dict]
+    removed_users: list[str]
+    groups: list[dict]
+    removed_groups: list[str]
+    added_edges: list[tuple[str, str, str | None]]  # (group_id, member_id, member_type)
+    removed_edges: list[tuple[str, str]]  # (group_id, member_id)
+    links: DeltaLinks
+    verified_domains: list[str]
+    initial_domain: str | None
+    tenant_id: str
+    organization: str
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing changed (never true of a full read)."""
+        return not (self.full or self.users or self.removed_users or self.groups or self.removed_groups
+                    or self.added_edges or self.removed_edges)
 
 
 class _LoginSession(requests.Session):
@@ -151,19 +210,69 @@ class GraphClient:
     # -- the whole tenant ------------------------------------------------------
     def extract(self) -> Snapshot:
         """Users, groups, direct memberships, domains and organization, as one Snapshot."""
-        organization = self.read_all("/organization", {"$select": "id,displayName"})[0]
-        domains = self.read_all("/domains", {"$select": "id,isVerified,isInitial,isDefault"})
+        tenant = self._tenant_facts()
         users = self.read_all("/users", {"$select": ",".join(USER_COLUMNS), "$top": PAGE_SIZE})
         groups = self.read_all("/groups", {"$select": "id,displayName", "$top": PAGE_SIZE})
         return Snapshot(
-            tenant_id=organization["id"],
-            organization=organization.get("displayName") or "",
             users=_users_frame(users),
             groups=pd.DataFrame({c: [g.get(c) for g in groups] for c in GROUP_COLUMNS}, columns=GROUP_COLUMNS),
             edges=self._edges([g["id"] for g in groups]),
+            **tenant,
+        )
+
+    def _tenant_facts(self) -> dict:
+        """tenant_id, organization, verified_domains, initial_domain: two small reads, every run."""
+        organization = self.read_all("/organization", {"$select": "id,displayName"})[0]
+        domains = self.read_all("/domains", {"$select": "id,isVerified,isInitial,isDefault"})
+        return dict(
+            tenant_id=organization["id"],
+            organization=organization.get("displayName") or "",
             verified_domains=[d["id"] for d in domains if d.get("isVerified")],
             initial_domain=next((d["id"] for d in domains if d.get("isInitial")), None),
         )
+
+    # -- what changed since the last run ---------------------------------------------
+    def read_changes(self, links: DeltaLinks | None = None) -> GraphChanges:
+        """Changes since `links` (one delta round per endpoint); with no links, or expired ones, everything.
+
+        A run with no change in Entra costs four Graph requests: organization, domains,
+        and one page of each delta query. Store `result.links` for the next run.
+        """
+        tenant = self._tenant_facts()
+        stored = [links.users, links.groups] if links else [None, None]
+        if None not in stored and not all(link.startswith(self.graph_url + "/") for link in stored):
+            log.warning("stored Graph delta links are not on %s (entra.graph_url changed?): reading everything", self.graph_url)
+            stored = [None, None]
+        if None not in stored:
+            try:
+                users, users_link = self._delta_round(stored[0])
+                groups, groups_link = self._delta_round(stored[1])
+                return _changes(False, users, groups, DeltaLinks(users_link, groups_link), tenant)
+            except DeltaLinkExpired as expired:
+                log.warning("Graph delta link expired (%s): reading everything again (full resync)", expired.code or expired.status)
+        for attempt in range(2):  # a link can expire while a long initial round pages through it
+            try:
+                users, users_link = self._delta_round("/users/delta", USER_DELTA_QUERY)
+                groups, groups_link = self._delta_round("/groups/delta", GROUP_DELTA_QUERY)
+                return _changes(True, users, groups, DeltaLinks(users_link, groups_link), tenant)
+            except DeltaLinkExpired as expired:
+                if attempt:
+                    raise
+                log.warning("Graph delta paging expired mid-round (%s): starting the full read again", expired.code or expired.status)
+        raise AssertionError("unreachable")
+
+    def _delta_round(self, path_or_link: str, params: dict | None = None) -> tuple[list[dict], str]:
+        """Every item of one delta round, following @odata.nextLink to the @odata.deltaLink."""
+        body = self.get(path_or_link, params, headers=DELTA_HEADERS)
+        items: list[dict] = []
+        while True:
+            items.extend(body.get("value", []))
+            if next_link := body.get("@odata.nextLink"):
+                body = self.get(next_link, headers=DELTA_HEADERS)
+            elif delta_link := body.get("@odata.deltaLink"):
+                return items, delta_link
+            else:
+                raise GuardsyncError("Microsoft Graph ended a delta page with neither @odata.nextLink nor @odata.deltaLink; run again")
 
     def direct_members(self, group_id: str) -> list[dict]:
         """A group's direct members: id and @odata.type only."""
@@ -194,7 +303,7 @@ class GraphClient:
             body = self.get(next_link)
             yield body.get("value", [])
 
-    def get(self, path_or_url: str, params: dict | None = None) -> dict:
+    def get(self, path_or_url: str, params: dict | None = None, headers: dict | None = None) -> dict:
         """One Graph GET ("/users" or a nextLink): retried while transient, one fresh token on 401."""
         url = self._absolute(path_or_url)
         endpoint = endpoint_pattern("GET", urlsplit(url).path)
@@ -203,7 +312,7 @@ class GraphClient:
         while True:
             token = self._access_token()
             try:
-                return self._interpret(self._send(url, params, token), endpoint)
+                return self._interpret(self._send(url, params, token, headers), endpoint)
             except _StaleToken as stale:
                 if tried_fresh_token:
                     raise AuthError(
@@ -224,8 +333,10 @@ class GraphClient:
             raise GuardsyncError(f"Microsoft Graph sent a next page outside {self.graph_url}; refusing to follow it")
         return path_or_url
 
-    def _send(self, url: str, params: dict | None, token: str) -> requests.Response | requests.RequestException:
-        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    def _send(
+        self, url: str, params: dict | None, token: str, extra_headers: dict | None = None
+    ) -> requests.Response | requests.RequestException:
+        headers = {**(extra_headers or {}), "Authorization": f"Bearer {token}", "Accept": "application/json"}
         try:
             return self._graph_http.get(url, params=params, headers=headers, timeout=TIMEOUT)
         except requests.RequestException as exc:
@@ -252,6 +363,8 @@ class GraphClient:
             )
         if status in (429, 500, 502, 503, 504):
             raise _Retry(f"HTTP {status} {code or ''}".strip(), _retry_after(answer))
+        if status == 410 or (code or "").lower() in DELTA_RESET_CODES:
+            raise DeltaLinkExpired(f"Microsoft Graph expired the delta link of {endpoint}: HTTP {status} {code}: {message}", status=status, code=code)
         error = NotFound if status == 404 else ApiError
         raise error(f"Microsoft Graph refused {endpoint}: HTTP {status} {code}: {message}", status=status, code=code)
 
@@ -368,6 +481,65 @@ def _users_frame(users: list[dict]) -> pd.DataFrame:
     # Graph always returns accountEnabled when selected; a missing one reads as disabled, so nobody gains access by accident.
     data["accountEnabled"] = np.array([u.get("accountEnabled") is True for u in users], dtype=bool)
     return pd.DataFrame(data, columns=USER_COLUMNS)
+
+
+_USER_KEYS = frozenset(USER_COLUMNS)
+_REMOVED = object()  # a membership's last change was its removal
+
+
+def _changes(full: bool, users: list[dict], groups: list[dict], links: DeltaLinks, tenant: dict) -> GraphChanges:
+    """Net one round of delta items: the last word on each object and membership wins, so a
+    replayed change, or a big group spread over several pages, comes out once."""
+    changed_users, removed_users = _net_users(users)
+    changed_groups, removed_groups, edges = _net_groups(groups)
+    gone = set(removed_groups)
+    return GraphChanges(
+        full=full,
+        users=changed_users,
+        removed_users=removed_users,
+        groups=changed_groups,
+        removed_groups=removed_groups,
+        added_edges=[(g, m, t) for (g, m), t in edges.items() if t is not _REMOVED and g not in gone],
+        removed_edges=[(g, m) for (g, m), t in edges.items() if t is _REMOVED and g not in gone],
+        links=links,
+        **tenant,
+    )
+
+
+def _net_users(items: list[dict]) -> tuple[list[dict], list[str]]:
+    changed: dict[str, dict] = {}
+    removed: dict[str, None] = {}  # an ordered set
+    for item in items:
+        user_id = item["id"]
+        if "@removed" in item:  # deleted ("deleted") or soft-deleted ("changed"): gone either way
+            changed.pop(user_id, None)
+            removed[user_id] = None
+        else:
+            removed.pop(user_id, None)
+            record = changed.setdefault(user_id, {"id": user_id})
+            record.update((key, value) for key, value in item.items() if key in _USER_KEYS)
+    return list(changed.values()), list(removed)
+
+
+def _net_groups(items: list[dict]) -> tuple[list[dict], list[str], dict[tuple[str, str], object]]:
+    changed: dict[str, dict] = {}
+    removed: dict[str, None] = {}
+    edges: dict[tuple[str, str], object] = {}  # (group, member) -> member type, or _REMOVED
+    for item in items:
+        group_id = item["id"]
+        if "@removed" in item:
+            changed.pop(group_id, None)
+            removed[group_id] = None
+            continue
+        removed.pop(group_id, None)
+        record = changed.setdefault(group_id, {"id": group_id})
+        if "displayName" in item:
+            record["displayName"] = item["displayName"]
+        for member in item.get("members@delta") or ():
+            key = (group_id, member["id"])
+            edges.pop(key, None)  # re-insert: the order of the last change
+            edges[key] = _REMOVED if "@removed" in member else (member.get("@odata.type", "").removeprefix(ODATA_PREFIX) or None)
+    return list(changed.values()), list(removed), edges
 
 
 def _graph_error(response: requests.Response) -> tuple[str | None, str]:

@@ -1,9 +1,9 @@
 """Apply a plan to Atlassian through the SCIM client, recording each write as it succeeds.
 
-Safe to re-run at any point: every change is checked against the state store
-first and skipped when already applied; a create whose earlier attempt reached
-Atlassian but not the store answers 409 and is adopted (looked up by userName or
-displayName), so nothing is ever duplicated.
+Safe to re-run at any point: a retried load (same flow run) skips what the audit
+shows this run already wrote; a create whose earlier attempt reached Atlassian but
+not the store answers 409 and is adopted (looked up by userName or displayName),
+so nothing is ever duplicated.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from guardsync.scim import ScimClient
 from guardsync.state import StateStore
 
 log = logging.getLogger("guardsync.load")
+# Audit operations that mean "this object is done for this run" (a retried load skips it).
+USER_OPERATIONS = ("create", "recreate", "update", "deactivate", "reactivate", "adopt")
+GROUP_OPERATIONS = ("create", "adopt", "rename", "delete")
 T = TypeVar("T")
 
 
@@ -87,7 +90,8 @@ class Loader:
     # -- users -----------------------------------------------------------------------
     def load_users(self, changes: Iterable[UserChange]) -> None:
         applied = self.store.load().users
-        pending = [c for c in changes if not (c.user.external_id in applied and applied[c.user.external_id].record == c.user)]
+        done = self.store.done_in_run(self.run_id, USER_OPERATIONS)
+        pending = [c for c in changes if c.user.external_id not in done]
         self._each("users", pending, lambda c: self._apply_user(c, applied), lambda c: c.user.user_name)
 
     def _apply_user(self, change: UserChange, applied) -> None:
@@ -121,7 +125,8 @@ class Loader:
     def load_groups(self, changes: Iterable[GroupChange], desired: dict[str, DesiredGroup]) -> None:
         """Create, rename and delete groups; renamed and adopted groups get their members here, new ones in load_members."""
         applied = self.store.load()
-        pending = [c for c in changes if not _group_done(c, applied)]
+        done = self.store.done_in_run(self.run_id, GROUP_OPERATIONS)
+        pending = [c for c in changes if c.group_id not in done]
         self._each("groups", pending, lambda c: self._apply_group(c, applied, desired), lambda c: c.display_name)
 
     def _apply_group(self, change: GroupChange, applied, desired: dict[str, DesiredGroup]) -> None:
@@ -175,17 +180,24 @@ class Loader:
     # -- memberships -------------------------------------------------------------------
     def load_members(self, changes: Iterable[MemberChange]) -> None:
         applied = self.store.load()
+        done = self.store.done_in_run(self.run_id, ("members", "rename", "adopt"))  # renamed/adopted: members set there
         work = []
         for change in changes:
             group = applied.groups.get(change.group_id)
-            if group is None:
-                continue  # its create failed (reported there) or it was renamed (members moved with it)
-            current = applied.members.get(change.group_id, frozenset())
-            add = [u for u in change.add if u not in current]
-            remove = [u for u in change.remove if u in current]
-            if add or remove:
-                work.append((change.group_id, group.scim_id, add, remove))
+            if group is None or change.group_id in done:
+                continue  # its create failed (reported there), or this run already set its members
+            work.append((change.group_id, group.scim_id, list(change.add), list(change.remove)))
         self._each("members", work, lambda w: self._patch(*w, scim_ids=applied), lambda w: w[0])
+
+    def remove_foreign_members(self, foreign: dict[str, list[str]]) -> None:
+        """Remove people added by hand to managed groups (found by the drift read)."""
+        groups = self.store.load().groups
+        for group_id, scim_ids in foreign.items():
+            if group_id in groups:
+                self.scim.patch_members(groups[group_id].scim_id, [], scim_ids)
+                self.store.note(self.run_id, "remove_foreign", "group", group_id, groups[group_id].display_name,
+                                f"removed {len(scim_ids)} members added by hand: {', '.join(scim_ids[:20])}")
+                self.report.count("members_removed", len(scim_ids))
 
     def _patch(self, group_id: str, group_scim_id: str, add: list[str], remove: list[str], scim_ids) -> None:
         users = scim_ids.users
@@ -195,13 +207,6 @@ class Loader:
         self.store.save_members(self.run_id, group_id, add, remove)
         self.report.count("members_added", len(add))
         self.report.count("members_removed", len(remove))
-
-
-def _group_done(change: GroupChange, applied) -> bool:
-    before = applied.groups.get(change.group_id)
-    if change.kind == "delete":
-        return before is None
-    return before is not None and before.display_name == change.display_name
 
 
 def _past(kind: str) -> str:

@@ -8,9 +8,11 @@ audit row, the moment it succeeds: a run killed at any point resumes from here.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import threading
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import (
     Boolean,
@@ -25,13 +27,14 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    or_,
     select,
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from guardsync.errors import ConfigError, GuardsyncBlocked
+from guardsync.errors import ConfigError, GuardsyncBlocked, GuardsyncError
 from guardsync.models import DesiredUser
 from guardsync.plan import AppliedGroup, AppliedState, AppliedUser
 
@@ -82,6 +85,22 @@ audit = Table(
     Column("outcome", String(16), nullable=False),
     Column("detail", Text),
 )
+
+
+locks = Table(
+    "locks", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(255), nullable=False),  # host:pid of the process holding it
+    Column("run_id", String(64), nullable=False),
+    Column("acquired_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+LOCK_LEASE = timedelta(hours=2)  # a holder on another host that vanished frees the directory after this
+
+
+class DirectoryBusy(GuardsyncError):
+    """Another run is syncing this directory right now."""
 
 
 def now() -> datetime:
@@ -184,6 +203,17 @@ class StateStore:
             detail = json.dumps({"added": added, "removed": removed})
             self._audit(conn, run_id, "members", "group", group_id, None, "ok", detail)
 
+    def done_in_run(self, run_id: str, operations: tuple[str, ...]) -> set[str]:
+        """Objects this run already wrote with one of `operations`: a retried load skips them."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(audit.c.object_id).where(
+                audit.c.run_id == run_id, audit.c.outcome == "ok", audit.c.operation.in_(operations)))
+            return {row.object_id for row in rows}
+
+    def note(self, run_id: str, operation: str, object_type: str, object_id: str, name: str | None, detail: str) -> None:
+        with self._lock, self.engine.begin() as conn:
+            self._audit(conn, run_id, operation, object_type, object_id, name, "ok", detail)
+
     def record_failure(self, run_id: str, operation: str, object_type: str, object_id: str, name: str | None, detail: str) -> None:
         with self._lock, self.engine.begin() as conn:
             self._audit(conn, run_id, operation, object_type, object_id, name, "failed", detail)
@@ -196,6 +226,48 @@ class StateStore:
                 object_id=object_id, object_name=name, outcome=outcome, detail=detail,
             )
         )
+
+    # -- one run at a time per directory ---------------------------------------------------
+    def acquire_lock(self, run_id: str, lease: timedelta = LOCK_LEASE) -> None:
+        """Take the directory lock, or raise DirectoryBusy naming the run that holds it.
+
+        A lock is taken over when it is this same run (a Prefect retry), when its holder was a
+        process on this host that no longer exists (killed), or when its lease has expired.
+        """
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        row = dict(name="directory", holder=me, run_id=run_id, acquired_at=now(), expires_at=now() + lease)
+        held = None
+        with self._lock:
+            for _attempt in range(2):
+                try:
+                    with self.engine.begin() as conn:
+                        conn.execute(insert(locks).values(**row))
+                    return
+                except IntegrityError:
+                    pass
+                with self.engine.begin() as conn:
+                    held = conn.execute(select(locks).where(locks.c.name == "directory")).one_or_none()
+                    if held is None:
+                        continue  # released meanwhile: try again
+                    if not _lock_is_free(held, run_id):
+                        break
+                    # compare-and-swap: only one of two racing takers wins
+                    swapped = conn.execute(
+                        update(locks)
+                        .where(locks.c.name == "directory", locks.c.holder == held.holder, locks.c.run_id == held.run_id)
+                        .values(**row)
+                    ).rowcount
+                    if swapped == 1:
+                        return
+        since = f", since {held.acquired_at:%Y-%m-%d %H:%M:%S} UTC" if held else ""
+        raise DirectoryBusy(
+            f"another run ({held.run_id if held else 'unknown'}, process {held.holder if held else '?'}{since}) is "
+            f"syncing this directory; wait for it to finish (runs of one directory never interleave)"
+        )
+
+    def release_lock(self, run_id: str) -> None:
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(delete(locks).where(locks.c.name == "directory", locks.c.run_id == run_id))
 
     # -- runs and history -------------------------------------------------------------
     def start_run(self, run_id: str, mode: str) -> None:
@@ -223,9 +295,10 @@ class StateStore:
             for row in conn.execute(select(users.c.external_id, users.c.record)):
                 if json.loads(row.record)["user_name"].casefold() == needle.casefold():
                     ids.add(row.external_id)
+            mentioned = [audit.c.detail.contains(user_id) for user_id in ids if len(user_id) >= 8]  # membership changes
             query = (
                 select(audit)
-                .where((audit.c.object_id.in_(ids)) | (audit.c.object_name.ilike(needle)))
+                .where(or_(audit.c.object_id.in_(ids), audit.c.object_name.ilike(needle), *mentioned))
                 .order_by(audit.c.id)
                 .limit(limit)
             )
@@ -233,6 +306,26 @@ class StateStore:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _lock_is_free(held, run_id: str) -> bool:
+    if held.run_id == run_id:
+        return True
+    expires = held.expires_at if held.expires_at.tzinfo else held.expires_at.replace(tzinfo=timezone.utc)
+    if expires < now():
+        return True
+    host, _, pid = held.holder.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _safe_url(url: str) -> str:

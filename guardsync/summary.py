@@ -25,6 +25,7 @@ class RunSummary:
     failures: list[str] = field(default_factory=list)
     new_groups: list[str] = field(default_factory=list)  # need product access in Atlassian administration
     renamed_groups: list[str] = field(default_factory=list)
+    drift: list[str] = field(default_factory=list)  # managed objects changed by hand in Atlassian, restored
     requests: dict[str, int] = field(default_factory=dict)
     message: str = ""
 
@@ -55,6 +56,8 @@ class RunSummary:
             )
         if self.renamed_groups:
             out.append(f"  renamed groups were re-created: grant product access again to {', '.join(self.renamed_groups[:20])}")
+        if self.drift:
+            out.append("  restored after changes by hand in Atlassian: " + "; ".join(self.drift))
         if self.failures:
             out.append(f"  failed writes: {len(self.failures)}")
             out.extend(f"    {line}" for line in self.failures[:20])

@@ -2,12 +2,24 @@
 
 Each write is recorded in the state store as it succeeds, so a retry of a failed
 load (same flow run, the earlier stages cached) skips what is done and finishes the rest.
+
+Every directory on one SCIM API shares that API's rate limit, so a load holds slots of
+a Prefect global concurrency limit named after the API host (`scim-api.atlassian.com`),
+one slot per write thread: parallel runs on several workers together stay under it.
+The limit is optional: when nobody created it, the load runs unthrottled.
 """
 
 from __future__ import annotations
 
-from prefect import task
+from contextlib import contextmanager
+from typing import Iterator
+from urllib.parse import urlsplit
+
+from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
 
 from guardsync.load import Loader, LoadReport
 from guardsync.models import DesiredGroup
@@ -16,6 +28,51 @@ from tasks.common import PER_RUN, transient_only
 
 LOAD_OPTIONS = dict(cache_policy=PER_RUN, persist_result=True, retries=2, retry_delay_seconds=30,
                     retry_condition_fn=transient_only)
+
+
+def scim_limit_name(scim_url: str) -> str:
+    """The global concurrency limit of a SCIM API: 'scim-api.atlassian.com' for every Atlassian directory."""
+    return "scim-" + (urlsplit(scim_url).hostname or "unknown").lower()
+
+
+def _configured_limit(name: str) -> int | None:
+    """The size of the active global concurrency limit `name`, or None when there is none to honour."""
+    logger = get_run_logger()
+    try:
+        with get_client(sync_client=True) as client:
+            found = client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        logger.info("no global concurrency limit %r: SCIM writes are not throttled across runs "
+                    "(create it with `prefect gcl create %s --limit N`)", name, name)
+        return None
+    except Exception as exc:  # the Prefect API hiccuped: the SCIM client's own 429 handling still protects the API
+        logger.warning("could not read global concurrency limit %r (%s); loading without it", name, type(exc).__name__)
+        return None
+    return found.limit if found.active else None
+
+
+@contextmanager
+def scim_write_slots(loader: Loader, changes: int) -> Iterator[None]:
+    """Hold one slot of the SCIM API's global concurrency limit per write thread while a stage loads.
+
+    No changes, no limit (or an inactive one): nothing is held and nothing waits. A limit smaller
+    than write_concurrency lowers this stage's threads to the limit, so occupy never exceeds it.
+    """
+    name = scim_limit_name(loader.scim.scim_url)
+    limit = _configured_limit(name) if changes else None
+    if limit is None:
+        yield
+        return
+    threads = loader.concurrency
+    occupy = max(1, min(threads, limit))
+    loader.concurrency = occupy
+    try:
+        # strict=False: should the limit vanish meanwhile, Prefect logs it and lets the load go on.
+        with concurrency(name, occupy=occupy, strict=False):
+            get_run_logger().info("holding %d of the %d slots of %s", occupy, limit, name)
+            yield
+    finally:
+        loader.concurrency = threads
 
 
 def _start(loader: Loader, stage: str) -> None:
@@ -32,20 +89,25 @@ def _result(loader: Loader) -> dict:
 @task(name="load-users", **LOAD_OPTIONS)
 def load_users(loader: Loader, plan: Plan) -> dict:
     _start(loader, "users")
-    loader.load_users(plan.users)
+    with scim_write_slots(loader, len(plan.users)):
+        loader.load_users(plan.users)
     return _result(loader)
 
 
 @task(name="load-groups", **LOAD_OPTIONS)
 def load_groups(loader: Loader, plan: Plan, desired: dict[str, DesiredGroup]) -> dict:
     _start(loader, "groups")
-    loader.load_groups(plan.groups, desired)
+    with scim_write_slots(loader, len(plan.groups)):
+        loader.load_groups(plan.groups, desired)
     return _result(loader)
 
 
 @task(name="load-memberships", **LOAD_OPTIONS)
-def load_memberships(loader: Loader, plan: Plan) -> dict:
+def load_memberships(loader: Loader, plan: Plan, foreign: dict[str, list[str]] | None = None) -> dict:
+    """Members to add and remove, and (full runs) people added by hand to managed groups, taken out."""
     _start(loader, "memberships")
-    loader.load_members(plan.members)
+    with scim_write_slots(loader, len(plan.members) + len(foreign or {})):
+        if foreign:
+            loader.remove_foreign_members(foreign)
+        loader.load_members(plan.members)
     return _result(loader)
-

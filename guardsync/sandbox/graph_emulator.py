@@ -8,6 +8,11 @@ with Graph's error bodies. One host serves both, so `authority_host` and
 
 Paging is cheap at any size: the first page of a listing takes a snapshot (a list of
 references) and the opaque $skiptoken is that snapshot's id and an offset into it.
+
+Delta queries (/users/delta, /groups/delta) read the Tenant's change log: a deltaLink
+holds the sequence number it was issued at, so a round with few changes costs what
+changed, not the tenant's size; `expire_delta_links()` makes every older link answer
+as Graph does for an expired token. See the "delta" section of GraphEmulator.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ class GraphEmulator(SandboxServer):
             Rule("/<tenant>/oauth2/v2.0/token", endpoint="token", methods=["POST"]),
             Rule("/v1.0/users", endpoint="users", methods=["GET"]),
             Rule("/v1.0/groups", endpoint="groups", methods=["GET"]),
+            Rule("/v1.0/users/delta", endpoint="users_delta", methods=["GET"]),
+            Rule("/v1.0/groups/delta", endpoint="groups_delta", methods=["GET"]),
             Rule("/v1.0/groups/<id>/members", endpoint="members", methods=["GET"]),
             Rule("/v1.0/groups/<id>/transitiveMembers", endpoint="transitive_members", methods=["GET"]),
             Rule("/v1.0/domains", endpoint="domains", methods=["GET"]),
@@ -81,10 +88,19 @@ class GraphEmulator(SandboxServer):
         self.tenant = tenant
         self.expires_in = 3599  # what token answers announce
         self.token_lifetime: float | None = None  # how long tokens really work; None = expires_in
+        # Application permissions admin-consented to the app: the `roles` claim of issued tokens (remove one to test).
+        self.granted_roles = ["User.Read.All", "GroupMember.Read.All", "Domain.Read.All", "Organization.Read.All"]
+        self._token_key = secrets.token_bytes(32)  # signs tokens (HS256); clients never verify them, Graph here does not either
         self.rejected_tokens = 0  # Graph calls refused for a missing, unknown or expired token
         self._tokens: dict[str, float] = {}  # access token -> monotonic expiry
         self._snapshots: OrderedDict[str, list] = OrderedDict()
         self._snapshot_ids = itertools.count(1)
+        self.delta_page_objects = self.DELTA_PAGE_OBJECTS  # delta page caps; tests lower them to force paging
+        self.delta_page_links = self.DELTA_PAGE_LINKS
+        self._delta_rounds: OrderedDict[str, dict] = OrderedDict()  # delta rounds with pages still to serve
+        self._delta_round_ids = itertools.count(1)
+        self._delta_generation = 0  # links from an older generation are expired (expire_delta_links)
+        self._delta_expiry = (410, "syncStateNotFound")  # what an expired delta link answers
         self._state_lock = threading.Lock()
 
     @property
@@ -160,8 +176,18 @@ class GraphEmulator(SandboxServer):
         self._check_client_credential(request)
         if not form.get("scope", "").endswith("/.default"):
             raise LoginFailure(400, "invalid_scope", 1002012, "The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier.")
-        token = secrets.token_urlsafe(32)
         lifetime = self.token_lifetime if self.token_lifetime is not None else self.expires_in
+        issued = int(time.time())
+        token = jwt.encode(  # shaped like an Entra v1 app token for Graph; `uti` makes each one unique
+            {
+                "aud": self.graph_url, "iss": f"https://sts.windows.net/{self.tenant.tenant_id}/",
+                "iat": issued, "nbf": issued, "exp": issued + max(1, round(lifetime)),
+                "appid": self.tenant.client_id, "idtyp": "app", "oid": self.tenant.client_id,
+                "sub": self.tenant.client_id, "tid": self.tenant.tenant_id, "roles": list(self.granted_roles),
+                "uti": secrets.token_urlsafe(16), "ver": "1.0",
+            },
+            self._token_key, algorithm="HS256",
+        )
         with self._state_lock:
             now = time.monotonic()
             self._tokens = {t: exp for t, exp in self._tokens.items() if exp > now}  # forget the dead
@@ -322,6 +348,194 @@ class GraphEmulator(SandboxServer):
                 if d["isVerified"]
             ],
         }
+
+    # -- delta ---------------------------------------------------------------------
+    # /users/delta and /groups/delta as Graph serves them. The initial round returns every
+    # object (groups with their members in members@delta); a deltaLink carries the Tenant's
+    # change-log sequence number it was issued at, and following it returns exactly the
+    # objects changed since: users as they are now (a property never set is left out, one
+    # written in the window is there even if null), @removed for deleted ones; groups with
+    # the members added since, and removed ones with "@removed": {"reason": "deleted"}.
+    # Page size: Graph ignores $top on user and group delta (it is "not supported"), and so
+    # does this; the page size is asked for with `Prefer: odata.maxpagesize=N` (answered
+    # with Preference-Applied), capped at 200 objects and 500 member entries a page
+    # (learn.microsoft.com/en-us/answers/a/2052165). A group with more members than the
+    # page has room for continues on the next page, repeated with the rest of its members.
+    DELTA_PAGE_OBJECTS = 200
+    DELTA_PAGE_LINKS = 500
+    DELTA_ROUNDS_KEPT = 64
+    DELTA_OPTIONS = {"$select", "$deltatoken", "$skiptoken", "$top"}
+    GROUP_DELTA_KEYS = ("id", "displayName", "members")
+    EXPIRED_DELTA_MESSAGE = "The sync state generation is not found. The delta token is expired and data must be synchronized again."
+
+    def expire_delta_links(self, status: int = 410, code: str = "syncStateNotFound") -> None:
+        """Expire every deltaLink and nextLink issued so far: they answer `status` with error `code`
+        (Graph: 410 Gone on a sync reset, or syncStateNotFound / resyncRequired for an expired token)."""
+        with self._state_lock:
+            self._delta_generation += 1
+            self._delta_expiry = (status, code)
+            self._delta_rounds.clear()
+
+    def _on_users_delta(self, request: Request) -> Response:
+        self._authenticate(request)
+        return self._delta(request, "user")
+
+    def _on_groups_delta(self, request: Request) -> Response:
+        self._authenticate(request)
+        return self._delta(request, "group")
+
+    def _delta(self, request: Request, kind: str) -> Response:
+        args = request.args
+        unsupported = set(args) - self.DELTA_OPTIONS
+        if unsupported:
+            raise GraphFailure(400, "Request_UnsupportedQuery", f"Unsupported query option(s): {', '.join(sorted(unsupported))}.")
+        objects, links, asked = self._delta_page_size(request)
+        if "$skiptoken" in args:
+            state = self._delta_state(args["$skiptoken"])
+            with self._state_lock:
+                round_ = self._delta_rounds.get(state.get("round"))
+            if round_ is None or state.get("gen") != self._delta_generation:
+                return self._delta_expired(request)
+            position = tuple(state["at"])
+        elif "$deltatoken" in args:
+            if args["$deltatoken"] == "latest":  # "sync from now": no data, a deltaLink at the latest change
+                keys, default = (USER_KEYS, DEFAULT_USER_SELECT) if kind == "user" else (self.GROUP_DELTA_KEYS, self.GROUP_DELTA_KEYS)
+                select = _selection(args.get("$select"), keys, default, kind)
+                with self.tenant.lock:
+                    round_ = {"kind": kind, "select": select, "sequence": self.tenant.sequence, "items": []}
+            else:
+                state = self._delta_state(args["$deltatoken"])
+                if state.get("gen") != self._delta_generation or not 0 <= state.get("seq", -1) <= self.tenant.sequence:
+                    return self._delta_expired(request)
+                round_ = self._delta_round(kind, tuple(state["select"]), since=state["seq"])
+            position = (0, 0)
+        else:
+            keys, default = (USER_KEYS, DEFAULT_USER_SELECT) if kind == "user" else (self.GROUP_DELTA_KEYS, self.GROUP_DELTA_KEYS)
+            round_ = self._delta_round(kind, _selection(args.get("$select"), keys, default, kind), since=None)
+            position = (0, 0)
+
+        if kind == "user":
+            offset = position[0]
+            page = [self._delta_user(item, round_["select"]) for item in round_["items"][offset : offset + objects]]
+            position = (offset + objects, 0)
+            done = position[0] >= len(round_["items"])
+        else:
+            page, position, done = self._delta_group_page(round_, position, objects, links)
+        body = {"@odata.context": f"{self.graph_url}/v1.0/$metadata#{kind}s", "value": page}
+        if done:
+            token = {"gen": self._delta_generation, "seq": round_["sequence"], "select": list(round_["select"])}
+            body["@odata.deltaLink"] = f"{self.graph_url}{request.path}?$deltatoken={_b64url(json.dumps(token).encode())}"
+        else:
+            round_id = round_.get("id") or self._keep_delta_round(round_)
+            token = {"gen": self._delta_generation, "round": round_id, "at": list(position)}
+            body["@odata.nextLink"] = f"{self.graph_url}{request.path}?$skiptoken={_b64url(json.dumps(token).encode())}"
+        headers = {"Preference-Applied": f"odata.maxpagesize={min(asked, objects)}"} if asked else None
+        return _json(body, headers=headers)
+
+    def _delta_round(self, kind: str, select: tuple[str, ...], since: int | None) -> dict:
+        """What one round serves, taken under the tenant lock with the sequence number it reflects.
+        Initial round: every object (O(tenant), once). Later rounds: O(changes since)."""
+        tenant = self.tenant
+        with tenant.lock:
+            sequence = tenant.sequence
+            if since is None and kind == "user":
+                items = list(tenant.users.values())
+            elif since is None:
+                items = [(gid, group, list(tenant.members.get(gid, ()))) for gid, group in tenant.groups.items()]
+            else:
+                users, groups = tenant.changes_since(since)
+                if kind == "user":
+                    items = [(uid, tenant.users.get(uid), written) for uid, written in users.items()]
+                else:
+                    items = [
+                        (gid, tenant.groups.get(gid), [(mid, kind_, added) for mid, (kind_, added) in changes.items()])
+                        for gid, changes in groups.items()
+                    ]
+        return {"kind": kind, "select": select, "sequence": sequence, "items": items}
+
+    @staticmethod
+    def _delta_user(item, select) -> dict:
+        """A user dict (initial round) or (id, user or None, properties written since)."""
+        if isinstance(item, dict):
+            user, written = item, ()
+        else:
+            user_id, user, written = item
+            if user is None:
+                return {"id": user_id, "@removed": {"reason": "deleted"}}
+        entry = {"id": user["id"]}
+        entry.update((key, user[key]) for key in select if key != "id" and (user.get(key) is not None or key in written))
+        return entry
+
+    def _delta_group_page(self, round_: dict, position: tuple[int, int], objects: int, links: int):
+        """Up to `objects` group entries and `links` member entries; a big group is split over pages."""
+        items, with_members = round_["items"], "members" in round_["select"]
+        index, offset = position
+        page, used = [], 0
+        while index < len(items) and len(page) < objects:
+            group_id, group, members = items[index]
+            if group is None:
+                page.append({"id": group_id, "@removed": {"reason": "deleted"}})
+                index, offset = index + 1, 0
+                continue
+            entry = {"id": group_id}
+            entry.update((key, group[key]) for key in round_["select"] if key in ("displayName",) and group.get(key) is not None)
+            if with_members and offset < len(members):
+                room = links - used
+                if room <= 0:
+                    break  # its members start on the next page
+                part = members[offset : offset + room]
+                entry["members@delta"] = [m for m in map(self._delta_member, part) if m is not None]
+                used, offset = used + len(part), offset + len(part)
+                page.append(entry)
+                if offset < len(members):
+                    break  # the rest of this group's members on the next page
+            else:
+                page.append(entry)
+            index, offset = index + 1, 0
+        return page, (index, offset), index >= len(items)
+
+    def _delta_member(self, member) -> dict | None:
+        """A member id (initial round) or (id, type, added?) from the change log."""
+        if isinstance(member, tuple):
+            member_id, kind, added = member
+            entry = {"@odata.type": ODATA_PREFIX + (kind or "directoryObject"), "id": member_id}
+            if not added:
+                entry["@removed"] = {"reason": "deleted"}
+            return entry
+        kind = self.tenant.type_of(member)
+        return None if kind is None else {"@odata.type": ODATA_PREFIX + kind, "id": member}  # None: gone since
+
+    def _delta_page_size(self, request: Request) -> tuple[int, int, int | None]:
+        match = re.search(r"odata\.maxpagesize\s*=\s*(\d+)", request.headers.get("Prefer", ""), flags=re.I)
+        if not match:
+            return self.delta_page_objects, self.delta_page_links, None
+        asked = max(1, int(match[1]))
+        return min(asked, self.delta_page_objects), min(asked, self.delta_page_links), asked
+
+    def _keep_delta_round(self, round_: dict) -> str:
+        with self._state_lock:
+            round_id = round_["id"] = str(next(self._delta_round_ids))
+            self._delta_rounds[round_id] = round_
+            while len(self._delta_rounds) > self.DELTA_ROUNDS_KEPT:
+                self._delta_rounds.popitem(last=False)
+        return round_id
+
+    @staticmethod
+    def _delta_state(token: str) -> dict:
+        try:
+            state = json.loads(base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode()))
+            if isinstance(state, dict):
+                return state
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            pass
+        raise GraphFailure(400, "Request_BadRequest", "The delta token or skip token is not valid.")
+
+    def _delta_expired(self, request: Request) -> Response:
+        status, code = self._delta_expiry
+        response = _graph_error(GraphFailure(status, code, self.EXPIRED_DELTA_MESSAGE))
+        if status == 410:  # a sync reset names the initial query to start again from
+            response.headers["Location"] = f"{self.graph_url}{request.path}"
+        return response
 
     # -- paging ------------------------------------------------------------------
     def _keep(self, objects: list) -> str:

@@ -1,14 +1,22 @@
 """The HTTPS plumbing both sandbox servers share: TLS, threads, counting, faults, latency.
 
-A server here is a WSGI app served by werkzeug on 127.0.0.1 with a certificate
+A server here is a WSGI app served by cheroot on 127.0.0.1 with a certificate
 signed by a CA made at start (trustme), so clients verify TLS exactly as in
 production: they are pointed at `ca_file` (REQUESTS_CA_BUNDLE), never told to skip.
+
+cheroot rather than werkzeug's development server: werkzeug answers every request
+with `Connection: close`, so each request paid a TLS handshake (~5 ms of CPU on each
+side) and the sandbox, not guardsync, set the pace of a benchmark. cheroot keeps
+connections alive (one handshake per client connection, as with the real APIs),
+serves them from a pool of threads, and parks idle connections in a selector.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -18,10 +26,16 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import trustme
-import socket
-
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from cheroot import wsgi
+from cheroot.ssl.builtin import BuiltinSSLAdapter
 from werkzeug.wrappers import Request, Response
+
+log = logging.getLogger(__name__)
+
+WORKER_THREADS = 48  # requests served at once (each may sleep `latency`); more wait in a queue
+KEEP_ALIVE_CONNECTIONS = 256  # idle connections kept open (cheroot's default of 10 is too few)
+IDLE_TIMEOUT = 30  # seconds a connection may sit idle (or a request dribble in) before it is closed
+SOCKET_KEY = "guardsync.sandbox.socket"  # environ key: the client's socket, for the `reset` fault
 
 
 class SandboxCA:
@@ -34,6 +48,9 @@ class SandboxCA:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.ca_file = self.directory / "sandbox-ca.pem"
         self.ca.cert_pem.write_to_path(str(self.ca_file))
+        # The server's key and chain, for servers that load them from files (cheroot does).
+        self.server_pem = self.directory / "sandbox-server.pem"
+        self.cert.private_key_and_cert_chain_pem.write_to_path(str(self.server_pem))
 
     def server_context(self):
         import ssl
@@ -66,12 +83,21 @@ class Fault:
         return (self.method in ("*", request.method)) and re.search(self.path_re, request.full_path) is not None
 
 
-class _Handler(WSGIRequestHandler):
-    """Keep-alive (one TLS handshake per client connection, as with the real APIs) and no Nagle
-    delay: werkzeug writes headers and body apart, and Nagle would hold the body ~10 ms."""
+class _Gateway(wsgi.Gateway_10):
+    """WSGI 1.0, plus the client's socket in the environ (the `reset` fault shuts it down)."""
 
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
+    def get_environ(self):
+        environ = super().get_environ()
+        environ[SOCKET_KEY] = self.req.conn.socket
+        return environ
+
+
+class _Server(wsgi.Server):
+    keep_alive_conn_limit = KEEP_ALIVE_CONNECTIONS
+
+    def error_log(self, msg="", level=logging.INFO, traceback=False):
+        # cheroot writes to stderr; the sandbox's noise (a client that hung up) belongs in a debug log.
+        log.debug("sandbox server: %s", msg, exc_info=traceback)
 
 
 class SandboxServer:
@@ -84,28 +110,33 @@ class SandboxServer:
         self.requests: Counter[str] = Counter()  # "METHOD /path-pattern" -> count
         self.faults: list[Fault] = []
         self._lock = threading.Lock()
-        self._server: BaseWSGIServer | None = None
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> "SandboxServer":
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log on the operator's terminal
-        self._server = make_server(
-            "127.0.0.1", 0, self._wsgi, threaded=True, request_handler=_Handler,
-            ssl_context=self.ca.server_context(),
-        )
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        server = _Server(("127.0.0.1", 0), self._wsgi, numthreads=WORKER_THREADS, timeout=IDLE_TIMEOUT,
+                         shutdown_timeout=2, request_queue_size=128)
+        server.gateway = _Gateway
+        server.ssl_adapter = BuiltinSSLAdapter(str(self.ca.server_pem), str(self.ca.server_pem))
+        server.ssl_adapter.context = self.ca.server_context()
+        server.prepare()  # binds: the port is known from here on
+        self._server = server
+        self._thread = threading.Thread(target=server.serve, name=f"sandbox-{type(self).__name__}", daemon=True)
+        self._thread.start()
         return self
 
     def stop(self) -> None:
         if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+            self._server.stop()
+            if self._thread:
+                self._thread.join(timeout=5)
+            self._server, self._thread = None, None
 
     @property
     def base_url(self) -> str:
         assert self._server, "server not started"
-        return f"https://127.0.0.1:{self._server.server_port}"
+        return f"https://127.0.0.1:{self._server.bind_addr[1]}"
 
     # -- faults and counts ---------------------------------------------------
     def inject(self, fault: Fault) -> Fault:
@@ -151,9 +182,13 @@ class SandboxServer:
         if fault.delay:
             time.sleep(fault.delay)
         if fault.reset:  # drop the connection under the client's feet
-            connection = environ.get("werkzeug.socket")
+            connection = environ.get(SOCKET_KEY)
             if connection is not None:
-                connection.shutdown(socket.SHUT_RDWR)
-            raise ConnectionResetError("sandbox fault: connection reset")
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            # An errno cheroot recognises: it closes the connection without a word.
+            raise ConnectionResetError(errno.ECONNRESET, "sandbox fault: connection reset")
         response = Response(fault.body, status=fault.status, headers=fault.headers, content_type="application/json")
         return response(environ, start_response)

@@ -6,6 +6,14 @@ them as they are and a tenant of 100,000 users stays cheap.
 
 Mutators replace a user's dict rather than editing it, so a page the emulator
 already snapshotted keeps showing what it showed.
+
+Every mutator also appends to `changes`, the tenant's change log: entry n (0-based)
+has sequence number n + 1, and `sequence` is the number of the latest. The Graph
+emulator's delta links carry the sequence number they were issued at, and
+`changes_since(n)` reads only the entries after it (a list slice: no scan of the
+tenant), so a delta round with few changes stays cheap at any tenant size.
+Generation writes the dicts directly and logs nothing: a tenant starts with an empty
+log, and the first delta round reads its whole state anyway.
 """
 
 from __future__ import annotations
@@ -28,6 +36,10 @@ USER_KEYS = (
     "userType",
 )
 OTHER_TYPES = ("device", "servicePrincipal", "orgContact")
+# Kinds of change-log entries: (kind, object id, detail).
+USER_CHANGED = "user"  # detail: the user properties written (a new user: those with a value); deletion: ()
+GROUP_CHANGED = "group"  # detail: None (created, renamed or deleted: the current state tells which)
+MEMBER_CHANGED = "member"  # object id: the group; detail: (member id, member type, True added / False removed)
 UNVERIFIED_DOMAIN = "partner.example"  # users carry it, the tenant never verified it
 
 FIRST_NAMES = (
@@ -112,6 +124,7 @@ class Tenant:
     client_id: str = ""
     client_secret: str = ""
     certificate_pem: bytes | None = None
+    changes: list[tuple] = field(default_factory=list, repr=False, compare=False)  # the change log, oldest first
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     rng: random.Random = field(default_factory=lambda: random.Random(0), repr=False, compare=False)
 
@@ -127,6 +140,34 @@ class Tenant:
         if object_id in self.groups:
             return "group"
         return self.others.get(object_id)
+
+    @property
+    def sequence(self) -> int:
+        """Sequence number of the latest change (0: none yet)."""
+        return len(self.changes)
+
+    def changes_since(self, sequence: int) -> tuple[dict[str, set[str]], dict[str, dict[str, tuple[str, bool]]]]:
+        """What changed after `sequence`, in first-change order: O(changes since), never O(tenant).
+
+        Returns (users, groups): users maps a user id to the properties written to it
+        (empty for a deletion: the current state tells whether it still exists); groups
+        maps a group id to its membership changes, member id -> (member type, added?),
+        the last change of each member winning (a rename or deletion maps to {} unless
+        members changed too). Hold `lock` while calling it and reading the state after.
+        """
+        if not 0 <= sequence <= len(self.changes):
+            raise ValueError(f"sequence {sequence} is not in 0..{len(self.changes)}")
+        users: dict[str, set[str]] = {}
+        groups: dict[str, dict[str, tuple[str, bool]]] = {}
+        for kind, object_id, detail in self.changes[sequence:]:
+            if kind == USER_CHANGED:
+                users.setdefault(object_id, set()).update(detail)
+            elif kind == GROUP_CHANGED:
+                groups.setdefault(object_id, {})
+            else:
+                member_id, member_type, added = detail
+                groups.setdefault(object_id, {})[member_id] = (member_type, added)
+        return users, groups
 
     def knows_tenant(self, name: str) -> bool:
         """Entra accepts the tenant GUID or any of its verified domains in an authority."""
@@ -147,6 +188,7 @@ class Tenant:
             user.update(fields)
             user["id"] = fields.get("id") or _new_id(self.rng)
             self.users[user["id"]] = user
+            self.changes.append((USER_CHANGED, user["id"], tuple(key for key, value in user.items() if value is not None)))
             return user["id"]
 
     def update_user(self, user_id: str, **fields) -> None:
@@ -155,11 +197,13 @@ class Tenant:
             raise ValueError(f"not updatable user properties: {sorted(unknown)}")
         with self.lock:
             self.users[user_id] = {**self.users[user_id], **fields}  # replace: snapshots keep the old dict
+            self.changes.append((USER_CHANGED, user_id, tuple(fields)))
 
     def delete_user(self, user_id: str) -> None:
         with self.lock:
             del self.users[user_id]
             self._forget_member(user_id)
+            self.changes.append((USER_CHANGED, user_id, ()))
 
     # -- groups and memberships ------------------------------------------------
     def add_group(self, name: str) -> str:
@@ -167,17 +211,20 @@ class Tenant:
             group_id = _new_id(self.rng)
             self.groups[group_id] = {"id": group_id, "displayName": name}
             self.members[group_id] = []
+            self.changes.append((GROUP_CHANGED, group_id, None))
             return group_id
 
     def rename_group(self, group_id: str, name: str) -> None:
         with self.lock:
             self.groups[group_id] = {**self.groups[group_id], "displayName": name}
+            self.changes.append((GROUP_CHANGED, group_id, None))
 
     def delete_group(self, group_id: str) -> None:
         with self.lock:
             del self.groups[group_id]
             self.members.pop(group_id, None)
             self._forget_member(group_id)
+            self.changes.append((GROUP_CHANGED, group_id, None))
 
     def add_member(self, group_id: str, member_id: str) -> None:
         with self.lock:
@@ -188,12 +235,14 @@ class Tenant:
             members = self.members.setdefault(group_id, [])
             if member_id not in members:
                 members.append(member_id)
+                self.changes.append((MEMBER_CHANGED, group_id, (member_id, self.type_of(member_id), True)))
 
     def remove_member(self, group_id: str, member_id: str) -> None:
         with self.lock:
             members = self.members.get(group_id, [])
             if member_id in members:
                 members.remove(member_id)
+                self.changes.append((MEMBER_CHANGED, group_id, (member_id, self.type_of(member_id), False)))
 
     def add_other(self, kind: str) -> str:
         """A device, service principal or contact: only ever seen as a group member."""
@@ -205,6 +254,9 @@ class Tenant:
             return object_id
 
     def _forget_member(self, object_id: str) -> None:
+        """A deleted object leaves every group it was in. Not logged as membership changes: the
+        deletion itself is the change (as in Graph, whose users delta reports the user @removed),
+        so a delta reader must drop a removed object's memberships itself."""
         for members in self.members.values():
             if object_id in members:
                 members.remove(object_id)
