@@ -138,8 +138,11 @@ def next_step_lines(summary: RunSummary) -> list[str]:
     first_sync = getattr(summary, "first_sync", None)  # set by the flow when the state was empty before the run
     created = summary.counts.get("users_created", 0) + summary.counts.get("users_adopted", 0)
     if summary.mode == "sync" and summary.status == "completed" and (first_sync or (first_sync is None and created)):
-        lines.append(f"Next: SSO may now be set up in Atlassian (Security > Identity providers > SAML single sign-on) "
-                     f"with the same identifier: {summary.identifier} ({field}) as the NameID and email claim")
+        claim = {"upn": "user.userprincipalname", "email": "user.mail"}.get(summary.identifier, field)
+        lines.append(f"Next: SSO may now be set up with the identifier these accounts use, {summary.identifier} ({field}): "
+                     f"in Entra's Atlassian Cloud enterprise application send {claim} as the NameID (Unique User "
+                     "Identifier) and email claim, then connect it in Atlassian (Security > Identity providers > "
+                     "your directory > SAML single sign-on)")
     if summary.new_groups:
         shown = ", ".join(summary.new_groups[:20]) + (f" and {len(summary.new_groups) - 20} more" if len(summary.new_groups) > 20 else "")
         prefix = "Next" if summary.mode == "sync" else "After the sync"
@@ -160,7 +163,7 @@ def print_summary_table(summary: RunSummary, stream: IO[str] | None = None, forc
     title = f"Run {summary.run_id} ({summary.mode}, {summary.status})"
     counts = Table(title=escape(title), title_justify="left", show_edge=False)
     counts.add_column("object")
-    counts.add_column(f"{verb}changed".strip().capitalize() if verb else "change")
+    counts.add_column(f"{verb}changed" if verb else "change")
     counts.add_column("count", justify="right")
     for key in COUNT_KEYS:
         kind, _, change = key.partition("_")

@@ -7,8 +7,10 @@ audit row, the moment it succeeds: a run killed at any point resumes from here.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import zlib
 import socket
 import threading
 from dataclasses import asdict
@@ -19,6 +21,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -35,7 +38,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from guardsync.errors import ConfigError, GuardsyncBlocked, GuardsyncError
-from guardsync.models import DesiredUser
+import pandas as pd
+
+from guardsync.models import DesiredUser, Snapshot
 from guardsync.plan import AppliedGroup, AppliedState, AppliedUser
 
 metadata = MetaData()
@@ -94,6 +99,13 @@ locks = Table(
     Column("run_id", String(64), nullable=False),
     Column("acquired_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+mirror = Table(  # the last Entra snapshot and Graph delta links: a delta run merges into it
+    "mirror", metadata,
+    Column("key", String(32), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
 LOCK_LEASE = timedelta(hours=2)  # a holder on another host that vanished frees the directory after this
@@ -227,6 +239,28 @@ class StateStore:
             )
         )
 
+    # -- the Entra mirror (delta sync) ----------------------------------------------------
+    def load_mirror(self) -> tuple[Snapshot | None, dict, datetime | None]:
+        """(last snapshot, delta links, time of the last full read); (None, {}, None) when empty."""
+        with self.engine.connect() as conn:
+            rows = {row.key: row for row in conn.execute(select(mirror))}
+        if "snapshot" not in rows:
+            return None, {}, None
+        meta = json.loads(rows["meta"].data)
+        full_at = datetime.fromisoformat(meta["last_full_read"]) if meta.get("last_full_read") else None
+        return _decode_snapshot(rows["snapshot"].data), meta.get("links", {}), full_at
+
+    def save_mirror(self, snapshot: Snapshot, links: dict, full_read: bool) -> None:
+        """Keep the merged snapshot and the new delta links together, in one transaction."""
+        _, _, last_full = self.load_mirror() if not full_read else (None, None, None)
+        meta = {"links": links, "last_full_read": (now() if full_read else last_full or now()).isoformat()}
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(delete(mirror))
+            conn.execute(insert(mirror), [
+                {"key": "snapshot", "data": _encode_snapshot(snapshot), "updated_at": now()},
+                {"key": "meta", "data": json.dumps(meta).encode(), "updated_at": now()},
+            ])
+
     # -- one run at a time per directory ---------------------------------------------------
     def acquire_lock(self, run_id: str, lease: timedelta = LOCK_LEASE) -> None:
         """Take the directory lock, or raise DirectoryBusy naming the run that holds it.
@@ -306,6 +340,32 @@ class StateStore:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _encode_snapshot(snapshot: Snapshot) -> bytes:
+    """Compressed JSON (no pickle: the store must never be able to run code)."""
+    document = {
+        "tenant_id": snapshot.tenant_id, "organization": snapshot.organization,
+        "verified_domains": snapshot.verified_domains, "initial_domain": snapshot.initial_domain,
+        **{name: _frame_document(getattr(snapshot, name)) for name in ("users", "groups", "edges")},
+    }
+    return zlib.compress(json.dumps(document, ensure_ascii=False).encode(), 1)
+
+
+def _frame_document(frame: pd.DataFrame) -> dict:
+    values = frame.astype(object).where(frame.notna(), None)
+    return {"columns": list(frame.columns), "data": values.to_numpy().tolist()}
+
+
+def _decode_snapshot(data: bytes) -> Snapshot:
+    document = json.loads(zlib.decompress(data))
+    frames = {}
+    for name in ("users", "groups", "edges"):
+        part = document[name]
+        frames[name] = pd.DataFrame(part["data"], columns=part["columns"])
+    frames["users"]["accountEnabled"] = frames["users"]["accountEnabled"].fillna(False).astype(bool)
+    return Snapshot(document["tenant_id"], document["organization"], frames["users"], frames["groups"], frames["edges"],
+                    document["verified_domains"], document["initial_domain"])
 
 
 def _lock_is_free(held, run_id: str) -> bool:
