@@ -91,6 +91,7 @@ def sync_directory(
             f"{row.identifier or '(none)'} [{row.id}] ({row.rule})" for row in validated.quarantined.head(20).itertuples()
         ]
         applied = store.load()
+        summary.first_sync = not dry_run and not applied.users
         foreign: dict[str, list[str]] = {}
         if applied.users or applied.groups:  # a full read also checks what people changed by hand in Atlassian
             applied, drift = read_drift(scim, applied)

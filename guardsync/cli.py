@@ -22,6 +22,7 @@ import logging  # noqa: E402
 
 from guardsync.config import Settings, load_settings, preflight  # noqa: E402
 from guardsync.errors import GuardsyncError  # noqa: E402
+from guardsync.progress import print_summary_table  # noqa: E402
 from guardsync.summary import RunSummary  # noqa: E402
 
 
@@ -36,13 +37,13 @@ def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, a
         result = sync_directory(settings=settings, dry_run=dry_run, full=full,
                                 allow_mass_deactivation=allow_mass_deactivation)
     except WritesFailed as exc:
-        print("\n".join(exc.summary.lines()), file=out)
+        print_summary_table(exc.summary, out)
         print(f"guardsync: {exc}", file=sys.stderr)
         return exc.exit_code
     except GuardsyncError as exc:
         print(f"guardsync: {exc}", file=sys.stderr)
         return exc.exit_code
-    print("\n".join(RunSummary(**result).lines()), file=out)
+    print_summary_table(RunSummary(**result), out)
     return 0
 
 

@@ -158,37 +158,37 @@ def check_settings(settings: Settings, source: str = "configuration",
             report.results += [_skip(item, "the Entra credential (see secrets)") for item in ("token", "permissions", "tenant", "domains", "groups")]
             tenant = None
         else:
-            token_result, claims = _guarded("token", lambda: _check_token(graph, settings), settings)
+            token_result, claims = _guarded("token", lambda: _check_token(graph, settings))
             report.results.append(token_result)
             if claims is None:
                 report.results += [_skip(item, "a token (see token)") for item in ("permissions", "tenant", "domains", "groups")]
                 tenant = None
             else:
-                report.results.append(_guarded("permissions", lambda: (_check_roles(claims, settings), None), settings)[0])
-                tenant_result, tenant = _guarded("tenant", lambda: _check_tenant(graph), settings)
+                report.results.append(_guarded("permissions", lambda: (_check_roles(claims, settings), None))[0])
+                tenant_result, tenant = _guarded("tenant", lambda: _check_tenant(graph))
                 report.results.append(tenant_result)
                 if tenant is None:
                     report.results.append(_skip("domains", "the tenant's domains (see tenant)"))
                 else:
-                    report.results.append(_guarded("domains", lambda: (_check_domains(tenant, settings.sync), None), settings)[0])
-                report.results.append(_guarded("groups", lambda: (_check_groups(graph, settings.sync), None), settings)[0])
+                    report.results.append(_guarded("domains", lambda: (_check_domains(tenant, settings.sync), None))[0])
+                report.results.append(_guarded("groups", lambda: (_check_groups(graph, settings.sync), None))[0])
     finally:
         if graph is not None:
             graph.close()
 
     if "atlassian" in resolved:
-        report.results.append(_guarded("atlassian", lambda: (_check_scim(settings, resolved["atlassian"]), None), settings)[0])
+        report.results.append(_guarded("atlassian", lambda: (_check_scim(settings, resolved["atlassian"]), None))[0])
     else:
         report.results.append(_skip("atlassian", "the SCIM API key (see secrets)"))
     if "state" in resolved:
         tenant_id = tenant.tenant_id if tenant is not None else None
-        report.results.append(_guarded("state", lambda: (_check_state(resolved["state"], tenant_id, settings), None), settings)[0])
+        report.results.append(_guarded("state", lambda: (_check_state(resolved["state"], tenant_id, settings), None))[0])
     else:
         report.results.append(_skip("state", "the state URL (see secrets)"))
     return report
 
 
-def _guarded(item: str, check: Callable[[], tuple[CheckResult, object]], settings: Settings) -> tuple[CheckResult, object]:
+def _guarded(item: str, check: Callable[[], tuple[CheckResult, object]]) -> tuple[CheckResult, object]:
     """Run one check; an error it did not expect fails its own line (by type only: no text that might hold a secret)."""
     try:
         return check()
@@ -296,7 +296,7 @@ def _check_roles(claims: dict, settings: Settings) -> CheckResult:
                      f"check in Entra admin center > App registrations > {entra.client_id} > API permissions that "
                      f"the app has {', '.join(PERMISSION_REASONS)} (Application) with admin consent: {consent}")
     roles = set(claims.get("roles") or [])
-    missing = []
+    missing = [name for name, accepted in REQUIRED_ROLES if not roles & accepted]
     granted = ", ".join(sorted(roles)) or "none"
     if missing:
         return _fail(

@@ -132,23 +132,18 @@ def chain(*callbacks: Callable[[str, int, int], None] | None) -> Callable[[str, 
 
 
 def next_step_lines(summary: RunSummary) -> list[str]:
-    """What a person does after this run: SSO with the same identifier, product access for new groups."""
-    lines = []
+    """After the first sync: SSO can be set up, with the identifier these accounts use.
+
+    (Groups that need product access are listed by the summary itself.)
+    """
+    if not (summary.mode == "sync" and summary.status == "completed" and summary.first_sync):
+        return []
     field = IDENTIFIER_FIELD.get(summary.identifier, summary.identifier)
-    first_sync = getattr(summary, "first_sync", None)  # set by the flow when the state was empty before the run
-    created = summary.counts.get("users_created", 0) + summary.counts.get("users_adopted", 0)
-    if summary.mode == "sync" and summary.status == "completed" and (first_sync or (first_sync is None and created)):
-        claim = {"upn": "user.userprincipalname", "email": "user.mail"}.get(summary.identifier, field)
-        lines.append(f"Next: SSO may now be set up with the identifier these accounts use, {summary.identifier} ({field}): "
-                     f"in Entra's Atlassian Cloud enterprise application send {claim} as the NameID (Unique User "
-                     "Identifier) and email claim, then connect it in Atlassian (Security > Identity providers > "
-                     "your directory > SAML single sign-on)")
-    if summary.new_groups:
-        shown = ", ".join(summary.new_groups[:20]) + (f" and {len(summary.new_groups) - 20} more" if len(summary.new_groups) > 20 else "")
-        prefix = "Next" if summary.mode == "sync" else "After the sync"
-        lines.append(f"{prefix}: grant product access to {shown} in Atlassian administration (Products > "
-                     "product > Groups); syncing does not grant access")
-    return lines
+    claim = {"upn": "user.userprincipalname", "email": "user.mail"}.get(summary.identifier, field)
+    return [f"Next: SSO may now be set up with the identifier these accounts use, {summary.identifier} ({field}): "
+            f"in Entra's Atlassian Cloud enterprise application send {claim} as the NameID (Unique User "
+            "Identifier) and email claim, then connect it in Atlassian (Security > Identity providers > "
+            "your directory > SAML single sign-on)"]
 
 
 def print_summary_table(summary: RunSummary, stream: IO[str] | None = None, force_terminal: bool | None = None) -> None:
@@ -184,6 +179,11 @@ def print_summary_table(summary: RunSummary, stream: IO[str] | None = None, forc
         console.print("quarantined: " + escape("; ".join(summary.quarantined_examples)))
     console.print(f"identifier: [bold]{summary.identifier}[/] ({IDENTIFIER_FIELD.get(summary.identifier, '?')}); "
                   "SSO must use the same")
+    if summary.new_groups:
+        console.print("new groups need product access in Atlassian administration: " + escape(", ".join(summary.new_groups[:20]))
+                      + (f" and {len(summary.new_groups) - 20} more" if len(summary.new_groups) > 20 else ""))
+    if summary.drift:
+        console.print("restored after changes by hand in Atlassian: " + escape("; ".join(summary.drift)))
     if summary.renamed_groups:
         console.print("renamed groups were re-created: grant product access again to " + escape(", ".join(summary.renamed_groups[:20])))
     if summary.failures:

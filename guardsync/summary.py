@@ -25,6 +25,8 @@ class RunSummary:
     failures: list[str] = field(default_factory=list)
     new_groups: list[str] = field(default_factory=list)  # need product access in Atlassian administration
     renamed_groups: list[str] = field(default_factory=list)
+    first_sync: bool = False  # nothing was managed before this run: SSO can be set up next
+    last_full_read: str | None = None  # when Entra was last read in full (delta runs merge into it)
     drift: list[str] = field(default_factory=list)  # managed objects changed by hand in Atlassian, restored
     requests: dict[str, int] = field(default_factory=dict)
     message: str = ""

@@ -366,7 +366,7 @@ def test_progress_on_a_terminal_draws_a_bar(monkeypatch):
 def first_sync_summary() -> RunSummary:
     return RunSummary(run_id="r1", mode="sync", status="completed", identifier="upn",
                       counts={"users_created": 27, "groups_created": 1, "members_added": 27},
-                      excluded={"guest": 1, "domain": 2}, new_groups=["Pilot"])
+                      excluded={"guest": 1, "domain": 2}, new_groups=["Pilot"], first_sync=True)
 
 
 def test_summary_plain_off_a_terminal_with_the_next_steps():
@@ -376,7 +376,7 @@ def test_summary_plain_off_a_terminal_with_the_next_steps():
     text = stream.getvalue()
     assert text.splitlines()[: len(summary.lines())] == summary.lines()  # the contract's summary lines, as they are
     assert "SSO may now be set up" in text and "upn (userPrincipalName)" in text
-    assert "grant product access to Pilot" in text
+    assert "need product access in Atlassian administration: Pilot" in text
     assert "\x1b" not in text
 
 
@@ -387,7 +387,7 @@ def test_summary_table_on_a_terminal(monkeypatch):
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", stream.getvalue())
     assert "\x1b[" in stream.getvalue()
     assert re.search(r"users\s+.\s*created\s+.\s*27", text), text
-    assert "SSO may now be set up" in text and "grant product access to Pilot" in text
+    assert "SSO may now be set up" in text and "need product access in Atlassian administration: Pilot" in text
     assert "Summary of run" not in text  # the table, not the plain lines
 
 

@@ -1,0 +1,406 @@
+"""End to end, as in production: Prefect server on PostgreSQL, two process workers, prefect.yaml.
+
+Two sandbox directories (two tenants, two SCIM servers, one Atlassian API host) are deployed
+from the repository's prefect.yaml (rendered with the sandboxes' URLs), their secrets and state
+URLs kept in Prefect Secret blocks. Four runs go at once: contoso, fabrikam, contoso again, and a
+fabrikam run that a gate blocks. The test checks the runs end as they should, that one
+directory never runs twice at once while the two directories run in parallel, that the loads
+of all runs together stay under the SCIM API's global concurrency limit, that every run leaves
+its artifacts, that both Atlassian sides hold exactly the users and groups in scope, and that
+the Prefect automation tells the admins (a webhook on loopback) about the blocked run.
+
+It prints the timeline of the runs. Everything is stopped and the databases dropped in the end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from guardsync.sandbox.stack import Sandbox
+from guardsync.sandbox.tenant import generate_tenant
+from tasks.load import scim_limit_name
+from tests.production.stack import (
+    PREFECT,
+    REPO,
+    Processes,
+    WebhookReceiver,
+    clean_environment,
+    create_database,
+    drop_database,
+    flow_run_id_from,
+    free_port,
+    prefect_cli,
+    read_events,
+    render_prefect_yaml,
+    secret_name,
+    wait_healthy,
+)
+from tests.test_flow import expected_upns, groups_by_name, transitive_users, user_names
+
+pytestmark = pytest.mark.slow
+
+DOMAINS = ("contoso.com", "fabrikam.com")
+SEEDS = {"contoso": 11, "fabrikam": 29}  # deployment name in prefect.yaml -> sandbox tenant
+SCIM_SLOTS = 3  # below write_concurrency (4): each load holds all 3 slots, so no two loads overlap
+SANDBOX_LATENCY = 0.01  # seconds a request, so loads take long enough to meet each other
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+# The automation of the README ("Alerts"), with the id of the webhook block made below.
+AUTOMATION = """
+name: guardsync-run-failed
+description: Tell the admins when a guardsync run fails, is blocked by a gate or guard, or crashes
+enabled: true
+trigger:
+  type: event
+  posture: Reactive
+  expect: [prefect.flow-run.Failed, prefect.flow-run.Crashed]
+  match:
+    prefect.resource.id: prefect.flow-run.*
+  match_related:
+    prefect.resource.role: flow
+    prefect.resource.name: sync-directory
+  for_each: [prefect.resource.id]
+  threshold: 1
+  within: 0
+actions:
+  - type: send-notification
+    block_document_id: BLOCK_DOCUMENT_ID
+    subject: "guardsync {{ deployment.name }}: run {{ flow_run.name }} {{ flow_run.state.name }}"
+    body: |
+      sync-directory/{{ deployment.name }}, run {{ flow_run.name }} ({{ flow_run.id }}) ended {{ flow_run.state.name }}:
+      {{ flow_run.state.message }}
+      Blocked (GuardsyncBlocked) means nothing was written: read the run's gate-results and summary artifacts.
+"""
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat()
+
+
+@pytest.mark.timeout(300)
+def test_two_directories_on_two_workers_with_a_postgres_server(tmp_path):
+    started = time.monotonic()
+    tag = uuid.uuid4().hex[:10]
+    databases = {"prefect": f"guardsync_e2e_{tag}_prefect",
+                 **{name: f"guardsync_e2e_{tag}_{name}_state" for name in SEEDS}}
+    (logs := tmp_path / "logs").mkdir()
+    processes = Processes(logs)
+    sandboxes: dict[str, Sandbox] = {}
+    passed = False
+    try:
+        for database in databases.values():
+            create_database(database)
+        for name, seed in SEEDS.items():
+            tenant = generate_tenant(users=120, groups=10, seed=seed, domains=DOMAINS)
+            sandboxes[name] = Sandbox(tenant, atlassian_domains=set(DOMAINS), latency=SANDBOX_LATENCY).start()
+        ca_bundle = tmp_path / "sandbox-cas.pem"  # each sandbox made its own CA; the flow runs trust both
+        ca_bundle.write_text("".join(sb.ca.ca_file.read_text() for sb in sandboxes.values()))
+        limit_names = {scim_limit_name(sb.scim.scim_url) for sb in sandboxes.values()}
+        assert len(limit_names) == 1, "both directories are on one SCIM API host, as on api.atlassian.com"
+        scim_limit = limit_names.pop()
+
+        # -- the server, on PostgreSQL ------------------------------------------------------
+        port = free_port()
+        api = f"http://127.0.0.1:{port}/api"
+        server = processes.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                 clean_environment(
+                                     PREFECT_HOME=str(tmp_path / "server-home"),
+                                     PREFECT_API_DATABASE_CONNECTION_URL=(
+                                         f"postgresql+asyncpg://postgres@127.0.0.1:5432/{databases['prefect']}"),
+                                     PREFECT_API_URL=api,
+                                     PREFECT_UI_ENABLED="false",
+                                     # a run waiting for its directory's slot looks again after 2 s (default 30)
+                                     PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="2",
+                                 ))
+        health_seconds = wait_healthy(api, server)
+        cli_env = clean_environment(PREFECT_HOME=str(tmp_path / "cli-home"), PREFECT_API_URL=api)
+
+        # -- deployments from prefect.yaml, secrets in blocks, the SCIM API's limit -----------
+        rendered = render_prefect_yaml(REPO / "prefect.yaml", {n: sb.config(state="unused") for n, sb in sandboxes.items()})
+        pools = {d["work_pool"]["name"] for d in rendered["deployments"]}
+        assert len(pools) == 1
+        pool = pools.pop()
+        (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(rendered, sort_keys=False))
+        prefect_cli("work-pool", "create", pool, "--type", "process", env=cli_env)
+        prefect_cli("gcl", "create", scim_limit, "--limit", str(SCIM_SLOTS), env=cli_env)
+        prefect_cli("deploy", "--all", "--prefect-file", str(tmp_path / "prefect.yaml"), env=cli_env)
+
+        with WebhookReceiver() as webhook, _prefect_api(api):
+            from prefect import get_client
+            from prefect.blocks.notifications import CustomWebhookNotificationBlock
+            from prefect.blocks.system import Secret
+
+            for deployment in rendered["deployments"]:
+                settings, sandbox = deployment["parameters"]["settings"], sandboxes[deployment["name"]]
+                state_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{databases[deployment['name']]}"
+                for reference, value in ((settings["entra"]["client_secret"], sandbox.tenant.client_secret),
+                                         (settings["atlassian"]["api_key"], sandbox.api_key),
+                                         (settings["sync"]["state"], state_url)):
+                    Secret(value=value).save(secret_name(reference), overwrite=True)
+            block_id = CustomWebhookNotificationBlock(
+                name="guardsync-admins", url=webhook.url, json_data={"text": "{{subject}}\n{{body}}"},
+            ).save("guardsync-admins", overwrite=True)
+            (tmp_path / "automation.yaml").write_text(AUTOMATION.replace("BLOCK_DOCUMENT_ID", str(block_id)))
+            prefect_cli("automation", "create", "--from-file", str(tmp_path / "automation.yaml"), env=cli_env)
+
+            with get_client(sync_client=True) as client:
+                deployments = {d["name"]: client.read_deployment_by_name(f"sync-directory/{d['name']}")
+                               for d in rendered["deployments"]}
+            for deployment in deployments.values():  # as prefect.yaml says, for each directory
+                assert sorted((s.schedule.interval.total_seconds(), s.active) for s in deployment.schedules) == [
+                    (3600, False), (7200, False), (14400, True), (86400, False)]
+                assert deployment.global_concurrency_limit.limit == 1
+                assert deployment.concurrency_options.collision_strategy == "ENQUEUE"
+                assert deployment.pull_steps == [
+                    {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $GUARDSYNC_HOME }}"}}]
+
+            # -- two workers; the flow runs they start reach the sandboxes over loopback -------------
+            for number in (1, 2):
+                processes.start(f"worker-{number}", [PREFECT, "worker", "start", "--pool", pool, "--type", "process",
+                                                     "--name", f"worker-{number}"],
+                                clean_environment(
+                                    PREFECT_HOME=str(tmp_path / f"worker-{number}-home"),
+                                    PREFECT_API_URL=api,
+                                    GUARDSYNC_HOME=str(REPO),  # the pull step's working directory
+                                    REQUESTS_CA_BUNDLE=str(ca_bundle),
+                                    PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"),  # shared: retries find results
+                                    PREFECT_WORKER_QUERY_SECONDS="1",
+                                ))
+
+            # -- four runs at once ----------------------------------------------------------------
+            t0 = datetime.now(timezone.utc)
+            runs: dict[str, str] = {}  # label -> flow run id
+            cli_runs = {label: processes_run(label, cli_env) for label in ("contoso-1", "fabrikam-1")}
+            for label, output in cli_runs.items():
+                runs[label] = flow_run_id_from(output())
+            blocked_parameters = json.loads(json.dumps(deployments["fabrikam"].parameters))
+            blocked_parameters["settings"]["sync"]["max_group_size"] = 1  # every group is too large: a gate blocks
+            with get_client(sync_client=True) as client:
+                runs["contoso-2"] = str(client.create_flow_run_from_deployment(
+                    deployments["contoso"].id, name="contoso-2").id)
+                runs["fabrikam-blocked"] = str(client.create_flow_run_from_deployment(
+                    deployments["fabrikam"].id, parameters=blocked_parameters, name="fabrikam-blocked").id)
+            triggered_seconds = time.monotonic() - started
+
+            flow_runs = _wait_for_final(runs, timeout=170)
+            finished_seconds = time.monotonic() - started
+
+            with get_client(sync_client=True) as client:
+                histories = {label: [s.name for s in sorted(client.read_flow_run_states(uuid.UUID(run_id)),
+                                                            key=lambda s: s.timestamp)]
+                             for label, run_id in runs.items()}
+                artifacts = {label: _artifact_keys(client, run_id) for label, run_id in runs.items()}
+                limit_after = client.read_global_concurrency_limit_by_name(scim_limit)
+            workers = _workers_by_run(api, _iso(t0))
+            _print_timeline(t0, runs, flow_runs, histories, workers)
+
+            # -- how the runs ended ------------------------------------------------------------------
+            states = {label: flow_runs[label].state for label in runs}
+            for label in ("contoso-1", "contoso-2", "fabrikam-1"):
+                assert states[label].type.value == "COMPLETED", (label, states[label].message)
+            assert states["fabrikam-blocked"].type.value == "FAILED"
+            assert "GuardsyncBlocked" in states["fabrikam-blocked"].message
+            assert "group_too_large" in states["fabrikam-blocked"].message
+
+            # -- one run per directory at a time; the directories in parallel ------------------------
+            for directory in SEEDS:
+                mine = sorted((flow_runs[label] for label in runs if label.startswith(directory)),
+                              key=lambda run: run.start_time)
+                for before, after in zip(mine, mine[1:]):
+                    assert before.end_time <= after.start_time, f"two {directory} runs overlapped"
+            assert any("AwaitingConcurrencySlot" in history for history in histories.values()), \
+                "a second run of a directory should have waited for the first (ENQUEUE)"
+            contoso, fabrikam = flow_runs["contoso-1"], flow_runs["fabrikam-1"]
+            assert contoso.start_time < fabrikam.end_time and fabrikam.start_time < contoso.end_time, \
+                "runs of two directories should go in parallel"
+
+            # -- the SCIM API's global concurrency limit: held by every load, never exceeded ---------
+            assert limit_after.active_slots == 0, "slots leaked"
+            holds = _slot_holds(api, _iso(t0), limit_after.id, expected_at_least=6)
+            assert all(slots == SCIM_SLOTS for _, _, slots in holds)
+            assert _most_slots_at_once(holds) <= SCIM_SLOTS
+
+            # -- artifacts ----------------------------------------------------------------------------
+            for label in runs:
+                assert {"summary", "plan", "gate-results"} <= artifacts[label] or label == "fabrikam-blocked", \
+                    (label, artifacts[label])
+            assert {"summary", "gate-results"} <= artifacts["fabrikam-blocked"]
+            writers = [label for label in ("contoso-1", "contoso-2") if "plan-changes" in artifacts[label]]
+            assert len(writers) == 1, "only the first contoso run has changes to make; the second finds none"
+            for label in (writers[0], "fabrikam-1"):
+                assert {"plan-changes", "load-users", "load-groups", "load-memberships"} <= artifacts[label]
+
+            # -- what Atlassian holds ----------------------------------------------------------------
+            for sandbox in sandboxes.values():
+                _assert_directory_in_sync(sandbox)
+
+            # -- the admins heard about the blocked run, and only about it ---------------------------
+            deadline = time.monotonic() + 30
+            while not webhook.received and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(2)  # anything else the automation would send has had time to arrive
+            assert len(webhook.received) == 1, webhook.received
+            message = json.loads(webhook.received[0]["body"])["text"]
+            assert "fabrikam" in message and "fabrikam-blocked" in message and "Failed" in message
+            assert "GuardsyncBlocked" in message and "group_too_large" in message
+            assert all(sb.api_key not in message and sb.tenant.client_secret not in message for sb in sandboxes.values())
+
+        print(f"\nserver healthy after {health_seconds:.1f}s; runs triggered at {triggered_seconds:.1f}s, "
+              f"all final at {finished_seconds:.1f}s; {len(holds)} SCIM slot holds of {SCIM_SLOTS} on {scim_limit}, "
+              f"at most {_most_slots_at_once(holds)} slots at once")
+        print(f"notification: {message.splitlines()[0]}")
+        passed = True
+    finally:
+        processes.stop_all()
+        for sandbox in sandboxes.values():
+            sandbox.stop()
+        for database in databases.values():
+            drop_database(database)
+        if not passed:
+            print(processes.tail())
+        print(f"test wall time {time.monotonic() - started:.1f}s")
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def processes_run(label: str, env: dict[str, str]):
+    """`prefect deployment run` in the background; returns a function giving its output."""
+    directory = label.split("-")[0]
+    process = subprocess.Popen([PREFECT, "--no-prompt", "deployment", "run", f"sync-directory/{directory}",
+                                "--flow-run-name", label], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+
+    def output() -> str:
+        try:
+            out, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        assert process.returncode == 0, out
+        return out
+
+    return output
+
+
+class _prefect_api:
+    """Point this process's Prefect client at the test server."""
+
+    def __init__(self, api: str):
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        self._context = temporary_settings(updates={PREFECT_API_URL: api})
+
+    def __enter__(self):
+        return self._context.__enter__()
+
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)
+
+
+def _wait_for_final(runs: dict[str, str], timeout: float) -> dict:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            found = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[uuid.UUID(run_id) for run_id in runs.values()])))
+            by_id = {str(run.id): run for run in found}
+            if all(run_id in by_id and by_id[run_id].state_type.value in FINAL for run_id in runs.values()):
+                return {label: by_id[run_id] for label, run_id in runs.items()}
+            if time.monotonic() > deadline:
+                raise AssertionError("runs not final in time: " + ", ".join(
+                    f"{label}={by_id[run_id].state_name if run_id in by_id else '?'}" for label, run_id in runs.items()))
+            time.sleep(1)
+
+
+def _artifact_keys(client, run_id: str) -> set[str]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    found = client.read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(run_id)])))
+    return {artifact.key for artifact in found if artifact.key}
+
+
+def _workers_by_run(api: str, since: str) -> dict[str, str]:
+    """flow run id -> the worker that started it (the workers' submitted-flow-run events)."""
+    workers = {}
+    for event in read_events(api, "prefect.worker.submitted-flow-run", since):
+        for related in event.get("related", []):
+            if related.get("prefect.resource.role") == "flow-run":
+                workers[related["prefect.resource.id"].removeprefix("prefect.flow-run.")] = \
+                    event["resource"].get("prefect.resource.name", "?")
+    return workers
+
+
+def _slot_holds(api: str, since: str, limit_id, expected_at_least: int) -> list[tuple[datetime, datetime, int]]:
+    """(acquired, released, slots) of every hold on the limit, from its events (they reach the store in batches)."""
+    deadline = time.monotonic() + 30
+    while True:
+        events = read_events(api, "prefect.concurrency-limit.", since, resource_id=f"prefect.concurrency-limit.{limit_id}")
+        acquired = {e["id"]: e for e in events if e["event"] == "prefect.concurrency-limit.acquired"}
+        released = {e["follows"]: e for e in events if e["event"] == "prefect.concurrency-limit.released"}
+        if (len(acquired) >= expected_at_least and set(released) >= set(acquired)) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert len(acquired) >= expected_at_least, f"{len(acquired)} slot acquisitions recorded, expected {expected_at_least}+"
+    assert set(released) >= set(acquired), "an acquisition without its release"
+    return [(datetime.fromisoformat(e["occurred"]), datetime.fromisoformat(released[i]["occurred"]),
+             int(e["resource"]["slots-acquired"])) for i, e in acquired.items()]
+
+
+def _most_slots_at_once(holds, tolerance: float = 0.25) -> int:
+    """The most slots held at one moment. A release is recorded just after it happens, so a hold
+    that starts within `tolerance` seconds of another's recorded end is not counted as overlapping."""
+    points = sorted([(start.timestamp(), slots) for start, _, slots in holds]
+                    + [(end.timestamp() - tolerance, -slots) for _, end, slots in holds])
+    held = most = 0
+    for _, change in points:
+        held += change
+        most = max(most, held)
+    return most
+
+
+def _assert_directory_in_sync(sandbox: Sandbox) -> None:
+    tenant = sandbox.tenant
+    in_scope = expected_upns(tenant)
+    assert user_names(sandbox) == in_scope
+    atlassian = groups_by_name(sandbox)
+    assert set(atlassian) == {g["displayName"] for g in tenant.groups.values()}
+    for gid, group in tenant.groups.items():
+        want = {tenant.users[u]["userPrincipalName"] for u in transitive_users(tenant, gid)} & in_scope
+        assert atlassian[group["displayName"]] == want, group["displayName"]
+
+
+def _print_timeline(t0: datetime, runs, flow_runs, histories, workers) -> None:
+    print(f"\nTimeline of the runs (seconds after the first trigger, {t0:%Y-%m-%d %H:%M:%S} UTC):")
+    print(f"  {'run':<17} {'deployment':<22} {'worker':<9} {'start':>6} {'end':>6} {'secs':>5}  final      states")
+    rows = sorted(runs, key=lambda label: flow_runs[label].start_time or flow_runs[label].end_time or t0)
+    for label in rows:
+        run = flow_runs[label]
+        start = (run.start_time - t0).total_seconds() if run.start_time else float("nan")
+        end = (run.end_time - t0).total_seconds() if run.end_time else float("nan")
+        path = " > ".join(_squeeze(histories[label]))
+        print(f"  {label:<17} sync-directory/{label.split('-')[0]:<7} {workers.get(runs[label], '?'):<9} "
+              f"{start:6.1f} {end:6.1f} {end - start:5.1f}  {run.state_name:<10} {path}")
+
+
+def _squeeze(names: list[str]) -> list[str]:
+    """Scheduled > AwaitingConcurrencySlot > AwaitingConcurrencySlot > ... collapsed to 'AwaitingConcurrencySlot x3'."""
+    out: list[list] = []
+    for name in names:
+        if out and out[-1][0] == name:
+            out[-1][1] += 1
+        else:
+            out.append([name, 1])
+    return [f"{name} x{count}" if count > 1 else name for name, count in out]
