@@ -7,13 +7,15 @@ extract -> flatten -> scope -> validate (users, groups, memberships gates) -> pl
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
+from datetime import datetime, timedelta, timezone
 
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 
 from guardsync.config import Settings, resolve_secret
 from guardsync.errors import GuardsyncBlocked, GuardsyncError
-from guardsync.graph import GraphClient
+from guardsync.graph import DeltaLinks, GraphClient
 from guardsync.load import Loader
 from guardsync.scim import ScimClient
 from guardsync.state import StateStore
@@ -35,6 +37,11 @@ class WritesFailed(GuardsyncError):
     def __init__(self, summary: RunSummary):
         super().__init__(f"{len(summary.failures)} writes failed; see the summary and fix the objects named there")
         self.summary = summary
+
+
+def full_read_due(last_full: datetime | None, every_hours: float) -> bool:
+    """A periodic full read catches anything a delta round could have missed."""
+    return last_full is None or datetime.now(timezone.utc) - last_full >= timedelta(hours=every_hours)
 
 
 def prefect_secret(name: str) -> str:
@@ -81,8 +88,14 @@ def sync_directory(
         store.acquire_lock(run_id)  # one run per directory at a time; DirectoryBusy otherwise
         store.start_run(run_id, mode)
     try:
-        snapshot = extract(graph)
+        previous, links, last_full = store.load_mirror()
+        full_read = full or previous is None or full_read_due(last_full, settings.sync.full_read_every_hours)
+        extracted = extract(graph, None if full_read else previous, None if full_read else DeltaLinks(**links))
+        snapshot = extracted.snapshot
         store.check_binding(snapshot.tenant_id, settings.atlassian.scim_url)
+        if extracted.changed and not dry_run:
+            store.save_mirror(snapshot, asdict(extracted.links), extracted.full)
+        summary.last_full_read = (datetime.now(timezone.utc) if extracted.full else last_full).isoformat(timespec="seconds")
         scoped = scope_users(snapshot, flatten(snapshot), settings.sync)
         summary.excluded = dict(scoped.excluded)
         validated = validate_gates(scoped, settings.sync)
@@ -93,7 +106,7 @@ def sync_directory(
         applied = store.load()
         summary.first_sync = not dry_run and not applied.users
         foreign: dict[str, list[str]] = {}
-        if applied.users or applied.groups:  # a full read also checks what people changed by hand in Atlassian
+        if extracted.full and (applied.users or applied.groups):  # a full read also checks Atlassian for hand edits
             applied, drift = read_drift(scim, applied)
             summary.drift, foreign = drift.lines(), drift.foreign_members
         plan = plan_changes(validated, applied, settings.sync, allow_mass_deactivation)

@@ -58,6 +58,8 @@ class RunSummary:
             )
         if self.renamed_groups:
             out.append(f"  renamed groups were re-created: grant product access again to {', '.join(self.renamed_groups[:20])}")
+        if self.last_full_read:
+            out.append(f"  last full read of Entra: {self.last_full_read} (runs in between read changes only)")
         if self.drift:
             out.append("  restored after changes by hand in Atlassian: " + "; ".join(self.drift))
         if self.failures:

@@ -1,21 +1,38 @@
-"""Stage 1: read the tenant from Microsoft Graph."""
+"""Stage 1: read the tenant from Microsoft Graph: a delta round merged into the last snapshot,
+or a full read (the first run, --full, an expired delta link, or the periodic full read)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prefect import get_run_logger, task
 
-from guardsync.graph import GraphClient
+from guardsync.delta import apply_changes
+from guardsync.graph import DeltaLinks, GraphClient
 from guardsync.models import Snapshot
 from tasks.common import PER_RUN, transient_only
 
 
+@dataclass
+class Extracted:
+    snapshot: Snapshot
+    links: DeltaLinks
+    full: bool  # a complete read: also the moment to check Atlassian for drift
+    changed: bool  # anything new since the last run (else the stored mirror stays as it is)
+
+
 @task(name="extract", cache_policy=PER_RUN, persist_result=True, retries=2, retry_delay_seconds=30,
       retry_condition_fn=transient_only)
-def extract(graph: GraphClient) -> Snapshot:
-    snapshot = graph.extract()
+def extract(graph: GraphClient, previous: Snapshot | None, links: DeltaLinks | None) -> Extracted:
+    """`previous` and `links` None means a full read."""
+    changes = graph.read_changes(links if previous is not None else None)
+    snapshot = apply_changes(previous, changes)
     get_run_logger().info(
-        "read %d users, %d groups, %d direct memberships from tenant %s (%s) in %d Graph requests",
-        len(snapshot.users), len(snapshot.groups), len(snapshot.edges), snapshot.organization,
-        snapshot.tenant_id, sum(graph.requests_made.values()),
+        "%s read of tenant %s (%s): %d users, %d groups, %d direct memberships; %d changed users, %d changed groups, "
+        "%d membership changes; %d Graph requests",
+        "full" if changes.full else "delta", snapshot.organization, snapshot.tenant_id, len(snapshot.users),
+        len(snapshot.groups), len(snapshot.edges), len(changes.users) + len(changes.removed_users),
+        len(changes.groups) + len(changes.removed_groups), len(changes.added_edges) + len(changes.removed_edges),
+        sum(graph.requests_made.values()),
     )
-    return snapshot
+    return Extracted(snapshot, changes.links, changes.full, changes.full or not changes.is_empty or changes.links != links)

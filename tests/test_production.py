@@ -1,13 +1,14 @@
 """End to end, as in production: Prefect server on PostgreSQL, two process workers, prefect.yaml.
 
-Two sandbox directories (two tenants, two SCIM servers, one Atlassian API host) are deployed
-from the repository's prefect.yaml (rendered with the sandboxes' URLs), their secrets and state
-URLs kept in Prefect Secret blocks. Four runs go at once: contoso, fabrikam, contoso again, and a
-fabrikam run that a gate blocks. The test checks the runs end as they should, that one
-directory never runs twice at once while the two directories run in parallel, that the loads
-of all runs together stay under the SCIM API's global concurrency limit, that every run leaves
-its artifacts, that both Atlassian sides hold exactly the users and groups in scope, and that
-the Prefect automation tells the admins (a webhook on loopback) about the blocked run.
+Two sandbox directories (two tenants, two SCIM servers, one API host as on api.atlassian.com)
+are deployed from the repository's prefect.yaml (a copy pointed at the sandboxes), their
+secrets and state URLs kept in Prefect Secret blocks. Four runs go at once: contoso, fabrikam,
+contoso again, and a fabrikam run that a gate blocks. The test checks that the runs end as they
+should, that one directory never runs twice at once while the two directories run in parallel,
+that the loads of all runs together stay under the SCIM API's global concurrency limit, the
+artifacts, that both Atlassian sides hold exactly the users and groups in scope, and that the
+README's automation tells the admins (a webhook on loopback) about the blocked run. Then a run
+that fails in its last load is retried as the UI's Retry button does: it must resume there.
 
 It prints the timeline of the runs. Everything is stopped and the databases dropped in the end.
 """
@@ -19,11 +20,11 @@ import subprocess
 import time
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 import yaml
 
+from guardsync.sandbox.http import Fault
 from guardsync.sandbox.stack import Sandbox
 from guardsync.sandbox.tenant import generate_tenant
 from tasks.load import scim_limit_name
@@ -43,17 +44,18 @@ from tests.production.stack import (
     secret_name,
     wait_healthy,
 )
-from tests.test_flow import expected_upns, groups_by_name, transitive_users, user_names
+from tests.test_flow import expected_upns, group_id, groups_by_name, transitive_users, user_names
 
 pytestmark = pytest.mark.slow
 
 DOMAINS = ("contoso.com", "fabrikam.com")
 SEEDS = {"contoso": 11, "fabrikam": 29}  # deployment name in prefect.yaml -> sandbox tenant
 SCIM_SLOTS = 3  # below write_concurrency (4): each load holds all 3 slots, so no two loads overlap
-SANDBOX_LATENCY = 0.01  # seconds a request, so loads take long enough to meet each other
+SANDBOX_LATENCY = 0.02  # seconds a request, so loads take long enough to meet each other
+USERS = 400  # a tenant
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
-# The automation of the README ("Alerts"), with the id of the webhook block made below.
+# The automation of the README ("Run it in production", Alerts); the test fills in its webhook block's id.
 AUTOMATION = """
 name: guardsync-run-failed
 description: Tell the admins when a guardsync run fails, is blocked by a gate or guard, or crashes
@@ -75,9 +77,9 @@ actions:
     block_document_id: BLOCK_DOCUMENT_ID
     subject: "guardsync {{ deployment.name }}: run {{ flow_run.name }} {{ flow_run.state.name }}"
     body: |
-      sync-directory/{{ deployment.name }}, run {{ flow_run.name }} ({{ flow_run.id }}) ended {{ flow_run.state.name }}:
+      sync-directory/{{ deployment.name }}: run {{ flow_run.name }} ({{ flow_run.id }}) ended {{ flow_run.state.name }}.
       {{ flow_run.state.message }}
-      Blocked (GuardsyncBlocked) means nothing was written: read the run's gate-results and summary artifacts.
+      {% if 'GuardsyncBlocked' in (flow_run.state.message or '') %}A gate or guard stopped the run before any write: read its gate-results and summary artifacts, fix the cause, then run it again.{% else %}Read the run's logs and summary; once the cause is fixed, Retry the run in the UI: it resumes at the failed load.{% endif %}
 """
 
 
@@ -99,7 +101,7 @@ def test_two_directories_on_two_workers_with_a_postgres_server(tmp_path):
         for database in databases.values():
             create_database(database)
         for name, seed in SEEDS.items():
-            tenant = generate_tenant(users=120, groups=10, seed=seed, domains=DOMAINS)
+            tenant = generate_tenant(users=USERS, groups=10, seed=seed, domains=DOMAINS)
             sandboxes[name] = Sandbox(tenant, atlassian_domains=set(DOMAINS), latency=SANDBOX_LATENCY).start()
         ca_bundle = tmp_path / "sandbox-cas.pem"  # each sandbox made its own CA; the flow runs trust both
         ca_bundle.write_text("".join(sb.ca.ca_file.read_text() for sb in sandboxes.values()))
@@ -148,6 +150,7 @@ def test_two_directories_on_two_workers_with_a_postgres_server(tmp_path):
             block_id = CustomWebhookNotificationBlock(
                 name="guardsync-admins", url=webhook.url, json_data={"text": "{{subject}}\n{{body}}"},
             ).save("guardsync-admins", overwrite=True)
+            assert AUTOMATION.strip() in (REPO / "README.md").read_text(), "the README's automation is the tested one"
             (tmp_path / "automation.yaml").write_text(AUTOMATION.replace("BLOCK_DOCUMENT_ID", str(block_id)))
             prefect_cli("automation", "create", "--from-file", str(tmp_path / "automation.yaml"), env=cli_env)
 
@@ -225,14 +228,14 @@ def test_two_directories_on_two_workers_with_a_postgres_server(tmp_path):
             # -- the SCIM API's global concurrency limit: held by every load, never exceeded ---------
             assert limit_after.active_slots == 0, "slots leaked"
             holds = _slot_holds(api, _iso(t0), limit_after.id, expected_at_least=6)
-            assert all(slots == SCIM_SLOTS for _, _, slots in holds)
+            assert all(slots == SCIM_SLOTS for _, _, slots, *_ in holds)
+            _print_holds(t0, holds, {run_id: label for label, run_id in runs.items()}, scim_limit)
             assert _most_slots_at_once(holds) <= SCIM_SLOTS
 
             # -- artifacts ----------------------------------------------------------------------------
-            for label in runs:
-                assert {"summary", "plan", "gate-results"} <= artifacts[label] or label == "fabrikam-blocked", \
-                    (label, artifacts[label])
-            assert {"summary", "gate-results"} <= artifacts["fabrikam-blocked"]
+            for label in runs:  # a blocked run stops at its gate: no plan
+                expected = {"summary", "gate-results"} | ({"plan"} if label != "fabrikam-blocked" else set())
+                assert expected <= artifacts[label], (label, artifacts[label])
             writers = [label for label in ("contoso-1", "contoso-2") if "plan-changes" in artifacts[label]]
             assert len(writers) == 1, "only the first contoso run has changes to make; the second finds none"
             for label in (writers[0], "fabrikam-1"):
@@ -243,20 +246,54 @@ def test_two_directories_on_two_workers_with_a_postgres_server(tmp_path):
                 _assert_directory_in_sync(sandbox)
 
             # -- the admins heard about the blocked run, and only about it ---------------------------
-            deadline = time.monotonic() + 30
-            while not webhook.received and time.monotonic() < deadline:
-                time.sleep(0.5)
-            time.sleep(2)  # anything else the automation would send has had time to arrive
-            assert len(webhook.received) == 1, webhook.received
-            message = json.loads(webhook.received[0]["body"])["text"]
-            assert "fabrikam" in message and "fabrikam-blocked" in message and "Failed" in message
-            assert "GuardsyncBlocked" in message and "group_too_large" in message
-            assert all(sb.api_key not in message and sb.tenant.client_secret not in message for sb in sandboxes.values())
+            blocked_message = _wait_for_messages(webhook, 1)[0]
+            assert "fabrikam" in blocked_message and "fabrikam-blocked" in blocked_message and "Failed" in blocked_message
+            assert "GuardsyncBlocked" in blocked_message and "group_too_large" in blocked_message
+            assert "stopped the run before any write" in blocked_message
+
+            # -- a run that fails in its last load, retried as the UI's Retry button does --------------
+            fabrikam = sandboxes["fabrikam"]
+            pilot = group_id(fabrikam.tenant, "Pilot")
+            upn_of = {uid: user["userPrincipalName"] for uid, user in fabrikam.tenant.users.items()}
+            newcomer = next(uid for uid in sorted(fabrikam.tenant.users) if upn_of[uid] in expected_upns(fabrikam.tenant)
+                            and uid not in transitive_users(fabrikam.tenant, pilot))
+            fabrikam.tenant.add_member(pilot, newcomer)  # one membership to add: only load-memberships writes
+            fabrikam.scim.inject(Fault("PATCH", r"/Groups/", status=401, times=1,
+                                       body='{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"401"}'))
+            with get_client(sync_client=True) as client:
+                runs["fabrikam-retried"] = str(client.create_flow_run_from_deployment(
+                    deployments["fabrikam"].id, name="fabrikam-retried").id)
+            failed = _wait_for_final({"fabrikam-retried": runs["fabrikam-retried"]}, timeout=90)["fabrikam-retried"]
+            assert failed.state.type.value == "FAILED" and "AuthError" in failed.state.message, failed.state.message
+            graph_reads = _graph_reads(fabrikam)
+            with get_client(sync_client=True) as client:  # what the UI's Retry button sends
+                from prefect.states import State, StateType
+
+                client.set_flow_run_state(uuid.UUID(runs["fabrikam-retried"]), force=True, state=State(
+                    type=StateType.SCHEDULED, name="AwaitingRetry", message="Retry from the UI"))
+            retried = _wait_for_final({"fabrikam-retried": runs["fabrikam-retried"]}, timeout=90)["fabrikam-retried"]
+            with get_client(sync_client=True) as client:
+                history = [s.name for s in sorted(client.read_flow_run_states(retried.id), key=lambda s: s.timestamp)]
+                task_states = _task_states(client, retried.id)
+            print(f"fabrikam-retried: {' > '.join(_squeeze(history))}")
+            print("  its task runs: " + ", ".join(f"{name} {' then '.join(states)}" for name, states in task_states.items()))
+            assert retried.state.type.value == "COMPLETED", retried.state.message
+            assert _graph_reads(fabrikam) == graph_reads, "the retry read Entra again instead of using the stored extract"
+            assert task_states["extract"][-1] == "Cached" and task_states["load-users"][-1] == "Cached"
+            assert task_states["load-memberships"][-1] == "Completed"
+            assert upn_of[newcomer] in groups_by_name(fabrikam)["Pilot"]
+            _assert_directory_in_sync(fabrikam)
+
+            failed_message = _wait_for_messages(webhook, 2)[1]  # the failure, not the successful retry
+            assert "fabrikam-retried" in failed_message and "AuthError" in failed_message and "Retry the run" in failed_message
+            for text in (blocked_message, failed_message):
+                assert all(sb.api_key not in text and sb.tenant.client_secret not in text for sb in sandboxes.values())
 
         print(f"\nserver healthy after {health_seconds:.1f}s; runs triggered at {triggered_seconds:.1f}s, "
               f"all final at {finished_seconds:.1f}s; {len(holds)} SCIM slot holds of {SCIM_SLOTS} on {scim_limit}, "
               f"at most {_most_slots_at_once(holds)} slots at once")
-        print(f"notification: {message.splitlines()[0]}")
+        for text in (blocked_message, failed_message):
+            print("notification received by the webhook:\n  " + "\n  ".join(text.splitlines()))
         passed = True
     finally:
         processes.stop_all()
@@ -306,6 +343,33 @@ class _prefect_api:
         return self._context.__exit__(*exc)
 
 
+def _wait_for_messages(webhook: WebhookReceiver, count: int, timeout: float = 30) -> list[str]:
+    """The texts the automation sent, once there are `count`; then a pause to catch any extra one."""
+    deadline = time.monotonic() + timeout
+    while len(webhook.received) < count and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)
+    texts = [json.loads(message["body"])["text"] for message in webhook.received]
+    assert len(texts) == count, texts
+    return texts
+
+
+def _graph_reads(sandbox: Sandbox) -> int:
+    """Graph API requests served (token and discovery requests aside)."""
+    return sum(n for endpoint, n in sandbox.graph.requests.items() if "/v1.0/" in endpoint)
+
+
+def _task_states(client, flow_run_id) -> dict[str, list[str]]:
+    """Task name -> the final state name of each of its task runs in the flow run, oldest first."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    found = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, list[str]] = {}
+    for task_run in sorted(found, key=lambda t: t.expected_start_time or t.created):
+        states.setdefault(task_run.name.rsplit("-", 1)[0], []).append(task_run.state_name)  # "extract-3a1" -> extract
+    return states
+
+
 def _wait_for_final(runs: dict[str, str], timeout: float) -> dict:
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -343,8 +407,8 @@ def _workers_by_run(api: str, since: str) -> dict[str, str]:
     return workers
 
 
-def _slot_holds(api: str, since: str, limit_id, expected_at_least: int) -> list[tuple[datetime, datetime, int]]:
-    """(acquired, released, slots) of every hold on the limit, from its events (they reach the store in batches)."""
+def _slot_holds(api: str, since: str, limit_id, expected_at_least: int) -> list[tuple]:
+    """(acquired, released, slots, flow run id, task run name) of every hold on the limit, from its events (they reach the store in batches)."""
     deadline = time.monotonic() + 30
     while True:
         events = read_events(api, "prefect.concurrency-limit.", since, resource_id=f"prefect.concurrency-limit.{limit_id}")
@@ -356,14 +420,23 @@ def _slot_holds(api: str, since: str, limit_id, expected_at_least: int) -> list[
     assert len(acquired) >= expected_at_least, f"{len(acquired)} slot acquisitions recorded, expected {expected_at_least}+"
     assert set(released) >= set(acquired), "an acquisition without its release"
     return [(datetime.fromisoformat(e["occurred"]), datetime.fromisoformat(released[i]["occurred"]),
-             int(e["resource"]["slots-acquired"])) for i, e in acquired.items()]
+             int(e["resource"]["slots-acquired"]), _related(e, "flow-run"), _related(e, "task-run"))
+            for i, e in acquired.items()]
+
+
+def _related(event: dict, role: str) -> str:
+    """The id of the event's related resource in `role` (flow-run, task-run)."""
+    for related in event.get("related", []):
+        if related.get("prefect.resource.role") == role:
+            return related["prefect.resource.id"].removeprefix(f"prefect.{role}.")
+    return "?"
 
 
 def _most_slots_at_once(holds, tolerance: float = 0.25) -> int:
     """The most slots held at one moment. A release is recorded just after it happens, so a hold
     that starts within `tolerance` seconds of another's recorded end is not counted as overlapping."""
-    points = sorted([(start.timestamp(), slots) for start, _, slots in holds]
-                    + [(end.timestamp() - tolerance, -slots) for _, end, slots in holds])
+    points = sorted([(start.timestamp(), slots) for start, _, slots, *_ in holds]
+                    + [(end.timestamp() - tolerance, -slots) for _, end, slots, *_ in holds])
     held = most = 0
     for _, change in points:
         held += change
@@ -384,15 +457,30 @@ def _assert_directory_in_sync(sandbox: Sandbox) -> None:
 
 def _print_timeline(t0: datetime, runs, flow_runs, histories, workers) -> None:
     print(f"\nTimeline of the runs (seconds after the first trigger, {t0:%Y-%m-%d %H:%M:%S} UTC):")
-    print(f"  {'run':<17} {'deployment':<22} {'worker':<9} {'start':>6} {'end':>6} {'secs':>5}  final      states")
+    print(f"  {'run':<17} {'deployment':<24} {'worker':<9} {'start':>6} {'end':>6} {'secs':>5}  {'final':<10} states")
     rows = sorted(runs, key=lambda label: flow_runs[label].start_time or flow_runs[label].end_time or t0)
     for label in rows:
         run = flow_runs[label]
         start = (run.start_time - t0).total_seconds() if run.start_time else float("nan")
         end = (run.end_time - t0).total_seconds() if run.end_time else float("nan")
         path = " > ".join(_squeeze(histories[label]))
-        print(f"  {label:<17} sync-directory/{label.split('-')[0]:<7} {workers.get(runs[label], '?'):<9} "
+        deployment = f"sync-directory/{label.split('-')[0]}"
+        print(f"  {label:<17} {deployment:<24} {workers.get(runs[label], '?'):<9} "
               f"{start:6.1f} {end:6.1f} {end - start:5.1f}  {run.state_name:<10} {path}")
+
+
+def _print_holds(t0: datetime, holds, labels: dict[str, str], name: str) -> None:
+    """Each load's hold of the SCIM API's slots, and how long it waited for them after it started."""
+    from prefect import get_client
+
+    print(f"Slots of the global concurrency limit {name} (limit {SCIM_SLOTS}), held by the loads:")
+    with get_client(sync_client=True) as client:
+        for start, end, slots, flow_run, task_run_id in sorted(holds):
+            task_run = client.read_task_run(uuid.UUID(task_run_id))
+            waited = (start - task_run.start_time).total_seconds()
+            print(f"  {labels.get(flow_run, flow_run):<17} {task_run.name:<22} {slots} slots "
+                  f"{(start - t0).total_seconds():6.2f} -> {(end - t0).total_seconds():6.2f}  "
+                  f"(task started {waited:4.2f}s before it got them)")
 
 
 def _squeeze(names: list[str]) -> list[str]:

@@ -120,10 +120,26 @@ class SandboxServer:
         server.gateway = _Gateway
         server.ssl_adapter = BuiltinSSLAdapter(str(self.ca.server_pem), str(self.ca.server_pem))
         server.ssl_adapter.context = self.ca.server_context()
-        server.prepare()  # binds: the port is known from here on
-        self._server = server
-        self._thread = threading.Thread(target=server.serve, name=f"sandbox-{type(self).__name__}", daemon=True)
+        # prepare() binds the socket (the port is known from then on) and starts the workers. It runs in
+        # the daemon thread so the workers are daemons too: a process that forgets stop() still exits.
+        ready, failure = threading.Event(), []
+
+        def run() -> None:
+            try:
+                server.prepare()
+            except BaseException as exc:  # handed to start(), which raises it
+                failure.append(exc)
+                return
+            finally:
+                ready.set()
+            server.serve()
+
+        self._thread = threading.Thread(target=run, name=f"sandbox-{type(self).__name__}", daemon=True)
         self._thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
+        self._server = server
         return self
 
     def stop(self) -> None:

@@ -1,0 +1,1 @@
+"""The performance benchmark (make bench, make bench-quick): see bench/run.py."""

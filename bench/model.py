@@ -1,0 +1,240 @@
+"""What a sync of a sandbox tenant should do, worked out from the tenant alone (no guardsync code).
+
+The benchmark compares what guardsync did with this: the desired Atlassian state
+(users and flattened groups, per DESIGN.md), the fewest requests a run needs to
+read the tenant and to write the difference, and the tenant churn between runs.
+
+Written for the tenants `generate_tenant(..., bad_records=False)` makes: every user
+is a member on an allowed domain with a unique UPN, so the contract's scope rules
+reduce to "every user; members are the enabled users reached through nesting".
+Tenants with bad records (guests, case twins, unverified domains) are out of scope.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from guardsync.sandbox.tenant import Tenant
+
+GRAPH_PAGE = 999  # $top maximum of /users, /groups, /groups/{id}/members (and delta pages)
+SCIM_MEMBER_CHANGES_PER_PATCH = 100
+GRAPH_FIXED = {  # requests any run makes once, whatever the tenant size
+    "GET /{tenant}/v2.0/.well-known/openid-configuration": 1,  # msal's authority metadata
+    "POST /{tenant}/oauth2/v2.0/token": 1,
+    "GET /v1.0/organization": 1,
+    "GET /v1.0/domains": 1,
+}
+
+UserRecord = tuple  # (userName, displayName, givenName, familyName, title, active)
+
+
+@dataclass
+class Desired:
+    """What Atlassian should hold: users by Entra id, groups by Entra id -> (name, member ids)."""
+
+    users: dict[str, UserRecord] = field(default_factory=dict)
+    groups: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
+
+
+@dataclass
+class Applied:
+    """What a correct guardsync has written so far (users stay once created, deactivated at worst)."""
+
+    users: dict[str, UserRecord] = field(default_factory=dict)
+    groups: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
+
+
+def desired_state(tenant: Tenant) -> Desired:
+    with tenant.lock:
+        users = {
+            uid: (u["userPrincipalName"], u.get("displayName") or "", u.get("givenName") or "",
+                  u.get("surname") or "", u.get("jobTitle") or "", u.get("accountEnabled") is True)
+            for uid, u in tenant.users.items()
+        }
+        enabled = {uid for uid, record in users.items() if record[5]}
+        groups = {gid: (g["displayName"], frozenset(_transitive_users(tenant, gid) & enabled))
+                  for gid, g in tenant.groups.items()}
+    return Desired(users, groups)
+
+
+def _transitive_users(tenant: Tenant, root: str) -> set[str]:
+    seen, stack, found = {root}, [root], set()
+    while stack:
+        for member in tenant.members.get(stack.pop(), ()):
+            if member in seen:
+                continue
+            seen.add(member)
+            if member in tenant.users:
+                found.add(member)
+            elif member in tenant.groups:
+                stack.append(member)
+    return found
+
+
+# -- the fewest requests -----------------------------------------------------------
+
+
+def graph_minimum_full(tenant: Tenant) -> dict[str, int]:
+    """A full read at the largest page size: users, groups, each group's direct members."""
+    with tenant.lock:
+        users, groups = len(tenant.users), len(tenant.groups)
+        member_pages = sum(max(1, math.ceil(len(tenant.members.get(g, ())) / GRAPH_PAGE)) for g in tenant.groups)
+    return {
+        **GRAPH_FIXED,
+        "GET /v1.0/users": max(1, math.ceil(users / GRAPH_PAGE)),
+        "GET /v1.0/groups": max(1, math.ceil(groups / GRAPH_PAGE)),
+        "GET /v1.0/groups/{id}/members": member_pages,
+    }
+
+
+def graph_minimum_delta(users_changed: int, groups_changed: int) -> dict[str, int]:
+    """A delta read (users/delta, groups/delta with members@delta): pages of changed objects only."""
+    return {
+        **GRAPH_FIXED,
+        "GET /v1.0/users/delta": max(1, math.ceil(users_changed / GRAPH_PAGE)),
+        "GET /v1.0/groups/delta": max(1, math.ceil(groups_changed / GRAPH_PAGE)),
+    }
+
+
+@dataclass
+class Writes:
+    """The SCIM writes that take Atlassian from `applied` to `desired`, by kind and by endpoint."""
+
+    users_created: int = 0
+    users_updated: int = 0  # attribute changes, reactivations
+    users_deactivated: int = 0  # disabled, or deleted in Entra
+    groups_created: int = 0
+    groups_deleted: int = 0
+    members_added: int = 0
+    members_removed: int = 0
+    member_patches: int = 0
+    users_changed_ids: set[str] = field(default_factory=set, repr=False)
+    groups_changed_ids: set[str] = field(default_factory=set, repr=False)
+
+    def by_endpoint(self) -> dict[str, int]:
+        return {
+            "POST /Users": self.users_created,
+            "PUT /Users/{id}": self.users_updated + self.users_deactivated,
+            "POST /Groups": self.groups_created,
+            "DELETE /Groups/{id}": self.groups_deleted,
+            "PATCH /Groups/{id}": self.member_patches,
+        }
+
+    def total(self) -> int:
+        return sum(self.by_endpoint().values())
+
+    def counts(self) -> dict[str, int]:
+        return {k: v for k, v in self.__dict__.items() if isinstance(v, int)}
+
+
+def scim_minimum(applied: Applied, desired: Desired) -> tuple[Writes, Applied]:
+    """The writes a run needs, and the state they leave (the next run's `applied`)."""
+    w = Writes()
+    users = dict(applied.users)
+    for uid, record in desired.users.items():
+        before = applied.users.get(uid)
+        if before is None:
+            if record[5]:  # a disabled user who never reached Atlassian is not created
+                w.users_created += 1
+                users[uid] = record
+                w.users_changed_ids.add(uid)
+        elif before != record:
+            if before[5] and not record[5]:
+                w.users_deactivated += 1
+            else:
+                w.users_updated += 1
+            users[uid] = record
+            w.users_changed_ids.add(uid)
+    for uid, before in applied.users.items():
+        if uid not in desired.users and before[5]:  # deleted in Entra: deactivated, never deleted
+            w.users_deactivated += 1
+            users[uid] = before[:5] + (False,)
+            w.users_changed_ids.add(uid)
+    groups = {}
+    for gid, (name, members) in desired.groups.items():
+        before = applied.groups.get(gid)
+        current = before[1] if before is not None and before[0].casefold() == name.casefold() else frozenset()
+        if before is None:
+            w.groups_created += 1
+        elif before[0].casefold() != name.casefold():
+            w.groups_created += 1  # a rename is a create, members moved, then a delete
+            w.groups_deleted += 1
+        added, removed = len(members - current), len(current - members)
+        w.members_added += added
+        w.members_removed += removed
+        w.member_patches += math.ceil((added + removed) / SCIM_MEMBER_CHANGES_PER_PATCH)
+        if before is None or added or removed or before[0] != name:
+            w.groups_changed_ids.add(gid)
+        groups[gid] = (name, members)
+    for gid in applied.groups:
+        if gid not in desired.groups:
+            w.groups_deleted += 1
+            w.groups_changed_ids.add(gid)
+    return w, Applied(users, groups)
+
+
+# -- churn ---------------------------------------------------------------------------
+
+
+def churn(tenant: Tenant, fraction: float = 0.01, seed: int = 1) -> dict[str, int]:
+    """Change `fraction` of the users as a day of directory life does, and some memberships.
+
+    Of the changed users: 40% updated (title, display name), 20% disabled, 20% added
+    (each into two groups), 20% deleted. Then as many direct memberships added and
+    removed as users changed.
+    """
+    rng = random.Random(seed)
+    with tenant.lock:
+        user_ids = sorted(uid for uid, u in tenant.users.items() if u["accountEnabled"])
+        group_ids = sorted(tenant.groups)
+        n = max(5, round(len(tenant.users) * fraction))
+        picked = rng.sample(user_ids, n)
+        n_update, n_disable, n_add = round(n * 0.4), round(n * 0.2), round(n * 0.2)
+        updated, disabled = picked[:n_update], picked[n_update : n_update + n_disable]
+        deleted = picked[n_update + n_disable + n_add :]
+        for uid in updated:
+            user = tenant.users[uid]
+            tenant.update_user(uid, jobTitle=f"{user.get('jobTitle') or 'Staff'} II",
+                               displayName=f"{user['displayName']} (moved)")
+        for uid in disabled:
+            tenant.update_user(uid, accountEnabled=False)
+        added = []
+        for i in range(n_add):
+            upn = f"bench.joiner{seed}.{i}@contoso.com"
+            uid = tenant.add_user(userPrincipalName=upn, mail=upn, displayName=f"Joiner {seed}-{i}", givenName="Joiner",
+                                  surname=f"{seed}-{i}", jobTitle="Engineer", accountEnabled=True, userType="Member")
+            for gid in rng.sample(group_ids, 2):
+                tenant.add_member(gid, uid)
+            added.append(uid)
+        _delete_users(tenant, set(deleted))
+        # Membership moves among users who stay: n added, n removed.
+        stay = [uid for uid in user_ids if uid not in set(deleted)]
+        members_added = members_removed = 0
+        while members_added < n:
+            gid, uid = rng.choice(group_ids), rng.choice(stay)
+            if uid not in tenant.members[gid]:
+                tenant.members[gid].append(uid)
+                members_added += 1
+        with_users = [gid for gid in group_ids if any(m in tenant.users for m in tenant.members[gid])]
+        while members_removed < n and with_users:
+            gid = rng.choice(with_users)
+            users_in = [m for m in tenant.members[gid] if m in tenant.users]
+            if not users_in:
+                with_users.remove(gid)
+                continue
+            tenant.members[gid].remove(rng.choice(users_in))
+            members_removed += 1
+    return {"users_updated": len(updated), "users_disabled": len(disabled), "users_added": len(added),
+            "users_deleted": len(deleted), "direct_memberships_added": members_added,
+            "direct_memberships_removed": members_removed}
+
+
+def _delete_users(tenant: Tenant, ids: set[str]) -> None:
+    """Tenant.delete_user for many users at once (it scans every group per user)."""
+    for uid in ids:
+        del tenant.users[uid]
+    for gid, members in tenant.members.items():
+        if any(m in ids for m in members):
+            tenant.members[gid] = [m for m in members if m not in ids]

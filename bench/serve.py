@@ -1,0 +1,144 @@
+"""The benchmark's sandbox, in a process of its own: `python -m bench.serve --users N ...`.
+
+It generates the tenant, starts the Sandbox (Graph emulator and Atlassian SCIM
+server, with `--latency` seconds added to every request) and prints one JSON line:
+the URLs, the configuration and the environment guardsync needs. Then it answers
+commands, one JSON object a line on stdin, one JSON line on stdout:
+
+    {"cmd": "counts"}         requests each server served, by endpoint; this process's CPU
+    {"cmd": "reset_counts"}
+    {"cmd": "expect"}         the fewest requests the next run needs (bench.model), from the tenant
+    {"cmd": "commit"}         the next run has happened: what it should have written is now applied
+    {"cmd": "verify"}         compare Atlassian (the SCIM server's store) with what should be applied
+    {"cmd": "churn", "fraction": 0.01, "seed": 1}
+    {"cmd": "stop"}
+
+Running apart keeps the sandbox's CPU and memory out of guardsync's figures, and
+gives the sandbox a core of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+from bench import model
+from guardsync.sandbox.stack import Sandbox
+from guardsync.sandbox.tenant import generate_tenant
+
+DOMAINS = ("contoso.com", "fabrikam.com")
+
+
+class Server:
+    def __init__(self, args):
+        started = time.monotonic()
+        self.tenant = generate_tenant(users=args.users, groups=args.groups, memberships=args.memberships,
+                                      depth=args.depth, seed=args.seed, domains=DOMAINS, bad_records=False)
+        self.generated_in = time.monotonic() - started
+        self.sandbox = Sandbox(self.tenant, atlassian_domains=set(DOMAINS), latency=args.latency).start()
+        self.applied = model.Applied()
+        self.pending: model.Applied | None = None
+
+    def hello(self) -> dict:
+        t = self.tenant
+        config = self.sandbox.config("sqlite:///placeholder.db")
+        return {
+            "ready": True,
+            "config": config,
+            "env": self.sandbox.environment(),
+            "tenant": {"users": len(t.users), "groups": len(t.groups),
+                       "direct_memberships": sum(len(m) for m in t.members.values()),
+                       "generated_s": round(self.generated_in, 2)},
+        }
+
+    def counts(self, _):
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {"graph": dict(self.sandbox.graph.requests), "scim": dict(self.sandbox.scim.requests),
+                "cpu_s": usage.ru_utime + usage.ru_stime, "max_rss_mb": usage.ru_maxrss / 1024}
+
+    def reset_counts(self, _):
+        self.sandbox.graph.reset_counts()
+        self.sandbox.scim.reset_counts()
+        return {}
+
+    def expect(self, _):
+        desired = model.desired_state(self.tenant)
+        writes, self.pending = model.scim_minimum(self.applied, desired)
+        return {
+            "graph_full": model.graph_minimum_full(self.tenant),
+            "graph_delta": model.graph_minimum_delta(len(writes.users_changed_ids), len(writes.groups_changed_ids)),
+            "scim": writes.by_endpoint(),
+            "changes": writes.counts(),
+        }
+
+    def commit(self, _):
+        if self.pending is not None:
+            self.applied, self.pending = self.pending, None
+        return {}
+
+    def verify(self, _):
+        """Atlassian's users and groups against what should be applied; a few examples of each difference."""
+        storage = self.sandbox.scim.storage
+        with storage.lock:
+            stored_users = list(storage._resources.get("User", {}).values())
+            stored_groups = list(storage._resources.get("Group", {}).values())
+        by_scim_id = {u.id: u.external_id for u in stored_users}
+        problems: list[str] = []
+        users = {u.external_id: u for u in stored_users}
+        for uid, record in self.applied.users.items():
+            user = users.get(uid)
+            if user is None:
+                problems.append(f"user {record[0]} missing")
+            elif user.user_name != record[0] or bool(user.active) != record[5] or (user.title or "") != record[4]:
+                problems.append(f"user {record[0]} differs (userName {user.user_name}, active {user.active})")
+        if len(users) != len(self.applied.users):
+            problems.append(f"{len(users)} users in Atlassian, {len(self.applied.users)} expected")
+        groups = {g.display_name: g for g in stored_groups}
+        for gid, (name, members) in self.applied.groups.items():
+            group = groups.get(name)
+            if group is None:
+                problems.append(f"group {name} missing")
+                continue
+            have = {by_scim_id.get(m.value) for m in group.members or []}
+            if have != set(members):
+                problems.append(f"group {name}: {len(have - members)} extra, {len(members - have)} missing members")
+        if len(groups) != len(self.applied.groups):
+            problems.append(f"{len(groups)} groups in Atlassian, {len(self.applied.groups)} expected")
+        return {"ok": not problems, "problems": len(problems), "examples": problems[:10]}
+
+    def churn(self, command):
+        return model.churn(self.tenant, command.get("fraction", 0.01), command.get("seed", 1))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.serve")
+    parser.add_argument("--users", type=int, required=True)
+    parser.add_argument("--groups", type=int, required=True)
+    parser.add_argument("--memberships", type=int, required=True)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--latency", type=float, default=0.020, help="seconds added to every request")
+    args = parser.parse_args(argv)
+    server = Server(args)
+    out = sys.stdout
+    out.write(json.dumps(server.hello()) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["cmd"] == "stop":
+            break
+        try:
+            answer = getattr(server, command["cmd"])(command)
+        except Exception as exc:  # answered, so the harness shows it instead of hanging
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
+    server.sandbox.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,493 @@
+"""Faults on both edges: the run completes correctly after retries, or fails having written nothing wrong.
+
+Every case runs the real flow in-process against the sandbox (HTTPS on loopback),
+injects faults with `Fault(...)`, and compares the final Atlassian state with that of
+an uninterrupted run on an identical fresh sandbox (same tenant seed), plus the exit
+status the contract promises (0 completed, 1 failed, 3 blocked).
+
+Retry budgets and timeouts are production values (120 s of client retries, task
+retries 30 s apart, 10/60 s connect/read timeouts) and are not settings: the
+`fast_retries` and `short_timeouts` fixtures shrink them by monkeypatching so a
+permanent fault fails in seconds instead of minutes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from guardsync.errors import AuthError, GuardsyncBlocked, TransientError
+from guardsync.sandbox.http import Fault
+
+WRITES = ("POST", "PUT", "PATCH", "DELETE")
+USERS, GROUPS, SEED = 80, 8, 11
+SCIM_ERROR = "urn:ietf:params:scim:api:messages:2.0:Error"
+POST_USERS = r"/Users\?$"  # full_path is "path?query"; a POST has no query
+POST_GROUPS = r"/Groups\?$"
+
+
+# -- helpers shared with the other fault, kill and bad-input tests ------------------------
+
+
+def scim_writes(sandbox) -> int:
+    return sum(sandbox.scim.total(method) for method in WRITES)
+
+
+def atlassian_state(sandbox) -> dict:
+    """What Atlassian holds, independent of SCIM ids: users by userName, groups by name with member userNames.
+
+    Fails on duplicates (two users with one userName, two groups with one name, ignoring case)
+    and on a member that is no user.
+    """
+    users = sandbox.scim.users()
+    groups = sandbox.scim.groups()
+    names = {u["id"]: u["userName"] for u in users}
+    user_keys = [u["userName"].casefold() for u in users]
+    assert len(user_keys) == len(set(user_keys)), f"duplicate userName: {sorted(k for k in user_keys if user_keys.count(k) > 1)}"
+    group_keys = [g["displayName"].casefold() for g in groups]
+    assert len(group_keys) == len(set(group_keys)), f"duplicate group: {sorted(k for k in group_keys if group_keys.count(k) > 1)}"
+    external = [u.get("externalId") for u in users if u.get("externalId")]
+    assert len(external) == len(set(external)), "two Atlassian users carry one Entra object id"
+    state_users = {
+        u["userName"]: (
+            u.get("externalId"), u.get("active"), u.get("displayName"), u.get("title"),
+            (u.get("name") or {}).get("givenName"), (u.get("name") or {}).get("familyName"),
+            tuple(e["value"] for e in u.get("emails") or [] if e.get("primary")),
+        )
+        for u in users
+    }
+    state_groups = {}
+    for group in groups:
+        member_ids = [m["value"] for m in group.get("members") or []]
+        assert all(m in names for m in member_ids), f"group {group['displayName']} holds a member that is no user"
+        assert len(member_ids) == len(set(member_ids)), f"group {group['displayName']} lists a member twice"
+        state_groups[group["displayName"]] = (group.get("externalId"), frozenset(names[m] for m in member_ids))
+    return {"users": state_users, "groups": state_groups}
+
+
+def assert_same_state(actual: dict, expected: dict) -> None:
+    missing_users = set(expected["users"]) - set(actual["users"])
+    extra_users = set(actual["users"]) - set(expected["users"])
+    assert not missing_users and not extra_users, f"missing users {sorted(missing_users)[:5]}, extra {sorted(extra_users)[:5]}"
+    wrong = {n: (actual["users"][n], expected["users"][n]) for n in expected["users"] if actual["users"][n] != expected["users"][n]}
+    assert not wrong, f"users differ (actual, expected): {list(wrong.items())[:3]}"
+    assert set(actual["groups"]) == set(expected["groups"])
+    for name, (external_id, members) in expected["groups"].items():
+        got_id, got_members = actual["groups"][name]
+        assert got_id == external_id, name
+        assert got_members == members, f"{name}: missing {sorted(members - got_members)[:5]}, extra {sorted(got_members - members)[:5]}"
+
+
+def nontrivial(state: dict) -> dict:
+    """A reference worth comparing with: users, groups, and memberships."""
+    assert len(state["users"]) > 40 and len(state["groups"]) >= 8
+    assert sum(len(members) for _, members in state["groups"].values()) > 50
+    return state
+
+
+_references: dict[tuple, dict] = {}
+
+
+@pytest.fixture
+def sandbox(make_sandbox):
+    """The tenant of these tests (smaller than conftest's default)."""
+    return make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
+
+
+@pytest.fixture
+def reference(make_sandbox, sync, tmp_path_factory):
+    """The Atlassian state an uninterrupted first run leaves on a fresh sandbox of the same tenant (cached)."""
+
+    def get(users=USERS, groups=GROUPS, seed=SEED, **sync_options) -> dict:
+        key = (users, groups, seed, tuple(sorted((k, str(v)) for k, v in sync_options.items())))
+        if key not in _references:
+            fresh = make_sandbox(users=users, groups=groups, seed=seed)
+            state = f"sqlite:///{tmp_path_factory.mktemp('reference') / 'state.db'}"
+            status, summary = sync(fresh.settings(state, **sync_options))
+            assert status == 0, summary
+            _references[key] = nontrivial(atlassian_state(fresh))
+            fresh.stop()
+        return _references[key]
+
+    return get
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    """Client retry budgets of 3 s and task retries without the 30 s pause: a permanent fault fails fast."""
+    import flows.sync_directory as flow_module
+    from guardsync.graph import GraphClient
+    from guardsync.scim import ScimClient
+
+    monkeypatch.setitem(GraphClient.__init__.__kwdefaults__, "max_retry_seconds", 3.0)
+    monkeypatch.setitem(ScimClient.__init__.__kwdefaults__, "max_retry_seconds", 3.0)
+    for name in ("extract", "read_drift", "load_users", "load_groups", "load_memberships"):
+        if hasattr(flow_module, name):
+            monkeypatch.setattr(flow_module, name, getattr(flow_module, name).with_options(retry_delay_seconds=0))
+
+
+@pytest.fixture
+def small_pages(monkeypatch):
+    """Graph pages of 20 objects, so listings span several pages (full reads and delta rounds alike)."""
+    import guardsync.graph
+
+    monkeypatch.setattr(guardsync.graph, "PAGE_SIZE", 20)
+
+    def apply(sandbox):
+        sandbox.graph.delta_page_objects = 20
+        sandbox.graph.delta_page_links = 20
+        return sandbox
+
+    return apply
+
+
+@pytest.fixture
+def short_timeouts(monkeypatch):
+    """Read timeouts of 0.5 s on both clients (production: 60 s), so a Fault(delay=2) is a timeout."""
+    import guardsync.graph
+    import guardsync.scim
+
+    monkeypatch.setattr(guardsync.graph, "TIMEOUT", (5, 0.5))
+    monkeypatch.setattr(guardsync.scim, "TIMEOUT", (5.0, 0.5))
+
+
+def scim_error(status: int, detail: str, scim_type: str | None = None) -> str:
+    body = {"schemas": [SCIM_ERROR], "status": str(status), "detail": detail}
+    if scim_type:
+        body["scimType"] = scim_type
+    return json.dumps(body)
+
+
+def graph_error(code: str, message: str) -> str:
+    return json.dumps({"error": {"code": code, "message": message}})
+
+
+def first_sync(sandbox, state_url, sync) -> dict:
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    sandbox.scim.reset_counts()
+    sandbox.graph.reset_counts()
+    return atlassian_state(sandbox)
+
+
+def recorded_users(state_url: str) -> set[str]:
+    from guardsync.state import StateStore
+
+    store = StateStore(state_url)
+    try:
+        return set(store.load().users)
+    finally:
+        store.dispose()
+
+
+# -- Microsoft Graph faults ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        pytest.param([Fault("GET", r"^/v1\.0/", 429, times=12, headers={"Retry-After": "0"}),
+                      Fault("GET", r"^/v1\.0/users", 429, times=2, headers={"Retry-After": "1"})], id="429-storm-retry-after"),
+        pytest.param([Fault("GET", r"^/v1\.0/users", 503, times=2), Fault("GET", r"/members", 504, times=3, headers={"Retry-After": "1"}),
+                      Fault("GET", r"^/v1\.0/groups\?", 500, times=1), Fault("GET", r"^/v1\.0/domains", 502, times=1)], id="5xx"),
+        pytest.param([Fault("GET", r"^/v1\.0/users", reset=True, times=2), Fault("GET", r"/members", reset=True, times=2)],
+                     id="connection-reset"),
+        pytest.param([Fault("POST", r"/oauth2/v2\.0/token", 429, times=1, headers={"Retry-After": "1"},
+                            body=json.dumps({"error": "temporarily_unavailable", "error_description": "AADSTS50196: throttled"}))],
+                     id="token-endpoint-429"),
+        pytest.param([Fault("POST", r"/oauth2/v2\.0/token", 503, times=2)], id="token-endpoint-503"),
+        pytest.param([Fault("POST", r"/oauth2/v2\.0/token", reset=True, times=1)], id="token-endpoint-reset"),
+    ],
+)
+def test_transient_graph_faults_are_retried_to_the_same_result(faults, sandbox, state_url, sync, reference):
+    for fault in faults:
+        sandbox.graph.inject(fault)
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    assert all(fault.times == 0 for fault in faults), "every injected fault was served"
+    assert_same_state(atlassian_state(sandbox), reference())
+
+
+def test_graph_timeouts_are_retried(make_sandbox, state_url, sync, reference, short_timeouts):
+    sandbox = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
+    users = sandbox.graph.inject(Fault("GET", r"^/v1\.0/users", delay=2.0, times=1))
+    members = sandbox.graph.inject(Fault("GET", r"/members", delay=2.0, times=2))
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    assert users.times == members.times == 0
+    assert_same_state(atlassian_state(sandbox), reference())
+
+
+@pytest.mark.parametrize("body", ['{"value": [{"id": "', '{"@odata.context": "x", "value": [', "<html>502 Bad Gate"])
+def test_a_truncated_page_is_read_again(body, make_sandbox, state_url, sync, reference, small_pages):
+    sandbox = small_pages(make_sandbox(users=USERS, groups=GROUPS, seed=SEED))
+    fault = sandbox.graph.inject(Fault("GET", r"^/v1\.0/users\?.*skiptoken", 200, body=body, times=1))
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    assert fault.times == 0
+    assert_same_state(atlassian_state(sandbox), reference())
+
+
+def test_a_token_that_expires_mid_run_is_renewed(make_sandbox, state_url, sync, reference, small_pages):
+    sandbox = small_pages(make_sandbox(users=USERS, groups=GROUPS, seed=SEED))
+    sandbox.graph.token_lifetime = 0.3  # the answer still announces an hour, as a revoked or clock-skewed token does
+    sandbox.graph.latency = 0.05  # the read (about 20 requests) outlives the token
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    assert sandbox.graph.rejected_tokens >= 1
+    assert sandbox.graph.total("POST") >= 2  # a second token was asked for
+    assert_same_state(atlassian_state(sandbox), reference())
+
+
+@pytest.mark.parametrize(
+    "fault, error",
+    [
+        pytest.param(Fault("GET", r"^/v1\.0/users\?.*skiptoken", 503, times=10**6), TransientError, id="users-page-2-503"),
+        pytest.param(Fault("GET", r"^/v1\.0/users\?.*skiptoken", 429, times=10**6, headers={"Retry-After": "1"}),
+                     TransientError, id="users-page-2-429"),
+        pytest.param(Fault("GET", r"^/v1\.0/users\?.*skiptoken", reset=True, times=10**6), TransientError, id="users-page-2-reset"),
+        pytest.param(Fault("GET", r"/members\?.*skiptoken", 500, times=10**6), TransientError, id="members-page-2-500"),
+        pytest.param(Fault("GET", r"^/v1\.0/users\?.*skiptoken", 400, times=10**6,
+                           body=graph_error("BadRequest", "Invalid $skiptoken")), None, id="users-page-2-400"),
+        pytest.param(Fault("GET", r"^/v1\.0/users\?.*skiptoken", 403, times=10**6,
+                           body=graph_error("Authorization_RequestDenied", "Insufficient privileges")), AuthError,
+                     id="users-page-2-403"),
+        pytest.param(Fault("GET", r"^/v1\.0/users\?.*skiptoken", 200, body="{truncated", times=10**6), TransientError,
+                     id="users-page-2-always-truncated"),
+    ],
+)
+def test_a_next_link_that_fails_for_good_writes_nothing(fault, error, make_sandbox, state_url, sync, small_pages, fast_retries):
+    """A first sync, then a run whose read fails half-way for good: no SCIM write at all, exit 1, nothing deactivated."""
+    sandbox = small_pages(make_sandbox(users=USERS, groups=GROUPS, seed=SEED))
+    before = first_sync(sandbox, state_url, sync)
+    # A change that a completed run would write: proves the failed run did not get that far.
+    newcomer = sandbox.tenant.add_user(userPrincipalName="newcomer@contoso.com", mail="newcomer@contoso.com")
+    sandbox.tenant.add_member(next(iter(sandbox.tenant.groups)), newcomer)
+    sandbox.graph.inject(fault)
+    status, exc = sync(sandbox.settings(state_url))
+    assert status == 1, exc
+    if error is not None:
+        assert isinstance(exc, error), repr(exc)
+    assert scim_writes(sandbox) == 0
+    assert fault.times < 10**6  # the fault was met
+    assert atlassian_state(sandbox) == before
+
+
+def test_a_page_without_value_is_not_read_as_empty(make_sandbox, state_url, sync, small_pages, fast_retries):
+    """Valid JSON that is not a Graph collection page (no `value`, no nextLink): treat like a truncated page."""
+    sandbox = small_pages(make_sandbox(users=USERS, groups=GROUPS, seed=SEED))
+    before = first_sync(sandbox, state_url, sync)
+    sandbox.graph.inject(Fault("GET", r"^/v1\.0/users\?.*skiptoken", 200, body='{"@odata.context": "users"}', times=10**6))
+    status, exc = sync(sandbox.settings(state_url, max_deactivations=100))
+    assert status == 1, exc
+    assert scim_writes(sandbox) == 0
+    assert atlassian_state(sandbox) == before
+
+
+# -- Atlassian SCIM faults ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        pytest.param([Fault("POST", POST_USERS, 429, times=3, headers={"Retry-After": "1"}),
+                      Fault("PATCH", r"/Groups/", 429, times=2, headers={"Retry-After": "1"})], id="429-retry-after"),
+        pytest.param([Fault("POST", POST_USERS, 429, times=4), Fault("POST", POST_GROUPS, 429, times=2),
+                      Fault("PATCH", r"/Groups/", 429, times=2)], id="429-no-retry-after"),
+        pytest.param([Fault("POST", POST_USERS, 500, times=3, body=scim_error(500, "Internal error")),
+                      Fault("POST", POST_GROUPS, 503, times=2), Fault("PATCH", r"/Groups/", 502, times=2)], id="5xx"),
+        pytest.param([Fault("POST", POST_USERS, 504, after_serving=True, times=4),
+                      Fault("POST", POST_GROUPS, 504, after_serving=True, times=3),
+                      Fault("PATCH", r"/Groups/", 504, after_serving=True, times=3)], id="504-after-applying"),
+        pytest.param([Fault("POST", POST_USERS, after_serving=True, reset=True, times=3),
+                      Fault("POST", POST_GROUPS, after_serving=True, reset=True, times=2),
+                      Fault("PATCH", r"/Groups/", after_serving=True, reset=True, times=2)], id="reset-after-applying"),
+        pytest.param([Fault("POST", POST_USERS, reset=True, times=3), Fault("GET", r"/Users\?.*filter", 503, times=2)],
+                     id="reset-before-applying"),
+    ],
+)
+def test_transient_scim_faults_neither_duplicate_nor_lose(faults, sandbox, state_url, sync, reference):
+    for fault in faults:
+        sandbox.scim.inject(fault)
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    assert all(fault.times == 0 for fault in faults)
+    assert_same_state(atlassian_state(sandbox), reference())
+
+
+def test_scim_timeouts_after_the_write_was_applied_do_not_duplicate(sandbox, state_url, sync, reference, short_timeouts):
+    users = sandbox.scim.inject(Fault("POST", POST_USERS, 504, after_serving=True, delay=2.0, times=2))
+    groups = sandbox.scim.inject(Fault("POST", POST_GROUPS, 504, after_serving=True, delay=2.0, times=1))
+    patch = sandbox.scim.inject(Fault("PATCH", r"/Groups/", 504, after_serving=True, delay=2.0, times=1))
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    assert users.times == groups.times == patch.times == 0
+    assert_same_state(atlassian_state(sandbox), reference())
+
+
+def test_faults_on_updates_deactivations_and_deletions_of_a_second_run(make_sandbox, state_url, sync, tmp_path):
+    """PUT and DELETE lose their answers after applying; the run ends where a clean run ends."""
+
+    def changes(sandbox):
+        tenant = sandbox.tenant
+        enabled = sorted(uid for uid, u in tenant.users.items() if u["accountEnabled"] and "#EXT#" not in u["userPrincipalName"]
+                         and u["userPrincipalName"].endswith(("@contoso.com", "@fabrikam.com")))
+        for uid in enabled[:3]:
+            tenant.update_user(uid, accountEnabled=False)
+        for uid in enabled[3:6]:
+            tenant.update_user(uid, jobTitle="Principal Fault Injector")
+        doomed = sorted(tenant.groups)[-1]
+        tenant.delete_group(doomed)
+
+    clean = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
+    clean_state = f"sqlite:///{tmp_path / 'clean.db'}"
+    first_sync(clean, clean_state, sync)
+    changes(clean)
+    assert sync(clean.settings(clean_state))[0] == 0
+    expected = atlassian_state(clean)
+
+    sandbox = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
+    first_sync(sandbox, state_url, sync)
+    changes(sandbox)
+    faults = [sandbox.scim.inject(Fault("PUT", r"/Users/", 504, after_serving=True, times=3)),
+              sandbox.scim.inject(Fault("PUT", r"/Users/", 429, times=2)),
+              sandbox.scim.inject(Fault("DELETE", r"/Groups/", 504, after_serving=True, times=1))]
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    assert all(fault.times == 0 for fault in faults)
+    assert_same_state(atlassian_state(sandbox), expected)
+    assert sum(1 for u in expected["users"].values() if u[1] is False) >= 3  # the deactivations are in the comparison
+
+
+def _delete_by_hand(sandbox, kind: str, scim_id: str) -> None:
+    """What an admin does in Atlassian between runs (through the API, as any other client would)."""
+    answer = requests.delete(f"{sandbox.scim.scim_url}/{kind}/{scim_id}", headers={"Authorization": f"Bearer {sandbox.api_key}"},
+                             verify=str(sandbox.ca.ca_file), timeout=10)
+    assert answer.status_code == 204
+
+
+def test_a_user_deleted_by_hand_is_recreated_on_update(sandbox, state_url, sync):
+    first_sync(sandbox, state_url, sync)
+    by_name = {u["userName"]: u for u in sandbox.scim.users()}
+    groups_before = atlassian_state(sandbox)["groups"]
+    victim = max(by_name, key=lambda n: sum(n in members for _, members in groups_before.values()))
+    assert sum(victim in members for _, members in groups_before.values()) >= 1
+    entra_id = by_name[victim]["externalId"]
+    _delete_by_hand(sandbox, "Users", by_name[victim]["id"])
+    sandbox.tenant.update_user(entra_id, jobTitle="Re-created Engineer")  # a change, so the run PUTs and meets 404
+
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    after = atlassian_state(sandbox)
+    assert after["users"][victim][0] == entra_id and after["users"][victim][1] is True
+    assert after["users"][victim][3] == "Re-created Engineer"
+    for name, (_, members) in groups_before.items():  # back in every group it was in
+        assert (victim in members) == (victim in after["groups"][name][1]), name
+    assert set(after["users"]) == set(atlassian_state(sandbox)["users"])
+
+
+def test_existing_users_and_groups_are_adopted_on_409(sandbox, state_url, sync, reference):
+    expected = reference()
+    name = sorted(expected["users"])[0]
+    entra_id = expected["users"][name][0]
+    # One made by hand (other case, no externalId), one left by an earlier run that died before recording it.
+    sandbox.scim.add_user({"userName": name.upper(), "emails": [{"value": name, "primary": True}], "active": True})
+    other = sorted(expected["users"])[1]
+    sandbox.scim.add_user({"userName": other, "externalId": expected["users"][other][0],
+                           "emails": [{"value": other, "primary": True}], "active": True})
+    stranger = sandbox.scim.add_user({"userName": "stranger@contoso.com", "emails": [{"value": "stranger@contoso.com", "primary": True}]})
+    group = sorted(expected["groups"])[0]
+    sandbox.scim.add_group(group.swapcase(), [stranger["id"]])
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    assert summary.counts["users_adopted"] == 2 and summary.counts["groups_adopted"] == 1
+    after = atlassian_state(sandbox)
+    assert after["users"].pop("stranger@contoso.com")[1] in (True, None)  # untouched
+    adopted_group = after["groups"].pop(group.swapcase())
+    after["groups"][group] = adopted_group
+    assert after["users"][name][0] == entra_id
+    assert_same_state(after, expected)
+
+
+def test_a_rejected_scim_key_fails_with_the_one_year_advice_and_writes_nothing(sandbox, state_url, sync, monkeypatch):
+    monkeypatch.setenv("GUARDSYNC_SANDBOX_SCIM_API_KEY", "ATSCIM-expired-key-1234567890")
+    status, exc = sync(sandbox.settings(state_url))
+    assert status == 1 and isinstance(exc, AuthError)
+    message = str(exc)
+    assert "401" in message and "one year" in message and "regenerate" in message and "atlassian.api_key" in message
+    assert "ATSCIM-expired-key" not in message and "ATSCIM-expired-key" not in repr(exc)
+    assert "\n" not in message
+    assert sandbox.scim.users() == [] and sandbox.scim.groups() == []
+    assert recorded_users(state_url) == set()
+
+
+def test_a_key_revoked_mid_run_stops_the_run_and_the_next_run_finishes(sandbox, state_url, sync, reference):
+    fault = sandbox.scim.inject(Fault("PATCH", r"/Groups/", 401, times=10**6, body=scim_error(401, "Unauthorized")))
+    status, exc = sync(sandbox.settings(state_url))
+    assert status == 1 and isinstance(exc, AuthError) and "one year" in str(exc)
+    assert fault.times < 10**6
+    partial = atlassian_state(sandbox)
+    assert len(partial["users"]) == len(reference()["users"])  # users and groups landed before the memberships
+    assert all(not members for _, members in partial["groups"].values())
+    sandbox.scim.clear_faults()
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    assert_same_state(atlassian_state(sandbox), reference())
+
+
+def test_a_400_is_shown_to_the_operator_and_the_other_writes_land(sandbox, state_url, sync, reference):
+    detail = "Invalid email address format for emails[0].value"
+    fault = sandbox.scim.inject(Fault("POST", POST_USERS, 400, times=1, body=scim_error(400, detail, "invalidValue")))
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 1, summary
+    assert fault.times == 0
+    assert len(summary.failures) == 1
+    failure = summary.failures[0]
+    assert detail in failure and "400" in failure and "invalidValue" in failure
+    assert any(detail in line for line in summary.lines())  # in the printed summary
+    expected = reference()
+    partial = atlassian_state(sandbox)
+    refused = set(expected["users"]) - set(partial["users"])
+    assert len(refused) == 1 and set(partial["users"]) <= set(expected["users"])
+    refused_name = refused.pop()
+    assert refused_name in failure  # the failure names the user
+    assert set(partial["groups"]) == set(expected["groups"])  # the groups and the other memberships landed
+    for name, (_, members) in expected["groups"].items():
+        assert partial["groups"][name][1] == members - {refused_name}, name
+    status, summary = sync(sandbox.settings(state_url))  # fixed in Atlassian: the next run completes it
+    assert status == 0, summary
+    assert_same_state(atlassian_state(sandbox), expected)
+
+
+def test_a_user_atlassian_refuses_for_its_domain_is_listed_and_the_rest_lands(make_sandbox, state_url, sync):
+    sandbox = make_sandbox(users=USERS, groups=GROUPS, seed=SEED, atlassian_domains=("contoso.com",))
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 1, summary
+    fabrikam = {u["userPrincipalName"] for u in sandbox.tenant.users.values()
+                if u["userPrincipalName"].endswith("@fabrikam.com") and u["accountEnabled"]}
+    assert fabrikam and len(summary.failures) >= len(fabrikam) - 2  # case twins aside
+    assert all("not verified" in line for line in summary.failures)
+    landed = atlassian_state(sandbox)["users"]
+    assert landed and all(name.casefold().endswith("@contoso.com") for name in landed)
+
+
+def test_scim_failing_for_good_mid_load_resumes_on_the_next_run(sandbox, state_url, sync, reference, fast_retries):
+    fault = sandbox.scim.inject(Fault("PATCH", r"/Groups/", 503, times=10**6))
+    status, exc = sync(sandbox.settings(state_url))
+    assert status == 1 and isinstance(exc, TransientError), repr(exc)
+    assert "try again later" in str(exc)
+    assert fault.times < 10**6
+    sandbox.scim.clear_faults()
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    assert_same_state(atlassian_state(sandbox), reference())
+
+
+def test_a_guard_blocks_before_any_fault_matters(sandbox, state_url, sync):
+    """Blocked runs (exit 3) never reach the SCIM edge: a fault there stays unserved."""
+    fault = sandbox.scim.inject(Fault("POST", POST_USERS, 500, times=1))
+    status, exc = sync(sandbox.settings(state_url, max_group_size=5))
+    assert status == 3 and isinstance(exc, GuardsyncBlocked)
+    assert fault.times == 1 and scim_writes(sandbox) == 0
