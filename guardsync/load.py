@@ -20,6 +20,7 @@ from guardsync.models import DesiredGroup, DesiredUser
 from guardsync.plan import GroupChange, MemberChange, UserChange
 from guardsync.scim import ScimClient
 from guardsync.state import StateStore
+from guardsync.throttle import AdaptiveLimit
 
 log = logging.getLogger("guardsync.load")
 # Audit operations that mean "this object is done for this run" (a retried load skips it).
@@ -53,6 +54,7 @@ class Loader:
         self.run_id = run_id
         self.concurrency = concurrency
         self.report = LoadReport()
+        self.limit = AdaptiveLimit(concurrency)
         self.on_progress = on_progress or (lambda stage, done, total: None)
 
     # -- plumbing ------------------------------------------------------------------
@@ -66,9 +68,14 @@ class Loader:
             if done % 200 == 0 or done == len(items):
                 self.on_progress(stage, done, len(items))
 
+        limit = self.limit = AdaptiveLimit(self.concurrency)
+        self.scim.on_throttle = limit.throttled  # a 429 halves the writes in flight
+
         def one(item: T) -> None:
             try:
-                apply(item)
+                with limit.slot():
+                    apply(item)
+                limit.succeeded()
             except ApiError as exc:  # Atlassian refused this object: show its words, keep going
                 name = describe(item)
                 self.report.fail(f"{stage} {name}: {exc}")

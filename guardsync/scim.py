@@ -85,6 +85,7 @@ class ScimClient:
 
     def __init__(self, scim_url: str, api_key: str, *, dry_run: bool = False, max_retry_seconds: float = 120.0):
         self.scim_url = scim_url.rstrip("/")
+        self.on_throttle: Callable[[], None] = lambda: None  # told of every 429
         self.dry_run = dry_run
         self.max_retry_seconds = max_retry_seconds
         self.requests_made: Counter[str] = Counter()  # endpoint_key -> HTTP requests sent, retries included
@@ -202,6 +203,8 @@ class ScimClient:
                     "try again later",
                     retry_after=delay,
                 )
+            if failure.startswith("429"):
+                self.on_throttle()  # the loader slows its writes down
             log.info("SCIM %s %s: %s; retrying in %.1fs", method, path, failure, delay)
             _pause(delay)
             # A 429 was refused before being applied; anything else may have been applied.

@@ -26,6 +26,11 @@ USERS, GROUPS, SEED = 80, 8, 11
 SCIM_ERROR = "urn:ietf:params:scim:api:messages:2.0:Error"
 POST_USERS = r"/Users\?$"  # full_path is "path?query"; a POST has no query
 POST_GROUPS = r"/Groups\?$"
+# The second and later pages of a Graph listing, full read or delta round alike (they carry a $skiptoken).
+USERS_NEXT_PAGE = r"^/v1\.0/users(/delta)?\?.*skiptoken"
+GROUPS_NEXT_PAGE = r"^/v1\.0/groups(/delta)?\?.*skiptoken"
+MEMBERS_NEXT_PAGE = r"^/v1\.0/groups/(delta\?|[^/]+/members\?).*skiptoken"  # members@delta ride on group pages
+MEMBERS = r"^/v1\.0/groups/(delta|[^/]+/members)"
 
 
 # -- helpers shared with the other fault, kill and bad-input tests ------------------------
@@ -190,9 +195,9 @@ def recorded_users(state_url: str) -> set[str]:
     [
         pytest.param([Fault("GET", r"^/v1\.0/", 429, times=12, headers={"Retry-After": "0"}),
                       Fault("GET", r"^/v1\.0/users", 429, times=2, headers={"Retry-After": "1"})], id="429-storm-retry-after"),
-        pytest.param([Fault("GET", r"^/v1\.0/users", 503, times=2), Fault("GET", r"/members", 504, times=3, headers={"Retry-After": "1"}),
-                      Fault("GET", r"^/v1\.0/groups\?", 500, times=1), Fault("GET", r"^/v1\.0/domains", 502, times=1)], id="5xx"),
-        pytest.param([Fault("GET", r"^/v1\.0/users", reset=True, times=2), Fault("GET", r"/members", reset=True, times=2)],
+        pytest.param([Fault("GET", r"^/v1\.0/users", 503, times=2), Fault("GET", MEMBERS, 504, times=3, headers={"Retry-After": "1"}),
+                      Fault("GET", r"^/v1\.0/organization", 500, times=1), Fault("GET", r"^/v1\.0/domains", 502, times=1)], id="5xx"),
+        pytest.param([Fault("GET", r"^/v1\.0/users", reset=True, times=2), Fault("GET", MEMBERS, reset=True, times=2)],
                      id="connection-reset"),
         pytest.param([Fault("POST", r"/oauth2/v2\.0/token", 429, times=1, headers={"Retry-After": "1"},
                             body=json.dumps({"error": "temporarily_unavailable", "error_description": "AADSTS50196: throttled"}))],
@@ -213,7 +218,7 @@ def test_transient_graph_faults_are_retried_to_the_same_result(faults, sandbox, 
 def test_graph_timeouts_are_retried(make_sandbox, state_url, sync, reference, short_timeouts):
     sandbox = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
     users = sandbox.graph.inject(Fault("GET", r"^/v1\.0/users", delay=2.0, times=1))
-    members = sandbox.graph.inject(Fault("GET", r"/members", delay=2.0, times=2))
+    members = sandbox.graph.inject(Fault("GET", MEMBERS, delay=2.0, times=2))
     status, summary = sync(sandbox.settings(state_url))
     assert status == 0, summary
     assert users.times == members.times == 0
@@ -223,7 +228,7 @@ def test_graph_timeouts_are_retried(make_sandbox, state_url, sync, reference, sh
 @pytest.mark.parametrize("body", ['{"value": [{"id": "', '{"@odata.context": "x", "value": [', "<html>502 Bad Gate"])
 def test_a_truncated_page_is_read_again(body, make_sandbox, state_url, sync, reference, small_pages):
     sandbox = small_pages(make_sandbox(users=USERS, groups=GROUPS, seed=SEED))
-    fault = sandbox.graph.inject(Fault("GET", r"^/v1\.0/users\?.*skiptoken", 200, body=body, times=1))
+    fault = sandbox.graph.inject(Fault("GET", USERS_NEXT_PAGE, 200, body=body, times=1))
     status, summary = sync(sandbox.settings(state_url))
     assert status == 0, summary
     assert fault.times == 0
@@ -244,17 +249,17 @@ def test_a_token_that_expires_mid_run_is_renewed(make_sandbox, state_url, sync, 
 @pytest.mark.parametrize(
     "fault, error",
     [
-        pytest.param(Fault("GET", r"^/v1\.0/users\?.*skiptoken", 503, times=10**6), TransientError, id="users-page-2-503"),
-        pytest.param(Fault("GET", r"^/v1\.0/users\?.*skiptoken", 429, times=10**6, headers={"Retry-After": "1"}),
+        pytest.param(Fault("GET", USERS_NEXT_PAGE, 503, times=10**6), TransientError, id="users-page-2-503"),
+        pytest.param(Fault("GET", USERS_NEXT_PAGE, 429, times=10**6, headers={"Retry-After": "1"}),
                      TransientError, id="users-page-2-429"),
-        pytest.param(Fault("GET", r"^/v1\.0/users\?.*skiptoken", reset=True, times=10**6), TransientError, id="users-page-2-reset"),
-        pytest.param(Fault("GET", r"/members\?.*skiptoken", 500, times=10**6), TransientError, id="members-page-2-500"),
-        pytest.param(Fault("GET", r"^/v1\.0/users\?.*skiptoken", 400, times=10**6,
+        pytest.param(Fault("GET", USERS_NEXT_PAGE, reset=True, times=10**6), TransientError, id="users-page-2-reset"),
+        pytest.param(Fault("GET", MEMBERS_NEXT_PAGE, 500, times=10**6), TransientError, id="members-page-2-500"),
+        pytest.param(Fault("GET", USERS_NEXT_PAGE, 400, times=10**6,
                            body=graph_error("BadRequest", "Invalid $skiptoken")), None, id="users-page-2-400"),
-        pytest.param(Fault("GET", r"^/v1\.0/users\?.*skiptoken", 403, times=10**6,
+        pytest.param(Fault("GET", USERS_NEXT_PAGE, 403, times=10**6,
                            body=graph_error("Authorization_RequestDenied", "Insufficient privileges")), AuthError,
                      id="users-page-2-403"),
-        pytest.param(Fault("GET", r"^/v1\.0/users\?.*skiptoken", 200, body="{truncated", times=10**6), TransientError,
+        pytest.param(Fault("GET", USERS_NEXT_PAGE, 200, body="{truncated", times=10**6), TransientError,
                      id="users-page-2-always-truncated"),
     ],
 )
@@ -279,7 +284,7 @@ def test_a_page_without_value_is_not_read_as_empty(make_sandbox, state_url, sync
     """Valid JSON that is not a Graph collection page (no `value`, no nextLink): treat like a truncated page."""
     sandbox = small_pages(make_sandbox(users=USERS, groups=GROUPS, seed=SEED))
     before = first_sync(sandbox, state_url, sync)
-    sandbox.graph.inject(Fault("GET", r"^/v1\.0/users\?.*skiptoken", 200, body='{"@odata.context": "users"}', times=10**6))
+    sandbox.graph.inject(Fault("GET", USERS_NEXT_PAGE, 200, body='{"@odata.context": "users"}', times=10**6))
     status, exc = sync(sandbox.settings(state_url, max_deactivations=100))
     assert status == 1, exc
     assert scim_writes(sandbox) == 0

@@ -113,6 +113,11 @@ class AtlassianStorage(InMemoryStorage):
         with self.lock:
             super().delete(resource_type, resource_id, expected_version=expected_version)
             self._listing.get(resource_type.name, {}).pop(resource_id, None)
+            if resource_type.name == "User":
+                # As Atlassian does: a deleted user leaves every group (no member pointing at nothing).
+                for group in self._resources.get("Group", {}).values():
+                    if group.members and any(member.value == resource_id for member in group.members):
+                        group.members = [member for member in group.members if member.value != resource_id] or None
 
     def search(self, resource_types, search_request: SearchRequest[Any], *, position=None) -> SearchPage:
         if not _is_plain_listing(resource_types, search_request):
