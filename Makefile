@@ -9,7 +9,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: demo test test-fast bench lock clean
+.PHONY: demo test test-fast bench bench-quick lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit("guardsync needs Python >= 3.11" if sys.version_info < (3, 11) else 0)'
@@ -26,6 +26,15 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
+
+# Performance: synthetic tenants (10k and 100k users) synced through the sandbox with 20 ms
+# injected on every request; prints a table and writes bench-results/*.json (see bench/run.py).
+# The 100k scenario takes the better part of an hour; bench-quick (2k users) about a minute.
+bench: $(STAMP)
+	$(BIN)/python -m bench --scenario 10k --scenario 100k
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench --scenario quick
 
 # Re-pin every dependency (run after changing pyproject.toml, commit constraints.txt).
 lock: $(STAMP)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from guardsync.sandbox.tenant import Tenant
 
-GRAPH_PAGE = 999  # $top maximum of /users, /groups, /groups/{id}/members (and delta pages)
+GRAPH_PAGE = 999  # $top maximum of /users, /groups, /groups/{id}/members
+DELTA_PAGE_OBJECTS, DELTA_PAGE_LINKS = 200, 500  # caps of a users/groups delta page (odata.maxpagesize)
 SCIM_MEMBER_CHANGES_PER_PATCH = 100
 GRAPH_FIXED = {  # requests any run makes once, whatever the tenant size
     "GET /{tenant}/v2.0/.well-known/openid-configuration": 1,  # msal's authority metadata
@@ -77,24 +78,45 @@ def _transitive_users(tenant: Tenant, root: str) -> set[str]:
 
 
 def graph_minimum_full(tenant: Tenant) -> dict[str, int]:
-    """A full read at the largest page size: users, groups, each group's direct members."""
+    """The fewest requests that read the whole tenant and leave delta links for the next run.
+
+    Users: /users at 999 a page then one `/users/delta?$deltatoken=latest`, or /users/delta
+    at its cap of 200 a page, whichever is fewer. Groups and members: /groups at 999 and
+    each group's /members at 999 (at least one each) then one groups/delta `latest`, or
+    /groups/delta at its caps (200 groups and 500 member links a page), whichever is fewer.
+    """
     with tenant.lock:
         users, groups = len(tenant.users), len(tenant.groups)
-        member_pages = sum(max(1, math.ceil(len(tenant.members.get(g, ())) / GRAPH_PAGE)) for g in tenant.groups)
-    return {
-        **GRAPH_FIXED,
-        "GET /v1.0/users": max(1, math.ceil(users / GRAPH_PAGE)),
-        "GET /v1.0/groups": max(1, math.ceil(groups / GRAPH_PAGE)),
-        "GET /v1.0/groups/{id}/members": member_pages,
-    }
+        sizes = [len(tenant.members.get(g, ())) for g in tenant.groups]
+    plain_users = max(1, math.ceil(users / GRAPH_PAGE))
+    delta_users = delta_pages(users, 0)
+    minimum = dict(GRAPH_FIXED)
+    if plain_users + 1 <= delta_users:
+        minimum.update({"GET /v1.0/users": plain_users, "GET /v1.0/users/delta": 1})
+    else:
+        minimum["GET /v1.0/users/delta"] = delta_users
+    plain_groups = max(1, math.ceil(groups / GRAPH_PAGE))
+    plain_members = sum(max(1, math.ceil(n / GRAPH_PAGE)) for n in sizes)
+    delta_groups = delta_pages(groups, sum(sizes))
+    if plain_groups + plain_members + 1 <= delta_groups:
+        minimum.update({"GET /v1.0/groups": plain_groups, "GET /v1.0/groups/{id}/members": plain_members,
+                        "GET /v1.0/groups/delta": 1})
+    else:
+        minimum["GET /v1.0/groups/delta"] = delta_groups
+    return minimum
 
 
-def graph_minimum_delta(users_changed: int, groups_changed: int) -> dict[str, int]:
-    """A delta read (users/delta, groups/delta with members@delta): pages of changed objects only."""
+def delta_pages(objects: int, links: int) -> int:
+    """Pages of a delta round: at most 200 objects and 500 member links a page (Graph's caps)."""
+    return max(1, math.ceil(objects / DELTA_PAGE_OBJECTS), math.ceil(links / DELTA_PAGE_LINKS))
+
+
+def graph_minimum_delta(changes: dict[str, int]) -> dict[str, int]:
+    """A delta round from the last run's delta links: pages of what changed only."""
     return {
         **GRAPH_FIXED,
-        "GET /v1.0/users/delta": max(1, math.ceil(users_changed / GRAPH_PAGE)),
-        "GET /v1.0/groups/delta": max(1, math.ceil(groups_changed / GRAPH_PAGE)),
+        "GET /v1.0/users/delta": delta_pages(changes["users"], 0),
+        "GET /v1.0/groups/delta": delta_pages(changes["groups"], changes["links"]),
     }
 
 
@@ -183,7 +205,8 @@ def churn(tenant: Tenant, fraction: float = 0.01, seed: int = 1) -> dict[str, in
 
     Of the changed users: 40% updated (title, display name), 20% disabled, 20% added
     (each into two groups), 20% deleted. Then as many direct memberships added and
-    removed as users changed.
+    removed as users changed. Only through the Tenant's mutators, so its change log
+    (what Graph delta queries serve) sees every change.
     """
     rng = random.Random(seed)
     with tenant.lock:
@@ -193,7 +216,7 @@ def churn(tenant: Tenant, fraction: float = 0.01, seed: int = 1) -> dict[str, in
         picked = rng.sample(user_ids, n)
         n_update, n_disable, n_add = round(n * 0.4), round(n * 0.2), round(n * 0.2)
         updated, disabled = picked[:n_update], picked[n_update : n_update + n_disable]
-        deleted = picked[n_update + n_disable + n_add :]
+        deleted = set(picked[n_update + n_disable + n_add :])
         for uid in updated:
             user = tenant.users[uid]
             tenant.update_user(uid, jobTitle=f"{user.get('jobTitle') or 'Staff'} II",
@@ -208,14 +231,15 @@ def churn(tenant: Tenant, fraction: float = 0.01, seed: int = 1) -> dict[str, in
             for gid in rng.sample(group_ids, 2):
                 tenant.add_member(gid, uid)
             added.append(uid)
-        _delete_users(tenant, set(deleted))
+        for uid in sorted(deleted):
+            tenant.delete_user(uid)
         # Membership moves among users who stay: n added, n removed.
-        stay = [uid for uid in user_ids if uid not in set(deleted)]
+        stay = [uid for uid in user_ids if uid not in deleted]
         members_added = members_removed = 0
         while members_added < n:
             gid, uid = rng.choice(group_ids), rng.choice(stay)
             if uid not in tenant.members[gid]:
-                tenant.members[gid].append(uid)
+                tenant.add_member(gid, uid)
                 members_added += 1
         with_users = [gid for gid in group_ids if any(m in tenant.users for m in tenant.members[gid])]
         while members_removed < n and with_users:
@@ -224,17 +248,43 @@ def churn(tenant: Tenant, fraction: float = 0.01, seed: int = 1) -> dict[str, in
             if not users_in:
                 with_users.remove(gid)
                 continue
-            tenant.members[gid].remove(rng.choice(users_in))
+            tenant.remove_member(gid, rng.choice(users_in))
             members_removed += 1
     return {"users_updated": len(updated), "users_disabled": len(disabled), "users_added": len(added),
             "users_deleted": len(deleted), "direct_memberships_added": members_added,
             "direct_memberships_removed": members_removed}
 
 
-def _delete_users(tenant: Tenant, ids: set[str]) -> None:
-    """Tenant.delete_user for many users at once (it scans every group per user)."""
-    for uid in ids:
-        del tenant.users[uid]
-    for gid, members in tenant.members.items():
-        if any(m in ids for m in members):
-            tenant.members[gid] = [m for m in members if m not in ids]
+# -- what Graph has to tell -------------------------------------------------------------
+
+
+@dataclass
+class TenantPicture:
+    """Users and direct memberships as Graph would serve them: what a delta round compares with."""
+
+    users: dict[str, tuple]
+    links: set[tuple[str, str]]  # (group id, member id)
+    group_names: dict[str, str]
+
+
+def picture(tenant: Tenant) -> TenantPicture:
+    with tenant.lock:
+        return TenantPicture(
+            {uid: tuple(u.get(k) for k in sorted(u)) for uid, u in tenant.users.items()},
+            {(gid, m) for gid, members in tenant.members.items() for m in members},
+            {gid: g["displayName"] for gid, g in tenant.groups.items()},
+        )
+
+
+def graph_changes(before: TenantPicture, after: TenantPicture) -> dict[str, int]:
+    """What a delta round must carry: users changed (added, updated, deleted), groups with
+    changed direct members (a deleted user's memberships are not among them: Graph reports
+    the user @removed instead), renamed/added/deleted groups, and member links changed."""
+    users = sum(1 for uid, u in after.users.items() if before.users.get(uid) != u)
+    users += sum(1 for uid in before.users if uid not in after.users)
+    gone = {uid for uid in before.users if uid not in after.users}
+    links = {(g, m) for g, m in before.links ^ after.links if m not in gone}
+    groups = {g for g, _ in links}
+    groups |= {g for g, name in after.group_names.items() if before.group_names.get(g) != name}
+    groups |= {g for g in before.group_names if g not in after.group_names}
+    return {"users": users, "groups": len(groups), "links": len(links)}

@@ -27,20 +27,20 @@ import time
 
 from bench import model
 from guardsync.sandbox.stack import Sandbox
-from guardsync.sandbox.tenant import generate_tenant
+from guardsync.sandbox.tenant import Tenant, generate_tenant
 
 DOMAINS = ("contoso.com", "fabrikam.com")
 
 
 class Server:
-    def __init__(self, args):
-        started = time.monotonic()
-        self.tenant = generate_tenant(users=args.users, groups=args.groups, memberships=args.memberships,
-                                      depth=args.depth, seed=args.seed, domains=DOMAINS, bad_records=False)
-        self.generated_in = time.monotonic() - started
-        self.sandbox = Sandbox(self.tenant, atlassian_domains=set(DOMAINS), latency=args.latency).start()
+    """A started Sandbox and what its runs should do; each command is a method (tests call them directly)."""
+
+    def __init__(self, tenant: Tenant, sandbox: Sandbox, generated_in: float = 0.0):
+        self.tenant, self.sandbox, self.generated_in = tenant, sandbox, generated_in
         self.applied = model.Applied()
         self.pending: model.Applied | None = None
+        self.seen: model.TenantPicture | None = None  # the tenant as the last run read it
+        self.pending_seen: model.TenantPicture | None = None
 
     def hello(self) -> dict:
         t = self.tenant
@@ -67,9 +67,12 @@ class Server:
     def expect(self, _):
         desired = model.desired_state(self.tenant)
         writes, self.pending = model.scim_minimum(self.applied, desired)
+        self.pending_seen = model.picture(self.tenant)
+        graph_changes = model.graph_changes(self.seen, self.pending_seen) if self.seen else None
         return {
             "graph_full": model.graph_minimum_full(self.tenant),
-            "graph_delta": model.graph_minimum_delta(len(writes.users_changed_ids), len(writes.groups_changed_ids)),
+            "graph_delta": model.graph_minimum_delta(graph_changes) if graph_changes else None,
+            "graph_changes": graph_changes,
             "scim": writes.by_endpoint(),
             "changes": writes.counts(),
         }
@@ -77,6 +80,7 @@ class Server:
     def commit(self, _):
         if self.pending is not None:
             self.applied, self.pending = self.pending, None
+            self.seen, self.pending_seen = self.pending_seen, None
         return {}
 
     def verify(self, _):
@@ -112,6 +116,10 @@ class Server:
     def churn(self, command):
         return model.churn(self.tenant, command.get("fraction", 0.01), command.get("seed", 1))
 
+    def stop(self, _=None):
+        self.sandbox.stop()
+        return {}
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve")
@@ -122,7 +130,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--latency", type=float, default=0.020, help="seconds added to every request")
     args = parser.parse_args(argv)
-    server = Server(args)
+    started = time.monotonic()
+    tenant = generate_tenant(users=args.users, groups=args.groups, memberships=args.memberships,
+                             depth=args.depth, seed=args.seed, domains=DOMAINS, bad_records=False)
+    generated_in = time.monotonic() - started
+    server = Server(tenant, Sandbox(tenant, atlassian_domains=set(DOMAINS), latency=args.latency).start(), generated_in)
     out = sys.stdout
     out.write(json.dumps(server.hello()) + "\n")
     out.flush()
@@ -136,7 +148,7 @@ def main(argv=None) -> int:
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         out.write(json.dumps(answer) + "\n")
         out.flush()
-    server.sandbox.stop()
+    server.stop()
     return 0
 
 

@@ -11,6 +11,7 @@ The limit is optional: when nobody created it, the load runs unthrottled.
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import urlsplit
@@ -22,9 +23,12 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
 from guardsync.load import Loader, LoadReport
+from guardsync.progress import chain, progress_reporter
 from guardsync.models import DesiredGroup
 from guardsync.plan import Plan
 from tasks.common import PER_RUN, transient_only
+
+TERMINAL_PROGRESS = progress_reporter(sys.stderr)  # bars on a terminal, a plain line every 10% elsewhere
 
 LOAD_OPTIONS = dict(cache_policy=PER_RUN, persist_result=True, retries=2, retry_delay_seconds=30,
                     retry_condition_fn=transient_only)
@@ -79,7 +83,10 @@ def _start(loader: Loader, stage: str) -> None:
     """A fresh report for this stage, and a progress artifact that moves as writes land."""
     loader.report = LoadReport()
     artifact_id = create_progress_artifact(0.0, key=f"load-{stage}", description=f"Progress of the {stage} load")
-    loader.on_progress = lambda _stage, done, total: update_progress_artifact(artifact_id, 100.0 * done / max(total, 1))
+    loader.on_progress = chain(
+        lambda _stage, done, total: update_progress_artifact(artifact_id, 100.0 * done / max(total, 1)),
+        TERMINAL_PROGRESS,
+    )
 
 
 def _result(loader: Loader) -> dict:

@@ -263,29 +263,52 @@ def test_a_token_that_expires_mid_run_is_renewed(make_sandbox, state_url, sync, 
                      id="users-page-2-always-truncated"),
     ],
 )
-def test_a_next_link_that_fails_for_good_writes_nothing(fault, error, make_sandbox, state_url, sync, small_pages, fast_retries):
-    """A first sync, then a run whose read fails half-way for good: no SCIM write at all, exit 1, nothing deactivated."""
+@pytest.mark.parametrize("read", ["full", "delta"])
+def test_a_next_link_that_fails_for_good_writes_nothing(read, fault, error, make_sandbox, state_url, sync, small_pages, fast_retries):
+    """A first sync, then a run whose read fails half-way for good: no SCIM write at all, exit 1, nothing deactivated.
+
+    `full`: the second run re-reads everything (--full), so its second page is a page of all users.
+    `delta`: the second run reads the changes since the first, and there are enough to span pages.
+    """
     sandbox = small_pages(make_sandbox(users=USERS, groups=GROUPS, seed=SEED))
     before = first_sync(sandbox, state_url, sync)
-    # A change that a completed run would write: proves the failed run did not get that far.
-    newcomer = sandbox.tenant.add_user(userPrincipalName="newcomer@contoso.com", mail="newcomer@contoso.com")
-    sandbox.tenant.add_member(next(iter(sandbox.tenant.groups)), newcomer)
+    changes_needing_writes(sandbox.tenant)
     sandbox.graph.inject(fault)
-    status, exc = sync(sandbox.settings(state_url))
+    status, exc = sync(sandbox.settings(state_url), full=read == "full")
     assert status == 1, exc
     if error is not None:
         assert isinstance(exc, error), repr(exc)
-    assert scim_writes(sandbox) == 0
     assert fault.times < 10**6  # the fault was met
+    assert scim_writes(sandbox) == 0
     assert atlassian_state(sandbox) == before
+    # Once Graph answers again, the same changes land: nothing was half-recorded.
+    sandbox.graph.clear_faults()
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    after = atlassian_state(sandbox)
+    assert after["users"]["newcomer@contoso.com"][1] is True
+    assert sum(1 for u in after["users"].values() if u[3] == "Fault Tolerance Lead") == 30
 
 
-def test_a_page_without_value_is_not_read_as_empty(make_sandbox, state_url, sync, small_pages, fast_retries):
-    """Valid JSON that is not a Graph collection page (no `value`, no nextLink): treat like a truncated page."""
+def changes_needing_writes(tenant) -> None:
+    """Enough changes for a delta round of several 20-object pages, each one a SCIM write."""
+    members = sorted(uid for uid, u in tenant.users.items() if u["accountEnabled"] and u["userPrincipalName"].endswith("@contoso.com")
+                     and "#EXT#" not in u["userPrincipalName"] and u["userPrincipalName"] == u["userPrincipalName"].lower())
+    for uid in members[:30]:
+        tenant.update_user(uid, jobTitle="Fault Tolerance Lead")
+    newcomer = tenant.add_user(userPrincipalName="newcomer@contoso.com", mail="newcomer@contoso.com")
+    group = sorted(tenant.groups)[0]
+    for uid in [newcomer, *members[:25]]:
+        tenant.add_member(group, uid)
+
+
+@pytest.mark.parametrize("body", ['{"@odata.context": "users"}', '{"value": []}'])
+def test_a_page_without_links_is_not_read_as_the_end(body, make_sandbox, state_url, sync, small_pages, fast_retries):
+    """Valid JSON that ends a listing early (no nextLink, no deltaLink): an error, never a short tenant."""
     sandbox = small_pages(make_sandbox(users=USERS, groups=GROUPS, seed=SEED))
     before = first_sync(sandbox, state_url, sync)
-    sandbox.graph.inject(Fault("GET", USERS_NEXT_PAGE, 200, body='{"@odata.context": "users"}', times=10**6))
-    status, exc = sync(sandbox.settings(state_url, max_deactivations=100))
+    sandbox.graph.inject(Fault("GET", USERS_NEXT_PAGE, 200, body=body, times=10**6))
+    status, exc = sync(sandbox.settings(state_url, max_deactivations=100), full=True)
     assert status == 1, exc
     assert scim_writes(sandbox) == 0
     assert atlassian_state(sandbox) == before
@@ -410,10 +433,20 @@ def test_existing_users_and_groups_are_adopted_on_409(sandbox, state_url, sync, 
     assert summary.counts["users_adopted"] == 2 and summary.counts["groups_adopted"] == 1
     after = atlassian_state(sandbox)
     assert after["users"].pop("stranger@contoso.com")[1] in (True, None)  # untouched
-    adopted_group = after["groups"].pop(group.swapcase())
-    after["groups"][group] = adopted_group
+    adopted_id, adopted_members = after["groups"].pop(group.swapcase())  # a change of case only is not a rename
+    after["groups"][group] = (expected["groups"][group][0], adopted_members)  # externalId: see the test below
     assert after["users"][name][0] == entra_id
     assert_same_state(after, expected)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: an adopted group keeps the externalId it had (none), not the Entra group id "
+                                       "(load.py _create_group on Conflict never sets it)")
+def test_an_adopted_group_carries_the_entra_id(sandbox, state_url, sync, reference):
+    group = sorted(reference()["groups"])[0]
+    sandbox.scim.add_group(group)
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    assert atlassian_state(sandbox)["groups"][group][0] == reference()["groups"][group][0]
 
 
 def test_a_rejected_scim_key_fails_with_the_one_year_advice_and_writes_nothing(sandbox, state_url, sync, monkeypatch):

@@ -1,0 +1,81 @@
+"""The benchmark's accounting on a small tenant: requests made against the fewest the job needs.
+
+Runs the real flow in-process over the sandbox (no latency) through the same Server the
+benchmark drives in its own process (bench.serve), three times: initial sync, a re-run
+with no change, a re-run after 1% churn. Counts only, never times.
+"""
+
+import pytest
+
+from bench import model
+from bench.serve import DOMAINS, Server
+from guardsync.sandbox.stack import Sandbox
+from guardsync.sandbox.tenant import generate_tenant
+
+WRITES = ("POST", "PUT", "PATCH", "DELETE")
+
+
+@pytest.fixture
+def bench_server(monkeypatch):
+    tenant = generate_tenant(users=300, groups=30, memberships=1200, depth=4, seed=7, domains=DOMAINS, bad_records=False)
+    server = Server(tenant, Sandbox(tenant, atlassian_domains=set(DOMAINS)).start())
+    for name, value in server.sandbox.environment().items():
+        monkeypatch.setenv(name, value)
+    yield server
+    server.stop()
+
+
+def one_run(server: Server, sync, settings) -> tuple[dict, dict, dict]:
+    """(expected minima, requests the servers saw, verification) of one flow run."""
+    expected = server.expect(None)
+    server.reset_counts(None)
+    status, summary = sync(settings)
+    assert status == 0, summary
+    counts = server.counts(None)
+    server.commit(None)
+    return expected, counts, server.verify(None)
+
+
+def writes(counts: dict[str, int]) -> int:
+    return sum(n for key, n in counts.items() if key.split(" ", 1)[0] in WRITES)
+
+
+def test_requests_stay_within_5_percent_of_the_minimum(bench_server, tmp_path, sync):
+    settings = bench_server.sandbox.settings(f"sqlite:///{tmp_path / 'state.db'}")
+
+    # Initial sync: one write per user and group, one PATCH per group per 100 members,
+    # and the tenant read at Graph's largest pages.
+    expected, counts, verified = one_run(bench_server, sync, settings)
+    assert verified["ok"], verified
+    graph_min, scim_min = sum(expected["graph_full"].values()), sum(expected["scim"].values())
+    assert expected["changes"]["users_created"] == 300 and expected["changes"]["groups_created"] == 30
+    assert counts["scim"] == {k: v for k, v in expected["scim"].items() if v}  # exactly the minimum, by endpoint
+    assert sum(counts["graph"].values()) <= 1.05 * graph_min, (counts["graph"], expected["graph_full"])
+
+    # No change: nothing written, and a delta round reads only that nothing changed.
+    expected, counts, verified = one_run(bench_server, sync, settings)
+    assert verified["ok"], verified
+    assert writes(counts["scim"]) == 0 and sum(counts["scim"].values()) == 0
+    assert sum(counts["graph"].values()) <= 1.05 * sum(expected["graph_delta"].values()) <= 10, counts["graph"]
+
+    # 1% churn (updates, disables, joiners, leavers, membership moves): one write per change.
+    bench_server.churn({"fraction": 0.01, "seed": 1})
+    expected, counts, verified = one_run(bench_server, sync, settings)
+    assert verified["ok"], verified
+    assert counts["scim"] == {k: v for k, v in expected["scim"].items() if v}
+    assert sum(counts["graph"].values()) <= 1.05 * sum(expected["graph_delta"].values()), (counts["graph"], expected["graph_delta"])
+
+
+def test_minimum_counts_follow_the_definition():
+    tenant = generate_tenant(users=2100, groups=12, memberships=6000, depth=4, seed=3, domains=DOMAINS, bad_records=False)
+    full = model.graph_minimum_full(tenant)
+    # 2,100 users: 3 pages of 999 and one delta `latest` beat 11 delta pages of 200.
+    assert full["GET /v1.0/users"] == 3 and full["GET /v1.0/users/delta"] == 1
+    links = sum(len(m) for m in tenant.members.values())
+    assert full["GET /v1.0/groups/delta"] == max(1, -(-links // 500)) or full["GET /v1.0/groups/{id}/members"] >= 12
+    desired = model.desired_state(tenant)
+    writes_, applied = model.scim_minimum(model.Applied(), desired)
+    assert writes_.users_created == 2100 and writes_.groups_created == 12
+    assert writes_.member_patches == sum(-(-len(members) // 100) for _, members in desired.groups.values())
+    again, _ = model.scim_minimum(applied, model.desired_state(tenant))
+    assert again.total() == 0
