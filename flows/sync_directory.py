@@ -23,7 +23,7 @@ from guardsync.summary import RunSummary
 from tasks.drift import read_drift
 from tasks.extract import extract
 from tasks.flatten import flatten
-from tasks.load import load_groups, load_memberships, load_users
+from tasks.load import TERMINAL_PROGRESS, load_groups, load_memberships, load_users
 from tasks.plan import plan_changes
 from tasks.scope import scope_users
 from tasks.validate import validate_gates
@@ -65,6 +65,7 @@ def connect(settings: Settings, dry_run: bool) -> tuple[GraphClient, ScimClient,
         authority_host=entra.authority_host,
         graph_url=entra.graph_url,
     )
+    graph.on_progress = TERMINAL_PROGRESS
     scim = ScimClient(atlassian.scim_url, resolve(atlassian.api_key, "atlassian.api_key"), dry_run=dry_run)
     state_url = settings.sync.state
     if state_url.startswith(("env:", "prefect:")):

@@ -21,7 +21,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 import msal
@@ -186,6 +186,8 @@ class GraphClient:
         self.max_retry_seconds = max_retry_seconds
         self.member_read_concurrency = max(1, member_read_concurrency)
         self.requests_made: Counter[str] = Counter()  # "GET /v1.0/users" -> requests sent, retries included
+        # (stage, items read, items expected): the total grows by a page while more pages follow
+        self.on_progress: Callable[[str, int, int], None] = lambda stage, done, total: None
 
         self._secret = client_secret  # kept only to scrub it from any text we pass on
         self._credential = client_secret if client_secret is not None else _certificate_credential(certificate_path)
@@ -265,8 +267,11 @@ class GraphClient:
         """Every item of one delta round, following @odata.nextLink to the @odata.deltaLink."""
         body = self.get(path_or_link, params, headers=DELTA_HEADERS)
         items: list[dict] = []
+        stage = "read " + urlsplit(self._absolute(path_or_link)).path.rsplit("/", 2)[-2]  # "read users"
         while True:
             items.extend(body.get("value", []))
+            more = "@odata.nextLink" in body
+            self.on_progress(stage, len(items), len(items) + (len(body.get("value", [])) if more else 0))
             if next_link := body.get("@odata.nextLink"):
                 body = self.get(next_link, headers=DELTA_HEADERS)
             elif delta_link := body.get("@odata.deltaLink"):
