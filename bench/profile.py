@@ -1,9 +1,16 @@
-"""Read a py-spy raw profile (collapsed stacks: "frame;frame;... count" a line) into the few numbers that matter."""
+"""Read a py-spy raw profile (collapsed stacks: "frame;frame;... count" a line) into where the time goes.
+
+Samples are attributed to a stage: the first frame in tasks/ (a Prefect task's body:
+extract, flatten, ...), else the flow body (flows/), else Prefect or start-up.
+Within each stage, the functions with the most samples of their own.
+
+    python -m bench.profile bench-results/work/<run>/profile-initial.txt
+"""
 
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
@@ -17,46 +24,73 @@ def _frames(stack: str) -> list[tuple[str, str]]:
     return out
 
 
-def _short(file: str) -> str:
-    for marker in ("site-packages/", "/work/main/", "lib/python3"):
-        if marker in file:
-            return file.split(marker, 1)[1]
-    return file
+def _stage(frames: list[tuple[str, str]]) -> str:
+    for function, file in frames:
+        if file.startswith("tasks/") and function not in ("", "<module>"):
+            return function
+    if any(function == "Task.__call__" for function, _ in frames):
+        return "prefect task engine (around task bodies: results, states)"
+    if any(file.startswith("flows/") for _, file in frames):
+        return "flow body (outside tasks)"
+    if any("prefect/" in file for _, file in frames):
+        return "prefect (start-up, engine, API)"
+    return "start-up and other"
 
 
-def summarize(path: Path, top: int = 25) -> dict:
-    """Top functions by own samples and by inclusive samples; samples per guardsync module and per package."""
+def _area(file: str) -> str:
+    """guardsync/x.py stays whole; a package is its top folder; the stdlib is 'stdlib'."""
+    if file.startswith(("guardsync/", "tasks/", "flows/", "bench/")):
+        return file
+    if "/" in file:
+        return file.split("/", 1)[0]
+    return "stdlib" if file.endswith(".py") or file.startswith("<") else file or "native"
+
+
+def summarize(path: Path, top: int = 12) -> dict:
+    """Per stage: share of all samples and top own functions; overall: top own functions and areas."""
     own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    packages: Counter[str] = Counter()
+    areas: Counter[str] = Counter()
+    stages: Counter[str] = Counter()
+    stage_own: dict[str, Counter[str]] = defaultdict(Counter)
     total = 0
     for line in Path(path).read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
+        if not count.isdigit() or not stack:
             continue
         n = int(count)
-        total += n
         frames = _frames(stack)
-        if not frames:
-            continue
+        total += n
         function, file = frames[-1]
-        own[f"{function} ({_short(file)})"] += n
-        seen = set()
-        for function, file in frames:
-            key = f"{function} ({_short(file)})"
-            if key not in seen:
-                inclusive[key] += n
-                seen.add(key)
-        leaf_file = _short(frames[-1][1])
-        packages[leaf_file.split("/", 1)[0] if "/" in leaf_file else leaf_file] += n
-    def pct(counter):
-        return [(k, round(100 * v / max(total, 1), 1)) for k, v in counter.most_common(top)]
+        key = f"{function} ({file})"
+        stage = _stage(frames)
+        own[key] += n
+        areas[_area(file)] += n
+        stages[stage] += n
+        stage_own[stage][key] += n
 
-    return {"samples": total, "own_pct": pct(own), "inclusive_pct": pct(inclusive), "package_pct": pct(packages)}
+    def pct(counter: Counter, k: int = top) -> list[tuple[str, float]]:
+        return [(name, round(100 * n / max(total, 1), 1)) for name, n in counter.most_common(k)]
+
+    return {
+        "samples": total,
+        "stages_pct": pct(stages, 50),
+        "top_own_pct": pct(own),
+        "areas_pct": pct(areas),
+        "per_stage_top_own_pct": {stage: pct(stage_own[stage], 8) for stage, _ in stages.most_common()},
+    }
+
+
+def render(summary: dict) -> str:
+    lines = [f"{summary['samples']} samples (CPU-busy threads only)", "", "by stage:"]
+    lines += [f"  {pct:5.1f}%  {name}" for name, pct in summary["stages_pct"]]
+    lines += ["", "by area (file or package of the running function):"]
+    lines += [f"  {pct:5.1f}%  {name}" for name, pct in summary["areas_pct"]]
+    for stage, rows in summary["per_stage_top_own_pct"].items():
+        lines += ["", f"{stage}:"] + [f"  {pct:5.1f}%  {name}" for name, pct in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    import json
     import sys
 
-    print(json.dumps(summarize(Path(sys.argv[1])), indent=1))
+    print(render(summarize(Path(sys.argv[1]))))

@@ -60,11 +60,11 @@ RUNS = ("initial", "no-change", "churn-1%")
 class SandboxProcess:
     """bench.serve in a child process, driven by JSON lines."""
 
-    def __init__(self, scenario: Scenario, latency: float, log_path: Path, seed: int = 7):
+    def __init__(self, scenario: Scenario, latency: float, log_path: Path, seed: int = 7, stock: bool = False):
         self.log = open(log_path, "w")
         command = [sys.executable, "-m", "bench.serve", "--users", str(scenario.users), "--groups", str(scenario.groups),
                    "--memberships", str(scenario.memberships), "--depth", str(scenario.depth), "--seed", str(seed),
-                   "--latency", str(latency)]
+                   "--latency", str(latency)] + (["--stock-sandbox"] if stock else [])
         self.process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self.log, text=True, bufsize=1)
         line = self.process.stdout.readline()
@@ -128,6 +128,8 @@ def writes_of(counts: dict[str, int]) -> int:
 def evaluate(run: str, scenario: Scenario, record: dict, latency: float, concurrency: int) -> dict[str, dict]:
     """Each target: measured, target, met (None when it does not apply to this run)."""
     made, minimum = record["requests"]["made_total"], record["requests"]["minimum_total"]
+    if not record["ok"]:
+        return {"run_completed": {"measured": False, "target": "the run completes", "met": False}}
     targets = {
         "requests_vs_minimum": {"measured": record["requests"]["ratio"], "target": "<= 1.05", "met": made <= 1.05 * minimum},
     }
@@ -173,10 +175,12 @@ def run_scenario(scenario: Scenario, args, out_dir: Path) -> dict:
     print(f"\n== scenario {scenario.name}: {scenario.users} users, {scenario.groups} groups, "
           f"{scenario.memberships} memberships, depth {scenario.depth}; latency {args.latency * 1000:g} ms", flush=True)
     started = time.monotonic()
-    sandbox = SandboxProcess(scenario, args.latency, work / "sandbox.log")
+    sandbox = SandboxProcess(scenario, args.latency, work / "sandbox.log", stock=args.stock_sandbox)
     print(f"   sandbox up in {time.monotonic() - started:.1f} s: {sandbox.hello['tenant']}", flush=True)
     config = sandbox.hello["config"]
-    config["sync"] = {"state": f"sqlite:///{work / 'state.db'}"}
+    # The generated 100k tenant has groups of 12k-22k users: over the default cap (10,000), which
+    # rightly blocks the run. The benchmark is about speed, so the cap is lifted.
+    config["sync"] = {"state": f"sqlite:///{work / 'state.db'}", "max_group_size": 1_000_000}
     if args.concurrency:
         config["sync"]["write_concurrency"] = args.concurrency
     concurrency = args.concurrency or 4  # guardsync's default write_concurrency and Graph member readers
@@ -200,7 +204,8 @@ def run_scenario(scenario: Scenario, args, out_dir: Path) -> dict:
             server = sandbox.ask("counts")
             sandbox.ask("commit")
             verified = sandbox.ask("verify") if not args.no_verify else {"ok": None}
-            record = make_record(run, scenario, result, outer, server, server_before, expected, churned, verified)
+            record = make_record(run, scenario, result, outer, server, server_before, expected, churned, verified,
+                                 profiled=profile is not None)
             record["targets"] = evaluate(run, scenario, record, args.latency, concurrency)
             if profile is not None and profile.exists():
                 from bench.profile import summarize
@@ -215,12 +220,13 @@ def run_scenario(scenario: Scenario, args, out_dir: Path) -> dict:
         sandbox.stop()
     return {
         "scenario": scenario.__dict__, "latency_s": args.latency, "concurrency": concurrency,
+        "sandbox": "stock" if args.stock_sandbox else "bench.sandbox_patches applied",
         "started": stamp, "workdir": str(work), "tenant": sandbox.hello["tenant"], "runs": records,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_at_end": os.getloadavg()},
     }
 
 
-def make_record(run, scenario, result, outer, server, server_before, expected, churned, verified) -> dict:
+def make_record(run, scenario, result, outer, server, server_before, expected, churned, verified, profiled=False) -> dict:
     graph_made = split_counts(server["graph"])
     scim_made = split_counts(server["scim"])
     graph_min = expected["graph_delta"] or expected["graph_full"]  # a re-run needs only what changed
@@ -242,7 +248,8 @@ def make_record(run, scenario, result, outer, server, server_before, expected, c
         "cpu_s": round((result.get("cpu_user_s") or 0) + (result.get("cpu_sys_s") or 0), 2),
         "cpu_user_s": result.get("cpu_user_s"),
         "cpu_sys_s": result.get("cpu_sys_s"),
-        "cpu_with_prefect_server_s": round(outer["cpu_with_children_s"], 2),
+        # Under --profile the child is py-spy, whose rusage does not cover the run: not measured then.
+        "cpu_with_prefect_server_s": None if profiled else round(outer["cpu_with_children_s"], 2),
         "max_rss_mb": result.get("max_rss_mb"),
         "sandbox_cpu_s": round(server["cpu_s"] - server_before["cpu_s"], 2),
         "sandbox_max_rss_mb": server["max_rss_mb"],
@@ -282,7 +289,7 @@ def print_run(r: dict) -> None:
     status = "ok" if r["ok"] else "FAILED"
     check = {True: "state verified", False: f"STATE WRONG ({r['verified'].get('examples')})", None: "not verified"}[r["verified"].get("ok")]
     print(f"-- {r['run']}: {status}, {check}; wall {r['wall_s']:.1f} s (Prefect start-up {fmt_s(r['prefect_startup_s'])} s), "
-          f"CPU {r['cpu_s']:.1f} s (+Prefect server {r['cpu_with_prefect_server_s'] - r['cpu_s']:.1f} s), "
+          f"CPU {r['cpu_s']:.1f} s (+Prefect server {fmt_s(r['cpu_with_prefect_server_s'] and r['cpu_with_prefect_server_s'] - r['cpu_s'])} s), "
           f"peak RSS {fmt_s(r['max_rss_mb'])} MB; sandbox CPU {r['sandbox_cpu_s']:.1f} s", flush=True)
     print(f"   requests: Graph {q['graph_made_total']} (min {q['graph_minimum_total']}), SCIM {q['scim_made_total']} "
           f"(writes {q['scim_writes_made']}, min {q['scim_writes_minimum']}); total {q['made_total']} / {q['minimum_total']} "
@@ -326,6 +333,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", default=str(ROOT / "bench-results"))
     parser.add_argument("--profile", action="store_true", help="record each run with py-spy (raw stacks in the workdir)")
     parser.add_argument("--no-verify", action="store_true", help="skip checking Atlassian's state after each run")
+    parser.add_argument("--stock-sandbox", action="store_true",
+                        help="the SCIM server without bench.sandbox_patches (its member PATCHes are then O(group size))")
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ values: those are resolved at the client edge, in memory only.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -133,7 +134,10 @@ def describe_validation_error(exc: ValidationError) -> str:
     where = f"[{location[0]}] {'.'.join(location[1:])}".strip() if location else "top level"
     kind = error["type"]
     if kind == "extra_forbidden":
-        return f"{where}: unknown key; remove it or check its spelling against the documented keys"
+        known = _known_keys(location[:-1])
+        close = difflib.get_close_matches(location[-1], known, n=1, cutoff=0.6) if location else []
+        hint = f"did you mean {close[0]!r}? Otherwise " if close else ""
+        return f"{where}: unknown key; {hint}remove it or check its spelling against the documented keys ({', '.join(known)})"
     if kind == "missing":
         return f"{where}: required key is missing; add it"
     if kind == "literal_error":
@@ -141,6 +145,17 @@ def describe_validation_error(exc: ValidationError) -> str:
     message = error["msg"].removeprefix("Value error, ")
     more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
     return f"{where}: {message}{more}"
+
+
+def _known_keys(section: list[str]) -> list[str]:
+    """The keys the model accepts at this location ([] at an unknown one)."""
+    model: type[BaseModel] = Settings
+    for part in section:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
 
 
 SecretLookup = Callable[[str], str]

@@ -13,6 +13,7 @@ Three rules hold here so that no caller has to think about them:
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import random
 import re
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import requests
 
-from guardsync.errors import ApiError, AuthError, Conflict, GuardsyncError, NotFound, TransientError
+from guardsync.errors import ApiError, AuthError, ConfigError, Conflict, GuardsyncError, NotFound, TransientError
 from guardsync.models import DesiredUser
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,9 @@ def endpoint_key(method: str, path: str) -> str:
 
 
 def escape_filter_value(value: str) -> str:
-    """Quote a value for a SCIM filter: backslash and double quote escaped (RFC 7644 §3.4.2.2)."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """Quote a value for a SCIM filter as a JSON string (RFC 7644 §3.4.2.2 takes JSON string syntax):
+    quote and backslash escaped, and control characters too (a raw newline or U+001F is a syntax error)."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def user_resource(user: DesiredUser) -> dict:
@@ -223,11 +225,24 @@ class ScimClient:
                 headers=self._authorization(),
             )
         except (requests.ConnectionError, requests.Timeout) as exc:
+            if (config_error := self._not_retryable(exc)) is not None:
+                raise config_error from None
             # The message names host and reason; requests never puts headers in it.
             return None, f"{type(exc).__name__}: {exc}", None
         if response.status_code == 429 or response.status_code >= 500:
             return None, f"{response.status_code} {_scim_detail(response)}", _retry_after(response)
         return response, "", None
+
+    def _not_retryable(self, exc: requests.RequestException) -> ConfigError | None:
+        """A certificate that does not verify will not heal by retrying (SSLError is a ConnectionError,
+        so it would otherwise be retried for minutes): say how to trust it."""
+        if isinstance(exc, requests.exceptions.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            host = requests.utils.urlparse(self.scim_url).netloc
+            return ConfigError(
+                f"[atlassian] scim_url: TLS verification of {host} failed: if a proxy or private CA signs its "
+                "certificate, set REQUESTS_CA_BUNDLE to that CA's PEM file (verification is never turned off)"
+            )
+        return None
 
     @staticmethod
     def _parse_or_raise(method: str, path: str, response: requests.Response) -> dict:

@@ -14,12 +14,16 @@ permanent fault fails in seconds instead of minutes.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import requests
 
 from guardsync.errors import AuthError, GuardsyncBlocked, TransientError
 from guardsync.sandbox.http import Fault
+from guardsync.sandbox.stack import API_KEY_ENV, SECRET_ENV
+
+SANDBOX_ENV = ("REQUESTS_CA_BUNDLE", SECRET_ENV, API_KEY_ENV)
 
 WRITES = ("POST", "PUT", "PATCH", "DELETE")
 USERS, GROUPS, SEED = 80, 8, 11
@@ -108,12 +112,19 @@ def reference(make_sandbox, sync, tmp_path_factory):
     def get(users=USERS, groups=GROUPS, seed=SEED, **sync_options) -> dict:
         key = (users, groups, seed, tuple(sorted((k, str(v)) for k, v in sync_options.items())))
         if key not in _references:
+            # The fresh sandbox exports its own CA and secrets: put back those of the test's sandbox afterwards.
+            saved = {name: os.environ.get(name) for name in (*SANDBOX_ENV,)}
             fresh = make_sandbox(users=users, groups=groups, seed=seed)
             state = f"sqlite:///{tmp_path_factory.mktemp('reference') / 'state.db'}"
             status, summary = sync(fresh.settings(state, **sync_options))
             assert status == 0, summary
             _references[key] = nontrivial(atlassian_state(fresh))
             fresh.stop()
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         return _references[key]
 
     return get
@@ -202,7 +213,7 @@ def recorded_users(state_url: str) -> set[str]:
         pytest.param([Fault("POST", r"/oauth2/v2\.0/token", 429, times=1, headers={"Retry-After": "1"},
                             body=json.dumps({"error": "temporarily_unavailable", "error_description": "AADSTS50196: throttled"}))],
                      id="token-endpoint-429"),
-        pytest.param([Fault("POST", r"/oauth2/v2\.0/token", 503, times=2)], id="token-endpoint-503"),
+        pytest.param([Fault("POST", r"/oauth2/v2\.0/token", 503, times=2, headers={"Retry-After": "1"})], id="token-endpoint-503"),
         pytest.param([Fault("POST", r"/oauth2/v2\.0/token", reset=True, times=1)], id="token-endpoint-reset"),
     ],
 )
@@ -297,7 +308,7 @@ def changes_needing_writes(tenant) -> None:
     for uid in members[:30]:
         tenant.update_user(uid, jobTitle="Fault Tolerance Lead")
     newcomer = tenant.add_user(userPrincipalName="newcomer@contoso.com", mail="newcomer@contoso.com")
-    group = sorted(tenant.groups)[0]
+    group = tenant.add_group("Fault Tolerance")
     for uid in [newcomer, *members[:25]]:
         tenant.add_member(group, uid)
 
@@ -396,24 +407,46 @@ def _delete_by_hand(sandbox, kind: str, scim_id: str) -> None:
     assert answer.status_code == 204
 
 
-def test_a_user_deleted_by_hand_is_recreated_on_update(sandbox, state_url, sync):
-    first_sync(sandbox, state_url, sync)
+def _hand_delete_a_grouped_user(sandbox) -> tuple[str, str, dict]:
+    """Delete (by hand, in Atlassian) the synced user who is in the most groups: (userName, Entra id, groups before)."""
     by_name = {u["userName"]: u for u in sandbox.scim.users()}
     groups_before = atlassian_state(sandbox)["groups"]
-    victim = max(by_name, key=lambda n: sum(n in members for _, members in groups_before.values()))
-    assert sum(victim in members for _, members in groups_before.values()) >= 1
-    entra_id = by_name[victim]["externalId"]
+    victim = max(sorted(by_name), key=lambda n: sum(n in members for _, members in groups_before.values()))
+    assert sum(victim in members for _, members in groups_before.values()) >= 2
     _delete_by_hand(sandbox, "Users", by_name[victim]["id"])
-    sandbox.tenant.update_user(entra_id, jobTitle="Re-created Engineer")  # a change, so the run PUTs and meets 404
+    assert victim not in atlassian_state(sandbox)["users"]
+    return victim, by_name[victim]["externalId"], groups_before
 
-    status, summary = sync(sandbox.settings(state_url))
-    assert status == 0, summary
+
+def _assert_back_in_its_groups(sandbox, victim, entra_id, groups_before) -> dict:
     after = atlassian_state(sandbox)
     assert after["users"][victim][0] == entra_id and after["users"][victim][1] is True
-    assert after["users"][victim][3] == "Re-created Engineer"
-    for name, (_, members) in groups_before.items():  # back in every group it was in
+    for name, (_, members) in groups_before.items():
         assert (victim in members) == (victim in after["groups"][name][1]), name
-    assert set(after["users"]) == set(atlassian_state(sandbox)["users"])
+    return after
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a user re-created after a 404 on update (deleted by hand) is left out of its "
+                                       "groups on a delta run: the state still lists its memberships, so nothing re-adds them")
+def test_a_user_deleted_by_hand_is_recreated_on_update(sandbox, state_url, sync):
+    first_sync(sandbox, state_url, sync)
+    victim, entra_id, groups_before = _hand_delete_a_grouped_user(sandbox)
+    sandbox.tenant.update_user(entra_id, jobTitle="Re-created Engineer")  # a change, so the run PUTs and meets 404
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    assert sandbox.scim.total("PUT") >= 1 and sandbox.scim.total("POST") >= 1  # 404 on the PUT, then a create
+    after = atlassian_state(sandbox)
+    assert after["users"][victim][3] == "Re-created Engineer"
+    _assert_back_in_its_groups(sandbox, victim, entra_id, groups_before)
+
+
+def test_a_user_deleted_by_hand_is_recreated_with_its_groups_by_a_full_run(sandbox, state_url, sync, reference):
+    first_sync(sandbox, state_url, sync)
+    victim, entra_id, groups_before = _hand_delete_a_grouped_user(sandbox)
+    status, summary = sync(sandbox.settings(state_url), full=True)
+    assert status == 0, summary
+    _assert_back_in_its_groups(sandbox, victim, entra_id, groups_before)
+    assert_same_state(atlassian_state(sandbox), reference())
 
 
 def test_existing_users_and_groups_are_adopted_on_409(sandbox, state_url, sync, reference):

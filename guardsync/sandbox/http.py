@@ -106,7 +106,7 @@ class SandboxServer:
     def __init__(self, app: Callable, ca: SandboxCA, latency: float = 0.0):
         self.app = app
         self.ca = ca
-        self.latency = latency  # seconds added to every request, as a far API would
+        self.latency = latency  # seconds every request takes at least, as a far API would (see _wsgi)
         self.requests: Counter[str] = Counter()  # "METHOD /path-pattern" -> count
         self.faults: list[Fault] = []
         self._lock = threading.Lock()
@@ -184,14 +184,26 @@ class SandboxServer:
         return None
 
     def _wsgi(self, environ, start_response) -> Iterable[bytes]:
+        """Count, serve (or answer a fault), and answer no sooner than `latency` after the request came in.
+
+        The latency is the far API's whole service time (round trip and its own work): the
+        sandbox's own processing counts toward it and only the rest is slept, so a slow
+        emulator does not add its CPU time to every request a client makes.
+        """
+        arrived = time.monotonic()
         request = Request(environ)
         with self._lock:
             self.requests[self.endpoint_of(request)] += 1
-        if self.latency:
-            time.sleep(self.latency)
         fault = self._take_fault(request)
         if fault is None:
-            return self.app(environ, start_response)
+            answer = self.app(environ, start_response)
+        else:
+            answer = self._fault(fault, environ, start_response)
+        if self.latency:  # nothing is sent until the server iterates the answer: the wait holds it back
+            time.sleep(max(0.0, arrived + self.latency - time.monotonic()))
+        return answer
+
+    def _fault(self, fault: Fault, environ, start_response) -> Iterable[bytes]:
         if fault.after_serving:
             # Apply the request for real, then lose the answer.
             list(self.app(environ, lambda *a, **k: None))

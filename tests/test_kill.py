@@ -1,0 +1,231 @@
+"""A run killed at any point, run again, ends where an uninterrupted run ends.
+
+`guardsync sync --config FILE` runs as a real subprocess against a sandbox served by
+this test process (HTTPS on loopback) and is killed with SIGKILL at a chosen point,
+found by polling the SCIM server's request counters: during the users load, at the
+first group create, at the first membership PATCH, and in the gap between a write
+Atlassian applied and its record in the state store (the server applies the request,
+then holds the answer while the child is killed). Then the same command runs again to
+completion, and the Atlassian state must equal that of an uninterrupted run on an
+identical fresh sandbox (same tenant seed): same userNames and attributes, same active
+flags, same groups with the same members, no duplicate, nothing missing. A third run
+must write nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from guardsync.sandbox.http import Fault
+from tests.test_config import GUARDSYNC, cli_env, run_cli, write_config
+from tests.test_faults import assert_same_state, atlassian_state, nontrivial, scim_writes
+
+pytestmark = pytest.mark.slow
+
+USERS, GROUPS, SEED = 100, 10, 17
+LATENCY = 0.04  # seconds per SCIM request while the child runs: the kill lands inside a stage, not after it
+POLL = 0.002
+
+
+class Child:
+    """One `guardsync sync` subprocess against the sandbox, killed on a condition."""
+
+    def __init__(self, sandbox, config: Path, home: Path, log: Path):
+        self.log = log
+        self.out = open(log, "w")
+        self.process = subprocess.Popen([GUARDSYNC, "sync", "--config", str(config)], env=cli_env(sandbox, home),
+                                        stdout=self.out, stderr=subprocess.STDOUT)
+
+    def kill_when(self, condition, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                raise AssertionError(f"the run ended (status {self.process.returncode}) before the kill point:\n"
+                                     + self.log.read_text()[-3000:])
+            if time.monotonic() > deadline:
+                raise AssertionError("the kill point was never reached:\n" + self.log.read_text()[-3000:])
+            time.sleep(POLL)
+        self.kill()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait()  # reaped: its pid no longer holds the directory lock
+        self.out.close()
+
+
+@pytest.fixture
+def children():
+    started: list[Child] = []
+    yield started
+    for child in started:
+        child.kill()
+
+
+def finish(sandbox, config: Path, home: Path) -> None:
+    """Run again to completion, then once more: the second must write nothing."""
+    sandbox.scim.latency = 0.0
+    sandbox.scim.clear_faults()
+    result = run_cli(["sync", "--config", str(config)], cli_env(sandbox, home))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    sandbox.scim.reset_counts()
+    result = run_cli(["sync", "--config", str(config)], cli_env(sandbox, home))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert scim_writes(sandbox) == 0, sandbox.scim.requests
+
+
+def recorded(state_db: Path) -> tuple[set[str], set[str]]:
+    """Entra ids of the users and groups the state store has recorded."""
+    with sqlite3.connect(state_db) as connection:
+        users = {row[0] for row in connection.execute("SELECT external_id FROM users")}
+        groups = {row[0] for row in connection.execute("SELECT external_id FROM groups")}
+    return users, groups
+
+
+@pytest.fixture
+def kill_setup(make_sandbox, sync, tmp_path, prefect_server):
+    """(sandbox, config file, Prefect home, expected state) for a first run of a fresh tenant."""
+
+    def make(**sync_options):
+        reference = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
+        status, summary = sync(reference.settings(f"sqlite:///{tmp_path / 'reference.db'}", **sync_options))
+        assert status == 0, summary
+        expected = nontrivial(atlassian_state(reference))
+        reference.stop()
+        sandbox = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
+        config = write_config(tmp_path / "guardsync.toml", sandbox.config(f"sqlite:///{tmp_path / 'state.db'}", **sync_options))
+        return sandbox, config, tmp_path / "prefect-home", expected
+
+    return make
+
+
+# -- killed during each load stage of a first run ------------------------------------------------------
+
+
+KILL_POINTS = {
+    # stage: (condition on the SCIM server's counters, check that the kill really landed inside the stage)
+    "users": (lambda s: s.scim.requests["POST /Users"] >= 25,
+              lambda s, e: 0 < len(s.scim.users()) < len(e["users"]) and not s.scim.groups()),
+    "groups": (lambda s: s.scim.requests["POST /Groups"] >= 1,
+               lambda s, e: len(s.scim.users()) == len(e["users"]) and len(s.scim.groups()) < len(e["groups"])),
+    "memberships": (lambda s: s.scim.requests["PATCH /Groups/{id}"] >= 1,
+                    lambda s, e: len(s.scim.groups()) == len(e["groups"])
+                    and sum(len(g.get("members") or []) for g in s.scim.groups()) < sum(len(m) for _, m in e["groups"].values())),
+}
+
+
+@pytest.mark.parametrize("stage", list(KILL_POINTS))
+def test_killed_during_a_load_stage_the_next_run_ends_where_an_uninterrupted_run_ends(stage, kill_setup, children, tmp_path):
+    sandbox, config, home, expected = kill_setup()
+    condition, landed = KILL_POINTS[stage]
+    sandbox.scim.latency = LATENCY
+    child = Child(sandbox, config, home, tmp_path / "killed.log")
+    children.append(child)
+    child.kill_when(lambda: condition(sandbox))
+    time.sleep(3 * LATENCY)  # requests in flight when the child died reach the server and are applied
+    assert child.process.returncode == -signal.SIGKILL
+    assert landed(sandbox, expected), f"the kill did not land inside the {stage} load"
+    finish(sandbox, config, home)
+    assert_same_state(atlassian_state(sandbox), expected)
+
+
+# -- killed between a write Atlassian applied and its record ---------------------------------------------
+
+
+GAPS = {
+    # what: (counter to wait for, fault that applies the next such request and holds its answer)
+    "user create": ("POST /Users", 10, Fault("POST", r"/Users\?$", 504, after_serving=True, delay=5.0)),
+    "group create": ("POST /Groups", 2, Fault("POST", r"/Groups\?$", 504, after_serving=True, delay=5.0)),
+    "membership patch": ("PATCH /Groups/{id}", 1, Fault("PATCH", r"/Groups/", 504, after_serving=True, delay=5.0)),
+}
+
+
+@pytest.mark.parametrize("gap", list(GAPS))
+def test_killed_after_atlassian_applied_a_write_but_before_it_was_recorded(gap, kill_setup, children, tmp_path):
+    sandbox, config, home, expected = kill_setup()
+    counter, after, fault = GAPS[gap]
+    sandbox.scim.latency = LATENCY
+    child = Child(sandbox, config, home, tmp_path / "killed.log")
+    children.append(child)
+    # Arm the fault once the stage is under way, then kill the child while the server holds the applied write's answer.
+    deadline = time.monotonic() + 120
+    while sandbox.scim.requests[counter] < after:
+        assert child.process.poll() is None and time.monotonic() < deadline, child.log.read_text()[-3000:]
+        time.sleep(POLL)
+    sandbox.scim.inject(fault)
+    child.kill_when(lambda: fault.times == 0)
+    time.sleep(0.5)  # the server applies the request first, then sleeps on its answer
+    applied_users = {u["externalId"] for u in sandbox.scim.users()}
+    applied_groups = {g["externalId"] for g in sandbox.scim.groups()}
+    users, groups = recorded(tmp_path / "state.db")
+    if gap == "user create":
+        assert applied_users - users, "a user exists in Atlassian that the state store never recorded"
+    elif gap == "group create":
+        assert applied_groups - groups, "a group exists in Atlassian that the state store never recorded"
+    else:
+        with sqlite3.connect(tmp_path / "state.db") as connection:
+            recorded_members = connection.execute("SELECT count(*) FROM members").fetchone()[0]
+        in_atlassian = sum(len(g.get("members") or []) for g in sandbox.scim.groups())
+        assert in_atlassian > recorded_members, "memberships applied in Atlassian that the state store never recorded"
+    finish(sandbox, config, home)
+    assert_same_state(atlassian_state(sandbox), expected)
+
+
+# -- killed during a second run that updates, deactivates, renames and deletes ----------------------------
+
+
+def changes(tenant) -> None:
+    """Between runs: disable some users, retitle others, rename a group, delete one, move members."""
+    enabled = sorted(uid for uid, u in tenant.users.items() if u["accountEnabled"] and "#EXT#" not in u["userPrincipalName"]
+                     and u["userPrincipalName"].endswith(("@contoso.com", "@fabrikam.com")))
+    for uid in enabled[:4]:
+        tenant.update_user(uid, accountEnabled=False)
+    for uid in enabled[4:30]:
+        tenant.update_user(uid, jobTitle="Survivor of SIGKILL")
+    groups = sorted(tenant.groups, key=lambda gid: tenant.groups[gid]["displayName"])
+    tenant.rename_group(groups[0], tenant.groups[groups[0]]["displayName"] + " (renamed)")
+    tenant.delete_group(groups[-1])
+    for uid in enabled[30:40]:
+        tenant.add_member(groups[1], uid)
+
+
+SECOND_RUN_KILLS = {
+    "updates": lambda s: s.scim.requests["PUT /Users/{id}"] >= 8,
+    "rename": lambda s: s.scim.requests["POST /Groups"] >= 1,
+    "deletion": lambda s: s.scim.requests["DELETE /Groups/{id}"] >= 1,
+}
+
+
+@pytest.mark.parametrize("point", list(SECOND_RUN_KILLS))
+def test_a_killed_second_run_deactivates_nobody_wrongly(point, make_sandbox, sync, tmp_path, children, prefect_server):
+    reference = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
+    reference_db = f"sqlite:///{tmp_path / 'reference.db'}"
+    assert sync(reference.settings(reference_db))[0] == 0
+    changes(reference.tenant)
+    assert sync(reference.settings(reference_db))[0] == 0
+    expected = nontrivial(atlassian_state(reference))
+    assert sum(1 for u in expected["users"].values() if u[1] is False) == 4
+    reference.stop()
+
+    sandbox = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
+    config = write_config(tmp_path / "guardsync.toml", sandbox.config(f"sqlite:///{tmp_path / 'state.db'}"))
+    home = tmp_path / "prefect-home"
+    assert sync(sandbox.settings(f"sqlite:///{tmp_path / 'state.db'}"))[0] == 0
+    changes(sandbox.tenant)
+    sandbox.scim.reset_counts()
+    sandbox.scim.latency = LATENCY
+    child = Child(sandbox, config, home, tmp_path / "killed.log")
+    children.append(child)
+    child.kill_when(lambda: SECOND_RUN_KILLS[point](sandbox))
+    time.sleep(3 * LATENCY)
+    finish(sandbox, config, home)
+    state = atlassian_state(sandbox)
+    assert_same_state(state, expected)
+    assert sorted(n for n, u in state["users"].items() if u[1] is False) == sorted(n for n, u in expected["users"].items() if u[1] is False)
