@@ -142,8 +142,10 @@ def test_initial_round_equals_extract(client, emulator, tenant):
     assert changes.links.groups.startswith(emulator.graph_url + "/v1.0/groups/delta?$deltatoken=")
     assert_same_tenant(apply_changes(None, changes), client.extract())
     assert {t for _, _, t in changes.added_edges} == {"user", "group", "device", "servicePrincipal", "orgContact"}
-    # Paged as asked: at most 50 users a page, and groups split by their 1,209 member entries at 100 a page.
-    assert emulator.requests[USERS_DELTA] == math.ceil(400 / OBJECTS_PER_PAGE) == 8
+    # Users: a delta link "from now", then the plain listing at 999 a page (delta pages are smaller);
+    # groups: the delta round, split by their member entries at 100 a page.
+    assert emulator.requests[USERS_DELTA] == 1
+    assert emulator.requests["GET /v1.0/users"] == 2 * math.ceil(400 / 999)  # this read, and extract() above
     links = sum(len(m) for m in tenant.members.values())
     assert emulator.requests[GROUPS_DELTA] >= math.ceil(links / LINKS_PER_PAGE) > len(tenant.groups)
 
@@ -354,7 +356,7 @@ def test_expired_delta_link_resyncs_everything(client, emulator, tenant, caplog,
 
     assert changes.full
     assert f"Graph delta link expired ({code})" in caplog.text and "full resync" in caplog.text
-    assert emulator.requests[USERS_DELTA] == 1 + math.ceil(len(tenant.users) / OBJECTS_PER_PAGE)  # expired, then all
+    assert emulator.requests[USERS_DELTA] == 2  # expired, then a link "from now" for the full read
     merged = apply_changes(stale, changes)  # the stale snapshot is ignored: a complete picture
     assert_same_tenant(merged, client.extract())
     assert client.read_changes(changes.links).is_empty  # the new links work
@@ -368,7 +370,7 @@ def test_expiry_on_a_next_link_restarts_the_full_read(client, emulator, tenant):
 
     assert changes.full
     assert_same_tenant(apply_changes(None, changes), client.extract())
-    assert emulator.requests[USERS_DELTA] == 2 * math.ceil(len(tenant.users) / OBJECTS_PER_PAGE)  # read again
+    assert emulator.requests["GET /v1.0/users"] == 3 * math.ceil(len(tenant.users) / 999)  # read again, and extract()
 
 
 def test_an_expired_link_that_keeps_expiring_is_an_api_error(client, emulator):
