@@ -193,6 +193,7 @@ class GraphClient:
         self._credential = client_secret if client_secret is not None else _certificate_credential(certificate_path)
         self._scopes = [f"{self.graph_url}/.default"]
         self._app: msal.ConfidentialClientApplication | None = None  # one per client: its token cache is reused
+        self._login_reached = self._graph_reached = False  # a refused first contact is a wrong URL, not a blip
         self._token_lock = threading.Lock()  # one token request at a time, however many readers wait
         self._count_lock = threading.Lock()
         self._login_http = self._session(_LoginSession())
@@ -362,7 +363,9 @@ class GraphClient:
     def _interpret(self, answer: requests.Response | requests.RequestException, endpoint: str) -> dict:
         """The one mapping of a Graph answer: the JSON body, or _Retry, _StaleToken or a guardsync error."""
         if isinstance(answer, requests.RequestException):
-            raise _tls_config_error(answer) or _Retry(f"{type(answer).__name__} talking to {self.graph_url}")
+            first = None if self._graph_reached else _unreachable(answer, "entra.graph_url", self.graph_url)
+            raise _tls_config_error(answer) or first or _Retry(f"{type(answer).__name__} talking to {self.graph_url}")
+        self._graph_reached = True
         status = answer.status_code
         if status < 300:
             try:
@@ -417,11 +420,13 @@ class GraphClient:
             with self._token_lock:
                 result = self._msal().acquire_token_for_client(self._scopes)
         except requests.RequestException as exc:
-            raise _tls_config_error(exc) or _Retry(f"{type(exc).__name__} talking to {self.authority_host}") from None
+            first = None if self._login_reached else _unreachable(exc, "entra.authority_host", self.authority_host)
+            raise _tls_config_error(exc) or first or _Retry(f"{type(exc).__name__} talking to {self.authority_host}") from None
         except MsalServiceError:  # msal raises it for a 5xx from the token or discovery endpoint
             raise _Retry("Entra answered 5xx") from None
         except ValueError:  # msal could not parse the token answer (e.g. a 429 with an empty body)
             raise _Retry("unreadable token answer") from None
+        self._login_reached = True
         if result.get("error") in TRANSIENT_LOGIN_ERRORS:
             raise _Retry(f"Entra answered {result['error']}")
         return result
@@ -581,6 +586,13 @@ def _retry_after(response: requests.Response) -> float | None:
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+def _unreachable(exc: requests.RequestException, key: str, url: str) -> ConfigError | None:
+    """No connection at all on the very first contact: a configuration problem, not worth minutes of retries."""
+    if isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.exceptions.SSLError):
+        return ConfigError(f"{key} {url} cannot be reached ({type(exc).__name__}): check the URL and that this host may connect to it")
+    return None
 
 
 def _tls_config_error(exc: requests.RequestException) -> ConfigError | None:

@@ -194,9 +194,6 @@ def _never_retry(*_args, **_kwargs):
     raise AssertionError("a refused first contact was retried as if transient (120 s of retries, then 2 task retries)")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a refused connection to entra.authority_host/graph_url on the very first "
-                                       "contact is retried as transient for 120 s, then the extract task twice more 30 s "
-                                       "apart (about 7 minutes) before the run fails; it should be a ConfigError at once")
 @pytest.mark.parametrize("key", ["authority_host", "graph_url"])
 def test_an_unreachable_entra_url_fails_at_once_naming_the_key(key, sandbox, state_url, sync, monkeypatch):
     from guardsync.config import parse_settings

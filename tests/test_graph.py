@@ -302,18 +302,27 @@ def test_truncated_page_is_read_again(make_client, emulator, tenant):
     assert emulator.requests[USERS] == 3 + 1
 
 
-def test_connection_failures_are_retried_until_the_budget(make_client, emulator, caplog):
+def test_a_refused_first_contact_is_a_configuration_error(make_client, emulator):
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     dead_graph = f"https://127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening: refused
-    caplog.set_level(logging.WARNING, logger="guardsync.graph")
 
-    with pytest.raises(TransientError) as gave_up:
-        make_client(graph_url=dead_graph, max_retry_seconds=1.5).extract()
+    with pytest.raises(ConfigError) as wrong_url:
+        make_client(graph_url=dead_graph, max_retry_seconds=60).extract()
     closed.close()
 
+    assert "entra.graph_url" in str(wrong_url.value) and dead_graph in str(wrong_url.value)
+
+
+def test_connection_failures_after_first_contact_are_retried_until_the_budget(make_client, emulator, caplog):
+    caplog.set_level(logging.WARNING, logger="guardsync.graph")
+    emulator.inject(Fault("GET", r"^/v1\.0/users\?", reset=True, times=10**6))
+
+    with pytest.raises(TransientError) as gave_up:
+        make_client(max_retry_seconds=1.5).extract()
+
     assert "ConnectionError" in str(gave_up.value)
-    assert caplog.text.count("GET /v1.0/organization: ConnectionError") >= 1  # retried, then gave up
+    assert caplog.text.count("GET /v1.0/users: ConnectionError") >= 1  # retried, then gave up
 
 
 def test_permanent_503_gives_up_within_the_budget(make_client, emulator):
