@@ -49,10 +49,11 @@ def select_groups(groups: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     """All groups, or exactly the named ones (displayName case-insensitive, or object id)."""
     if not names:
         return groups[["id", "displayName"]].rename(columns={"displayName": "display_name"})
-    keys = groups["displayName"].fillna("").str.casefold()
+    keys = identity_key(groups["displayName"].fillna(""))
     chosen = []
     for name in names:
-        match = groups[(keys == name.casefold()) | (groups["id"] == name)]
+        key = identity_key(pd.Series([name])).iloc[0]
+        match = groups[(keys == key) | (groups["id"] == name)]
         if len(match) == 0:
             raise ConfigError(f"[sync] groups: no group named {name!r} in the tenant; check the spelling or use its object id")
         if len(match) > 1:
@@ -61,6 +62,12 @@ def select_groups(groups: pd.DataFrame, names: list[str]) -> pd.DataFrame:
         chosen.append(match)
     picked = pd.concat(chosen).drop_duplicates("id")
     return picked[["id", "displayName"]].rename(columns={"displayName": "display_name"}).reset_index(drop=True)
+
+
+def identity_key(values: pd.Series) -> pd.Series:
+    """What makes two identifiers or names the same: letter case and Unicode normalisation aside
+    (é typed as one code point or as e + accent is one name to a person, and to Atlassian)."""
+    return values.str.normalize("NFC").str.casefold().str.normalize("NFC")
 
 
 def domain_of(identifiers: pd.Series) -> pd.Series:
@@ -95,7 +102,7 @@ def scope(snapshot: Snapshot, memberships: pd.DataFrame, sync: SyncSettings) -> 
         {
             "id": users["id"],
             "identifier": identifier,
-            "identifier_key": identifier.str.casefold(),
+            "identifier_key": identity_key(identifier),
             "display_name": users["displayName"],
             "enabled": users["accountEnabled"].fillna(False).astype(bool),
             "given_name": users["givenName"],
@@ -132,12 +139,12 @@ def desired_groups(groups: pd.DataFrame, memberships: pd.DataFrame, users: dict[
 
 
 def groups_gate_frame(groups: dict[str, DesiredGroup]) -> pd.DataFrame:
-    names = [g.display_name for g in groups.values()]
+    names = pd.Series([g.display_name for g in groups.values()], dtype=object)
     return pd.DataFrame(
         {
             "id": list(groups),
             "display_name": names,
-            "display_name_key": [n.casefold() for n in names],
+            "display_name_key": identity_key(names),
             "member_count": [len(g.members) for g in groups.values()],
         }
     )

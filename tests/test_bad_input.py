@@ -10,7 +10,7 @@ Decision on Unicode normalisation: identifiers that differ only by normalisation
 (NFC "é" vs NFD "e" + U+0301) are the same address to people, to RFC 6531 (which
 requires NFC) and possibly to Atlassian; they must be treated like case-only twins
 (quarantined as duplicate_identifier), i.e. the identifier key should be
-NFC(casefold(NFC(identifier))). Today they are not caught: see the xfail test.
+NFC(casefold(NFC(identifier))), as scope.identity_key does.
 """
 
 from __future__ import annotations
@@ -198,10 +198,6 @@ def test_a_guest_is_excluded_whichever_identifier_is_chosen(make_sandbox, state_
 
 
 @pytest.mark.parametrize("kind", ["user", "group"])
-@pytest.mark.xfail(strict=True, reason="BUG: identifiers and group names that differ only by Unicode normalisation "
-                                       "(NFC vs NFD) are not caught as duplicates (scope.py keys them with casefold() "
-                                       "alone): both users are created, and the second group adopts the first one's "
-                                       "Atlassian group; key them with NFC(casefold(NFC(value))) so both are quarantined")
 def test_unicode_normalisation_twins_are_quarantined_like_case_twins(kind, make_sandbox, state_url, sync):
     sandbox = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
     nfc = unicodedata.normalize("NFC", "josé.garcía")
