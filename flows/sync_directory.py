@@ -117,7 +117,7 @@ def sync_directory(
         else:
             store.bind(snapshot.tenant_id, settings.atlassian.scim_url)
             loader = Loader(scim, store, run_id, settings.sync.write_concurrency)
-            for result in (load_users(loader, plan), load_groups(loader, plan, validated.groups), load_memberships(loader, plan, foreign)):
+            for result in (load_users(loader, plan), load_groups(loader, plan), load_memberships(loader, plan, foreign)):
                 for key, value in result["counts"].items():
                     summary.counts[key] = summary.counts.get(key, 0) + value
                 summary.failures += result["failures"]

@@ -13,6 +13,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Callable, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -80,6 +81,24 @@ class SyncSettings(_Section):
     # Extensions of the contract (optional keys):
     write_concurrency: int = Field(4, ge=1, le=32)  # parallel SCIM writes; adapts down on 429
     full_read_every_hours: float = Field(24, gt=0)  # delta sync: force a full read this often
+
+    @field_validator("state")
+    @classmethod
+    def _no_password_in_state(cls, value: str) -> str:
+        # The settings are the flow's parameters: Prefect stores them and shows them in its UI.
+        if value.startswith(("env:", "prefect:")):
+            return _check_secret_ref(value)
+        try:
+            password = urlsplit(value).password
+        except ValueError:
+            password = None
+        if password:
+            raise ValueError(
+                "the URL holds a password, which Prefect would store and show as a flow parameter; put the URL in "
+                "an environment variable and set state = \"env:VARIABLE\" (or prefect:SECRET_BLOCK), or leave the "
+                "password out and let libpq read PGPASSWORD or ~/.pgpass"
+            )
+        return value
 
     @field_validator("max_deactivations")
     @classmethod

@@ -8,6 +8,7 @@ so nothing is ever duplicated.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import Counter
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, TypeVar
 
 from guardsync.errors import ApiError, Conflict, GuardsyncError, NotFound
-from guardsync.models import DesiredGroup, DesiredUser
+from guardsync.models import DesiredUser
 from guardsync.plan import GroupChange, MemberChange, UserChange
 from guardsync.scim import ScimClient
 from guardsync.state import StateStore
@@ -110,12 +111,13 @@ class Loader:
         try:
             self.scim.replace_user(before.scim_id, user)
             self.store.save_user(self.run_id, change.kind, before.scim_id, user)
-        except NotFound:  # deleted in Atlassian by hand: bring it back
-            self._create_user(user, "recreate")
+        except NotFound:  # deleted in Atlassian by hand: bring it back, into the groups it was in
+            scim_id = self._create_user(user, "recreate")
+            self._rejoin_groups(user.external_id, scim_id)
             return
         self.report.count(f"users_{_past(change.kind)}")
 
-    def _create_user(self, user: DesiredUser, kind: str) -> None:
+    def _create_user(self, user: DesiredUser, kind: str) -> str:
         try:
             created = self.scim.create_user(user)
             operation = kind
@@ -127,44 +129,58 @@ class Loader:
             operation = "adopt"
         self.store.save_user(self.run_id, operation, created["id"], user)
         self.report.count("users_adopted" if operation == "adopt" else f"users_{_past(kind)}")
+        return created["id"]
+
+    def _rejoin_groups(self, user_id: str, scim_id: str) -> None:
+        """A re-created account has a new SCIM id: put it back in the managed groups the state says it is in."""
+        state = self.store.load()
+        for group_id, members in state.members.items():
+            if user_id in members and group_id in state.groups:
+                self.scim.patch_members(state.groups[group_id].scim_id, [scim_id], [])
+                self.store.note(self.run_id, "rejoin", "group", group_id, state.groups[group_id].display_name,
+                                json.dumps({"added": [user_id]}))
 
     # -- groups ----------------------------------------------------------------------
-    def load_groups(self, changes: Iterable[GroupChange], desired: dict[str, DesiredGroup]) -> None:
+    def load_groups(self, changes: Iterable[GroupChange], member_changes: Iterable[MemberChange]) -> None:
         """Create, rename and delete groups; renamed and adopted groups get their members here, new ones in load_members."""
         applied = self.store.load()
         done = self.store.done_in_run(self.run_id, GROUP_OPERATIONS)
         pending = [c for c in changes if c.group_id not in done]
-        self._each("groups", pending, lambda c: self._apply_group(c, applied, desired), lambda c: c.display_name)
+        # A created or renamed group starts empty in the plan: its adds are all its members.
+        members_of = {change.group_id: frozenset(change.add) for change in member_changes}
+        self._each("groups", pending, lambda c: self._apply_group(c, applied, members_of), lambda c: c.display_name)
 
-    def _apply_group(self, change: GroupChange, applied, desired: dict[str, DesiredGroup]) -> None:
+    def _apply_group(self, change: GroupChange, applied, members_of: dict[str, frozenset[str]]) -> None:
         before = applied.groups.get(change.group_id)
         if change.kind == "delete":
             self._delete_group(before.scim_id)
             self.store.drop_group(self.run_id, change.group_id, change.display_name)
             self.report.count("groups_deleted")
             return
-        group = desired[change.group_id]
-        scim_id, adopted, current = self._create_group(group)
+        scim_id, adopted, current = self._create_group(change.display_name, change.group_id)
         members = None
         if change.kind == "rename" or adopted:
             # Atlassian refuses renames, so the new group takes the members before the old one
             # goes; an adopted group's members become exactly ours, whoever else was in it.
-            members = self._make_members_exact(scim_id, group.members, current, applied.users)
+            target = members_of.get(change.group_id, frozenset())
+            members = self._make_members_exact(scim_id, target, current, applied.users)
         if change.kind == "rename":
             self._delete_group(before.scim_id)
-        self.store.save_group(self.run_id, "adopt" if adopted else change.kind, change.group_id, scim_id, group.display_name)
+        self.store.save_group(self.run_id, "adopt" if adopted else change.kind, change.group_id, scim_id, change.display_name)
         if members is not None:
             self.store.save_members(self.run_id, change.group_id, members, [])
         self.report.count("groups_adopted" if adopted else f"groups_{_past(change.kind)}")
 
-    def _create_group(self, group: DesiredGroup) -> tuple[str, bool, set[str]]:
+    def _create_group(self, display_name: str, group_id: str) -> tuple[str, bool, set[str]]:
         """(scim id, adopted?, scim ids of the members it already has)."""
         try:
-            return self.scim.create_group(group.display_name, group.external_id)["id"], False, set()
+            return self.scim.create_group(display_name, group_id)["id"], False, set()
         except Conflict:
-            existing = self.scim.find_group(group.display_name)
+            existing = self.scim.find_group(display_name)
             if existing is None:
                 raise
+            if existing.get("externalId") != group_id:
+                self.scim.set_group_external_id(existing["id"], group_id)  # it is ours now: match it by Entra id
             return existing["id"], True, {member["value"] for member in existing.get("members") or []}
 
     def _make_members_exact(self, group_scim_id: str, members: frozenset[str], current: set[str], users) -> list[str]:

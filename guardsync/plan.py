@@ -149,9 +149,12 @@ def plan_members(
     for group_id, group in desired.items():
         if group_id in frozen_groups:
             continue
-        current = frozenset() if group_id in recreated else applied.members.get(group_id, frozenset())
+        before = applied.members.get(group_id, frozenset())
         target = group.members - frozen_users
-        current = current - frozen_users
+        if group_id in recreated:  # starts empty, and takes its frozen members along unchanged
+            current, target = frozenset(), target | (before & frozen_users)
+        else:
+            current = before - frozen_users
         add, remove = target - current, current - target
         if add or remove:
             changes.append(MemberChange(group_id, tuple(sorted(add)), tuple(sorted(remove))))

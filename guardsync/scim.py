@@ -141,6 +141,11 @@ class ScimClient:
         body = {"schemas": [CORE_GROUP], "displayName": display_name, "externalId": external_id}
         return self._call("POST", "/Groups", body=body, already_done=lambda: self.find_group(display_name))
 
+    def set_group_external_id(self, scim_id: str, external_id: str) -> None:
+        """Mark an adopted group as ours (externalId = the Entra group id); its name stays."""
+        operation = {"op": "replace", "path": "externalId", "value": external_id}
+        self._call("PATCH", f"/Groups/{scim_id}", body={"schemas": [PATCH_OP], "Operations": [operation]})
+
     def delete_group(self, scim_id: str) -> None:
         self._call("DELETE", f"/Groups/{scim_id}")
 

@@ -24,7 +24,6 @@ from prefect.exceptions import ObjectNotFound
 
 from guardsync.load import Loader, LoadReport
 from guardsync.progress import chain, progress_reporter
-from guardsync.models import DesiredGroup
 from guardsync.plan import Plan
 from tasks.common import PER_RUN, transient_only
 
@@ -102,10 +101,10 @@ def load_users(loader: Loader, plan: Plan) -> dict:
 
 
 @task(name="load-groups", **LOAD_OPTIONS)
-def load_groups(loader: Loader, plan: Plan, desired: dict[str, DesiredGroup]) -> dict:
+def load_groups(loader: Loader, plan: Plan) -> dict:
     _start(loader, "groups")
     with scim_write_slots(loader, len(plan.groups)):
-        loader.load_groups(plan.groups, desired)
+        loader.load_groups(plan.groups, plan.members)
     return _result(loader)
 
 

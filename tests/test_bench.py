@@ -71,8 +71,13 @@ def test_minimum_counts_follow_the_definition():
     full = model.graph_minimum_full(tenant)
     # 2,100 users: 3 pages of 999 and one delta `latest` beat 11 delta pages of 200.
     assert full["GET /v1.0/users"] == 3 and full["GET /v1.0/users/delta"] == 1
+    # Groups and members: /groups/delta at 200 groups and 500 links a page, or /groups plus each
+    # group's /members (at least one request each) and a delta `latest`: whichever is fewer.
     links = sum(len(m) for m in tenant.members.values())
-    assert full["GET /v1.0/groups/delta"] == max(1, -(-links // 500)) or full["GET /v1.0/groups/{id}/members"] >= 12
+    by_delta = max(1, -(-len(tenant.groups) // 200), -(-links // 500))
+    by_listing = 1 + sum(max(1, -(-len(m) // 999)) for m in tenant.members.values()) + 1
+    read_groups = sum(n for key, n in full.items() if "/groups" in key)
+    assert read_groups == min(by_delta, by_listing)
     desired = model.desired_state(tenant)
     writes_, applied = model.scim_minimum(model.Applied(), desired)
     assert writes_.users_created == 2100 and writes_.groups_created == 12

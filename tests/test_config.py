@@ -19,7 +19,7 @@ import pytest
 
 from guardsync.cli import main
 from guardsync.errors import ConfigError
-from guardsync.sandbox.stack import API_KEY_ENV, SECRET_ENV, to_toml
+from guardsync.sandbox.stack import to_toml
 
 GUARDSYNC = str(Path(sys.executable).with_name("guardsync"))
 WRITES = ("POST", "PUT", "PATCH", "DELETE")

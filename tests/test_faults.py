@@ -13,6 +13,7 @@ permanent fault fails in seconds instead of minutes.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -32,7 +33,6 @@ POST_USERS = r"/Users\?$"  # full_path is "path?query"; a POST has no query
 POST_GROUPS = r"/Groups\?$"
 # The second and later pages of a Graph listing, full read or delta round alike (they carry a $skiptoken).
 USERS_NEXT_PAGE = r"^/v1\.0/users(/delta)?\?.*skiptoken"
-GROUPS_NEXT_PAGE = r"^/v1\.0/groups(/delta)?\?.*skiptoken"
 MEMBERS_NEXT_PAGE = r"^/v1\.0/groups/(delta\?|[^/]+/members\?).*skiptoken"  # members@delta ride on group pages
 MEMBERS = r"^/v1\.0/groups/(delta|[^/]+/members)"
 
@@ -132,13 +132,13 @@ def reference(make_sandbox, sync, tmp_path_factory):
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    """Client retry budgets of 3 s and task retries without the 30 s pause: a permanent fault fails fast."""
+    """Client retry budgets of 1.5 s and task retries without the 30 s pause: a permanent fault fails fast."""
     import flows.sync_directory as flow_module
     from guardsync.graph import GraphClient
     from guardsync.scim import ScimClient
 
-    monkeypatch.setitem(GraphClient.__init__.__kwdefaults__, "max_retry_seconds", 3.0)
-    monkeypatch.setitem(ScimClient.__init__.__kwdefaults__, "max_retry_seconds", 3.0)
+    monkeypatch.setitem(GraphClient.__init__.__kwdefaults__, "max_retry_seconds", 1.5)
+    monkeypatch.setitem(ScimClient.__init__.__kwdefaults__, "max_retry_seconds", 1.5)
     for name in ("extract", "read_drift", "load_users", "load_groups", "load_memberships"):
         if hasattr(flow_module, name):
             monkeypatch.setattr(flow_module, name, getattr(flow_module, name).with_options(retry_delay_seconds=0))
@@ -218,6 +218,7 @@ def recorded_users(state_url: str) -> set[str]:
     ],
 )
 def test_transient_graph_faults_are_retried_to_the_same_result(faults, sandbox, state_url, sync, reference):
+    faults = copy.deepcopy(faults)  # the parameters are shared: each run counts down its own faults
     for fault in faults:
         sandbox.graph.inject(fault)
     status, summary = sync(sandbox.settings(state_url))
@@ -281,6 +282,7 @@ def test_a_next_link_that_fails_for_good_writes_nothing(read, fault, error, make
     `full`: the second run re-reads everything (--full), so its second page is a page of all users.
     `delta`: the second run reads the changes since the first, and there are enough to span pages.
     """
+    fault = copy.deepcopy(fault)
     sandbox = small_pages(make_sandbox(users=USERS, groups=GROUPS, seed=SEED))
     before = first_sync(sandbox, state_url, sync)
     changes_needing_writes(sandbox.tenant)
@@ -313,15 +315,20 @@ def changes_needing_writes(tenant) -> None:
         tenant.add_member(group, uid)
 
 
-@pytest.mark.parametrize("body", ['{"@odata.context": "users"}', '{"value": []}'])
-def test_a_page_without_links_is_not_read_as_the_end(body, make_sandbox, state_url, sync, small_pages, fast_retries):
-    """Valid JSON that ends a listing early (no nextLink, no deltaLink): an error, never a short tenant."""
+@pytest.mark.xfail(strict=True, reason="BUG: GraphClient.pages() reads a 200 page without a `value` array as an empty "
+                                       "last page (body.get('value', [])), so a --full read ends early and the users "
+                                       "missing from it are deactivated (48 here, members removed too); only the "
+                                       "max_deactivations guard stands in the way. Treat a page without a list `value` "
+                                       "as unreadable (retry like truncated JSON, then fail)")
+def test_a_page_without_value_is_not_read_as_the_end(make_sandbox, state_url, sync, small_pages, fast_retries):
+    """Valid JSON that is no collection page (no `value`, no nextLink) on page 2 of a full read: an error, never a short tenant."""
     sandbox = small_pages(make_sandbox(users=USERS, groups=GROUPS, seed=SEED))
     before = first_sync(sandbox, state_url, sync)
-    sandbox.graph.inject(Fault("GET", USERS_NEXT_PAGE, 200, body=body, times=10**6))
+    fault = sandbox.graph.inject(Fault("GET", USERS_NEXT_PAGE, 200, body='{"@odata.context": "users"}', times=10**6))
     status, exc = sync(sandbox.settings(state_url, max_deactivations=100), full=True)
+    assert fault.times < 10**6
+    assert scim_writes(sandbox) == 0, dict(sandbox.scim.requests)
     assert status == 1, exc
-    assert scim_writes(sandbox) == 0
     assert atlassian_state(sandbox) == before
 
 
@@ -348,6 +355,7 @@ def test_a_page_without_links_is_not_read_as_the_end(body, make_sandbox, state_u
     ],
 )
 def test_transient_scim_faults_neither_duplicate_nor_lose(faults, sandbox, state_url, sync, reference):
+    faults = copy.deepcopy(faults)
     for fault in faults:
         sandbox.scim.inject(fault)
     status, summary = sync(sandbox.settings(state_url))
@@ -426,8 +434,6 @@ def _assert_back_in_its_groups(sandbox, victim, entra_id, groups_before) -> dict
     return after
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a user re-created after a 404 on update (deleted by hand) is left out of its "
-                                       "groups on a delta run: the state still lists its memberships, so nothing re-adds them")
 def test_a_user_deleted_by_hand_is_recreated_on_update(sandbox, state_url, sync):
     first_sync(sandbox, state_url, sync)
     victim, entra_id, groups_before = _hand_delete_a_grouped_user(sandbox)
@@ -472,8 +478,6 @@ def test_existing_users_and_groups_are_adopted_on_409(sandbox, state_url, sync, 
     assert_same_state(after, expected)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an adopted group keeps the externalId it had (none), not the Entra group id "
-                                       "(load.py _create_group on Conflict never sets it)")
 def test_an_adopted_group_carries_the_entra_id(sandbox, state_url, sync, reference):
     group = sorted(reference()["groups"])[0]
     sandbox.scim.add_group(group)
@@ -532,16 +536,21 @@ def test_a_400_is_shown_to_the_operator_and_the_other_writes_land(sandbox, state
     assert_same_state(atlassian_state(sandbox), expected)
 
 
-def test_a_user_atlassian_refuses_for_its_domain_is_listed_and_the_rest_lands(make_sandbox, state_url, sync):
+def test_users_atlassian_refuses_for_their_domain_are_listed_and_the_rest_lands(make_sandbox, state_url, sync, reference):
+    """Atlassian has verified only contoso.com: every fabrikam.com user is refused (400), named, and the rest lands."""
+    expected = reference()
     sandbox = make_sandbox(users=USERS, groups=GROUPS, seed=SEED, atlassian_domains=("contoso.com",))
     status, summary = sync(sandbox.settings(state_url))
     assert status == 1, summary
-    fabrikam = {u["userPrincipalName"] for u in sandbox.tenant.users.values()
-                if u["userPrincipalName"].endswith("@fabrikam.com") and u["accountEnabled"]}
-    assert fabrikam and len(summary.failures) >= len(fabrikam) - 2  # case twins aside
-    assert all("not verified" in line for line in summary.failures)
-    landed = atlassian_state(sandbox)["users"]
-    assert landed and all(name.casefold().endswith("@contoso.com") for name in landed)
+    refused = {name for name in expected["users"] if name.casefold().endswith("@fabrikam.com")}
+    assert refused and len(summary.failures) == len(refused)
+    for name in refused:
+        assert sum(name in line for line in summary.failures) == 1, name
+    assert all("not verified" in line and "400" in line for line in summary.failures)
+    state = atlassian_state(sandbox)
+    assert set(state["users"]) == set(expected["users"]) - refused
+    for name, (_, members) in expected["groups"].items():
+        assert state["groups"][name][1] == members - refused, name
 
 
 def test_scim_failing_for_good_mid_load_resumes_on_the_next_run(sandbox, state_url, sync, reference, fast_retries):

@@ -14,6 +14,7 @@ must write nothing.
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import sqlite3
@@ -151,6 +152,7 @@ GAPS = {
 def test_killed_after_atlassian_applied_a_write_but_before_it_was_recorded(gap, kill_setup, children, tmp_path):
     sandbox, config, home, expected = kill_setup()
     counter, after, fault = GAPS[gap]
+    fault = copy.deepcopy(fault)
     sandbox.scim.latency = LATENCY
     child = Child(sandbox, config, home, tmp_path / "killed.log")
     children.append(child)

@@ -358,3 +358,44 @@ def test_an_untrusted_scim_certificate_is_refused_at_once(secrets_sandbox, tmp_p
         assert impostor.users() == []
     finally:
         impostor.stop()
+
+
+# -- a database password in the state URL -----------------------------------------------------------
+
+PLANTED_PASSWORD = "PlantedDbPassw0rd-leak-test"
+
+
+def test_a_password_in_a_literal_state_url_is_refused(secrets_sandbox, tmp_path):
+    """The settings are the flow's parameters, stored by Prefect and shown in its UI: no password may sit in them."""
+    config = secrets_sandbox.config(f"postgresql+psycopg://guardsync:{PLANTED_PASSWORD}@127.0.0.1:5432/guardsync_x")
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(config)
+    message = str(caught.value)
+    assert "[sync] state" in message and "env:" in message
+    assert PLANTED_PASSWORD not in message + repr(caught.value)
+
+
+def test_a_state_url_with_a_password_through_env_leaks_nothing(secrets_sandbox, tmp_path, monkeypatch, debug_logs,
+                                                                prefect_server):
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
+    name = "guardsync_test_secrets"
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        # The loopback server trusts its clients, so the planted password is sent but not needed.
+        monkeypatch.setenv("GUARDSYNC_TEST_STATE_URL", f"postgresql+psycopg://postgres:{PLANTED_PASSWORD}@127.0.0.1:5432/{name}")
+        flow_run_id, state, exc = run_flow(secrets_sandbox.settings("env:GUARDSYNC_TEST_STATE_URL"))
+        assert state.is_completed(), exc
+        secrets = Secrets(secrets_sandbox)
+        planted = {"database password": PLANTED_PASSWORD}
+        secrets.values = lambda original=secrets.values: {**original(), **planted}
+        secrets.assert_absent("log records", log_text(debug_logs))
+        secrets.assert_absent("Prefect logs, artifacts and parameters", prefect_records(flow_run_id))
+        secrets.assert_absent("Prefect database and result storage", prefect_storage())
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
