@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
+from prefect.utilities.annotations import opaque
 
 from guardsync.config import Settings, resolve_secret
 from guardsync.errors import GuardsyncBlocked, GuardsyncError
@@ -108,16 +109,18 @@ def sync_directory(
         summary.first_sync = not dry_run and not applied.users
         foreign: dict[str, list[str]] = {}
         if extracted.full and (applied.users or applied.groups):  # a full read also checks Atlassian for hand edits
-            applied, drift = read_drift(scim, applied)
+            applied, drift = read_drift(scim, opaque(applied))
             summary.drift, foreign = drift.lines(), drift.foreign_members
-        plan = plan_changes(validated, applied, settings.sync, allow_mass_deactivation)
+        # opaque(): Prefect would otherwise walk every object of these large inputs looking for futures.
+        plan = plan_changes(opaque(validated), opaque(applied), settings.sync, allow_mass_deactivation)
         summary.excluded["disabled_never_synced"] = plan.not_created_disabled
         if dry_run:
             summary.counts = plan.counts()
         else:
             store.bind(snapshot.tenant_id, settings.atlassian.scim_url)
             loader = Loader(scim, store, run_id, settings.sync.write_concurrency)
-            for result in (load_users(loader, plan), load_groups(loader, plan), load_memberships(loader, plan, foreign)):
+            for result in (load_users(loader, opaque(plan)), load_groups(loader, opaque(plan)),
+                           load_memberships(loader, opaque(plan), opaque(foreign))):
                 for key, value in result["counts"].items():
                     summary.counts[key] = summary.counts.get(key, 0) + value
                 summary.failures += result["failures"]

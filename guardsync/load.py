@@ -97,6 +97,9 @@ class Loader:
 
     # -- users -----------------------------------------------------------------------
     def load_users(self, changes: Iterable[UserChange]) -> None:
+        changes = list(changes)
+        if not changes:
+            return  # nothing to do: not even a read of the state
         applied = self.store.load().users
         done = self.store.done_in_run(self.run_id, USER_OPERATIONS)
         pending = [c for c in changes if c.user.external_id not in done]
@@ -143,6 +146,9 @@ class Loader:
     # -- groups ----------------------------------------------------------------------
     def load_groups(self, changes: Iterable[GroupChange], member_changes: Iterable[MemberChange]) -> None:
         """Create, rename and delete groups; renamed and adopted groups get their members here, new ones in load_members."""
+        changes = list(changes)
+        if not changes:
+            return
         applied = self.store.load()
         done = self.store.done_in_run(self.run_id, GROUP_OPERATIONS)
         pending = [c for c in changes if c.group_id not in done]
@@ -202,6 +208,9 @@ class Loader:
 
     # -- memberships -------------------------------------------------------------------
     def load_members(self, changes: Iterable[MemberChange]) -> None:
+        changes = list(changes)
+        if not changes:
+            return
         applied = self.store.load()
         done = self.store.done_in_run(self.run_id, ("members", "rename", "adopt"))  # renamed/adopted: members set there
         work = []
@@ -214,6 +223,8 @@ class Loader:
 
     def remove_foreign_members(self, foreign: dict[str, list[str]]) -> None:
         """Remove people added by hand to managed groups (found by the drift read)."""
+        if not foreign:
+            return
         groups = self.store.load().groups
         for group_id, scim_ids in foreign.items():
             if group_id in groups:
