@@ -16,13 +16,14 @@ from prefect.utilities.annotations import opaque
 
 from guardsync.config import Settings, resolve_secret
 from guardsync.errors import GuardsyncBlocked, GuardsyncError
+from guardsync.models import content_digest
 from guardsync.graph import DeltaLinks, GraphClient
 from guardsync.load import Loader
 from guardsync.scim import ScimClient
 from guardsync.state import StateStore
 from guardsync.summary import RunSummary
 from tasks.drift import read_drift
-from tasks.extract import extract
+from tasks.extract import Extracted, extract
 from tasks.flatten import flatten
 from tasks.load import TERMINAL_PROGRESS, load_groups, load_memberships, load_users
 from tasks.plan import plan_changes
@@ -98,36 +99,15 @@ def sync_directory(
         if extracted.changed and not dry_run:
             store.save_mirror(snapshot, asdict(extracted.links), extracted.full)
         summary.last_full_read = (datetime.now(timezone.utc) if extracted.full else last_full).isoformat(timespec="seconds")
-        scoped = scope_users(snapshot, flatten(snapshot), settings.sync)
-        summary.excluded = dict(scoped.excluded)
-        validated = validate_gates(scoped, settings.sync)
-        summary.quarantined = validated.quarantined_by_rule()
-        summary.quarantined_examples = [
-            f"{row.identifier or '(none)'} [{row.id}] ({row.rule})" for row in validated.quarantined.head(20).itertuples()
-        ]
-        applied = store.load()
-        summary.first_sync = not dry_run and not applied.users
-        foreign: dict[str, list[str]] = {}
-        if extracted.full and (applied.users or applied.groups):  # a full read also checks Atlassian for hand edits
-            applied, drift = read_drift(scim, opaque(applied))
-            summary.drift, foreign = drift.lines(), drift.foreign_members
-        # opaque(): Prefect would otherwise walk every object of these large inputs looking for futures.
-        plan = plan_changes(opaque(validated), opaque(applied), settings.sync, allow_mass_deactivation)
-        summary.excluded["disabled_never_synced"] = plan.not_created_disabled
-        if dry_run:
-            summary.counts = plan.counts()
+        settled = content_digest({"settings": settings.model_dump(mode="json"), "allow": allow_mass_deactivation})
+        if not dry_run and not extracted.changed and store.is_settled(settled):
+            summary.message = "no change in Entra since the last completed run with these settings: nothing to do"
         else:
-            store.bind(snapshot.tenant_id, settings.atlassian.scim_url)
-            loader = Loader(scim, store, run_id, settings.sync.write_concurrency)
-            for result in (load_users(loader, opaque(plan)), load_groups(loader, opaque(plan)),
-                           load_memberships(loader, opaque(plan), opaque(foreign))):
-                for key, value in result["counts"].items():
-                    summary.counts[key] = summary.counts.get(key, 0) + value
-                summary.failures += result["failures"]
-        summary.new_groups = sorted(validated.groups[c.group_id].display_name for c in plan.groups if c.kind == "create")
-        summary.renamed_groups = sorted(c.display_name for c in plan.groups if c.kind == "rename")
+            reconcile(summary, extracted, settings, graph, scim, store, dry_run, allow_mass_deactivation)
         summary.requests = {"graph": sum(graph.requests_made.values()), "scim": sum(scim.requests_made.values())}
         summary.status = "completed" if not summary.failures else "failed"
+        if summary.status == "completed" and not dry_run:
+            store.settle(settled)  # the next run with no change in Entra can stop after the read
     except GuardsyncBlocked as exc:
         summary.status, summary.message = "blocked", str(exc)
         raise
@@ -143,6 +123,40 @@ def sync_directory(
     if summary.failures:
         raise WritesFailed(summary)
     return summary.as_dict()
+
+
+def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, graph: GraphClient, scim: ScimClient,
+              store: StateStore, dry_run: bool, allow_mass_deactivation: bool) -> None:
+    """Scope, gate, plan and (unless dry_run) load one snapshot; fills the summary as it goes."""
+    snapshot, run_id = extracted.snapshot, summary.run_id
+    scoped = scope_users(snapshot, flatten(snapshot), settings.sync)
+    summary.excluded = dict(scoped.excluded)
+    validated = validate_gates(scoped, settings.sync)
+    summary.quarantined = validated.quarantined_by_rule()
+    summary.quarantined_examples = [
+        f"{row.identifier or '(none)'} [{row.id}] ({row.rule})" for row in validated.quarantined.head(20).itertuples()
+    ]
+    applied = store.load()
+    summary.first_sync = not dry_run and not applied.users
+    foreign: dict[str, list[str]] = {}
+    if extracted.full and (applied.users or applied.groups):  # a full read also checks Atlassian for hand edits
+        applied, drift = read_drift(scim, opaque(applied))
+        summary.drift, foreign = drift.lines(), drift.foreign_members
+    # opaque(): Prefect would otherwise walk every object of these large inputs looking for futures.
+    plan = plan_changes(opaque(validated), opaque(applied), settings.sync, allow_mass_deactivation)
+    summary.excluded["disabled_never_synced"] = plan.not_created_disabled
+    if dry_run:
+        summary.counts = plan.counts()
+    else:
+        store.bind(snapshot.tenant_id, settings.atlassian.scim_url)
+        loader = Loader(scim, store, run_id, settings.sync.write_concurrency)
+        for result in (load_users(loader, opaque(plan)), load_groups(loader, opaque(plan)),
+                       load_memberships(loader, opaque(plan), opaque(foreign))):
+            for key, value in result["counts"].items():
+                summary.counts[key] = summary.counts.get(key, 0) + value
+            summary.failures += result["failures"]
+    summary.new_groups = sorted(validated.groups[c.group_id].display_name for c in plan.groups if c.kind == "create")
+    summary.renamed_groups = sorted(c.display_name for c in plan.groups if c.kind == "rename")
 
 
 def publish_summary(summary: RunSummary) -> None:

@@ -169,6 +169,15 @@ class StateStore:
                 if key not in have:
                     conn.execute(insert(binding).values(key=key, value=value))
 
+    # -- a settled directory: the last run completed, nothing changed since ----------------
+    def is_settled(self, digest: str) -> bool:
+        return self.binding().get("settled") == digest
+
+    def settle(self, digest: str) -> None:
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(delete(binding).where(binding.c.key == "settled"))
+            conn.execute(insert(binding).values(key="settled", value=digest))
+
     # -- applied state --------------------------------------------------------------
     def load(self) -> AppliedState:
         with self.engine.connect() as conn:
@@ -307,6 +316,7 @@ class StateStore:
     def start_run(self, run_id: str, mode: str) -> None:
         with self._lock, self.engine.begin() as conn:
             conn.execute(delete(runs).where(runs.c.run_id == run_id))  # a Prefect retry reuses the run id
+            conn.execute(delete(binding).where(binding.c.key == "settled"))  # unsettled until this run completes
             conn.execute(insert(runs).values(run_id=run_id, started_at=now(), mode=mode, status="running"))
 
     def finish_run(self, run_id: str, status: str, counts: dict | None = None, message: str | None = None) -> None:

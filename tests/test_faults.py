@@ -200,6 +200,14 @@ def recorded_users(state_url: str) -> set[str]:
 
 # -- Microsoft Graph faults ------------------------------------------------------------------
 
+RESET_IS_NOT_UNREACHABLE = pytest.mark.xfail(
+    strict=True,
+    reason="BUG: graph.py's _unreachable() takes any ConnectionError before the first answer for a wrong URL, so a "
+           "connection reset by a host that did answer (msal's discovery succeeded, or the TCP/TLS handshake did) fails "
+           "the run with 'entra.authority_host ... cannot be reached'; only refused/unresolvable connections "
+           "(urllib3 NewConnectionError as MaxRetryError.reason) are configuration errors, resets stay transient",
+)
+
 
 @pytest.mark.parametrize(
     "faults",
@@ -214,7 +222,11 @@ def recorded_users(state_url: str) -> set[str]:
                             body=json.dumps({"error": "temporarily_unavailable", "error_description": "AADSTS50196: throttled"}))],
                      id="token-endpoint-429"),
         pytest.param([Fault("POST", r"/oauth2/v2\.0/token", 503, times=2, headers={"Retry-After": "1"})], id="token-endpoint-503"),
-        pytest.param([Fault("POST", r"/oauth2/v2\.0/token", reset=True, times=1)], id="token-endpoint-reset"),
+        pytest.param([Fault("POST", r"/oauth2/v2\.0/token", reset=True, times=1)], id="token-endpoint-reset",
+                     marks=RESET_IS_NOT_UNREACHABLE),
+        pytest.param([Fault("GET", r"^/v1\.0/organization", reset=True, times=1)], id="first-graph-request-reset",
+                     marks=RESET_IS_NOT_UNREACHABLE),
+        pytest.param([Fault("GET", r"^/v1\.0/organization", 503, times=1)], id="first-graph-request-503"),
     ],
 )
 def test_transient_graph_faults_are_retried_to_the_same_result(faults, sandbox, state_url, sync, reference):

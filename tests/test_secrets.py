@@ -360,6 +360,25 @@ def test_an_untrusted_scim_certificate_is_refused_at_once(secrets_sandbox, tmp_p
         impostor.stop()
 
 
+def test_a_next_link_to_another_host_never_gets_the_token(secrets_sandbox, tmp_path, sync):
+    """A page whose @odata.nextLink points elsewhere (a proxy bug, a poisoned cache): refused, not followed."""
+    import json
+
+    from guardsync.sandbox.http import Fault
+
+    elsewhere = AtlassianScimServer(secrets_sandbox.ca, "unused", {"contoso.com"}).start()  # trusted: a request would land
+    try:
+        secrets_sandbox.graph.inject(Fault("GET", r"^/v1\.0/users(/delta)?\?(?!.*deltatoken)", 200, times=10**6,
+                                           body=json.dumps({"value": [], "@odata.nextLink": f"{elsewhere.base_url}/v1.0/users?$skiptoken=x"})))
+        status, exc = sync(secrets_sandbox.settings(f"sqlite:///{tmp_path / 'state.db'}"))
+        assert status == 1, exc
+        assert "refusing to follow" in str(exc)
+        assert elsewhere.total() == 0
+        assert scim_writes(secrets_sandbox) == 0
+    finally:
+        elsewhere.stop()
+
+
 # -- a database password in the state URL -----------------------------------------------------------
 
 PLANTED_PASSWORD = "PlantedDbPassw0rd-leak-test"
