@@ -11,7 +11,6 @@ HTTP. Secrets and tokens never reach a message, a log line or an exception.
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import random
 import re
@@ -34,6 +33,7 @@ from msal.authority import WELL_KNOWN_AUTHORITY_HOSTS
 from msal.exceptions import MsalServiceError
 
 from guardsync.errors import ApiError, AuthError, ConfigError, GuardsyncError, NotFound, TransientError
+from guardsync.httpclient import never_connected, retry_after
 from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, Snapshot
 
 log = logging.getLogger(__name__)
@@ -278,15 +278,15 @@ class GraphClient:
 
     def _delta_round(self, path_or_link: str, params: dict | None = None) -> tuple[list[dict], str]:
         """Every item of one delta round, following @odata.nextLink to the @odata.deltaLink."""
-        body = self.get(path_or_link, params, headers=DELTA_HEADERS)
+        body = self.get(path_or_link, params, headers=DELTA_HEADERS, page=True)
         items: list[dict] = []
         stage = "read " + urlsplit(self._absolute(path_or_link)).path.rsplit("/", 2)[-2]  # "read users"
         while True:
-            items.extend(body.get("value", []))
+            items.extend(body["value"])
             more = "@odata.nextLink" in body
-            self.on_progress(stage, len(items), len(items) + (len(body.get("value", [])) if more else 0))
+            self.on_progress(stage, len(items), len(items) + (len(body["value"]) if more else 0))
             if next_link := body.get("@odata.nextLink"):
-                body = self.get(next_link, headers=DELTA_HEADERS)
+                body = self.get(next_link, headers=DELTA_HEADERS, page=True)
             elif delta_link := body.get("@odata.deltaLink"):
                 return items, delta_link
             else:
@@ -315,13 +315,13 @@ class GraphClient:
 
     def pages(self, path: str, params: dict | None = None) -> Iterator[list[dict]]:
         """Each page's `value`, following @odata.nextLink unchanged (it carries the query)."""
-        body = self.get(path, params)
-        yield body.get("value", [])
+        body = self.get(path, params, page=True)
+        yield body["value"]
         while next_link := body.get("@odata.nextLink"):
-            body = self.get(next_link)
-            yield body.get("value", [])
+            body = self.get(next_link, page=True)
+            yield body["value"]
 
-    def get(self, path_or_url: str, params: dict | None = None, headers: dict | None = None) -> dict:
+    def get(self, path_or_url: str, params: dict | None = None, headers: dict | None = None, page: bool = False) -> dict:
         """One Graph GET ("/users" or a nextLink): retried while transient, one fresh token on 401."""
         url = self._absolute(path_or_url)
         endpoint = endpoint_pattern("GET", urlsplit(url).path)
@@ -330,7 +330,11 @@ class GraphClient:
         while True:
             token = self._access_token()
             try:
-                return self._interpret(self._send(url, params, token, headers), endpoint)
+                body = self._interpret(self._send(url, params, token, headers), endpoint)
+                if page and not isinstance(body.get("value"), list):
+                    # Never read as an empty last page: a partial read must not deprovision anyone.
+                    raise _Retry("a page without its value array")
+                return body
             except _StaleToken as stale:
                 if tried_fresh_token:
                     raise AuthError(
@@ -382,7 +386,7 @@ class GraphClient:
                 f"permission {needed} with admin consent (guardsync needs {ALL_PERMISSIONS})"
             )
         if status in (429, 500, 502, 503, 504):
-            raise _Retry(f"HTTP {status} {code or ''}".strip(), _retry_after(answer))
+            raise _Retry(f"HTTP {status} {code or ''}".strip(), retry_after(answer))
         if status == 410 or (code or "").lower() in DELTA_RESET_CODES:
             raise DeltaLinkExpired(f"Microsoft Graph expired the delta link of {endpoint}: HTTP {status} {code}: {message}", status=status, code=code)
         error = NotFound if status == 404 else ApiError
@@ -573,24 +577,9 @@ def _graph_error(response: requests.Response) -> tuple[str | None, str]:
         return None, (response.text or response.reason or "")[:200]
 
 
-def _retry_after(response: requests.Response) -> float | None:
-    """Retry-After in seconds (Graph sends seconds; an HTTP date works too)."""
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
 def _unreachable(exc: requests.RequestException, key: str, url: str) -> ConfigError | None:
     """No connection at all on the very first contact: a configuration problem, not worth minutes of retries."""
-    if isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.exceptions.SSLError):
+    if never_connected(exc):
         return ConfigError(f"{key} {url} cannot be reached ({type(exc).__name__}): check the URL and that this host may connect to it")
     return None
 

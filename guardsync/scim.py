@@ -20,12 +20,12 @@ import re
 import threading
 import time
 from collections import Counter
-from email.utils import parsedate_to_datetime
 from typing import Any, Callable, Iterator
 
 import requests
 
 from guardsync.errors import ApiError, AuthError, ConfigError, Conflict, GuardsyncError, NotFound, TransientError
+from guardsync.httpclient import never_connected, retry_after
 from guardsync.models import DesiredUser
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class ScimClient:
     def __init__(self, scim_url: str, api_key: str, *, dry_run: bool = False, max_retry_seconds: float = 120.0):
         self.scim_url = scim_url.rstrip("/")
         self.on_throttle: Callable[[], None] = lambda: None  # told of every 429
+        self._reached = False  # has any answer come back yet
         self.dry_run = dry_run
         self.max_retry_seconds = max_retry_seconds
         self.requests_made: Counter[str] = Counter()  # endpoint_key -> HTTP requests sent, retries included
@@ -232,10 +233,14 @@ class ScimClient:
         except (requests.ConnectionError, requests.Timeout) as exc:
             if (config_error := self._not_retryable(exc)) is not None:
                 raise config_error from None
+            if not self._reached and never_connected(exc):  # a wrong URL, not worth minutes of retries
+                raise ConfigError(f"[atlassian] scim_url {self.scim_url} cannot be reached ({type(exc).__name__}): "
+                                  "check the URL and that this host may connect to it") from None
             # The message names host and reason; requests never puts headers in it.
             return None, f"{type(exc).__name__}: {exc}", None
+        self._reached = True
         if response.status_code == 429 or response.status_code >= 500:
-            return None, f"{response.status_code} {_scim_detail(response)}", _retry_after(response)
+            return None, f"{response.status_code} {_scim_detail(response)}", retry_after(response)
         return response, "", None
 
     def _not_retryable(self, exc: requests.RequestException) -> ConfigError | None:
@@ -300,20 +305,6 @@ def _pause(seconds: float) -> None:
 
 def _full_jitter(attempt: int) -> float:
     return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 def _scim_error(response: requests.Response) -> tuple[str, str | None]:

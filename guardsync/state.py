@@ -85,7 +85,7 @@ audit = Table(
     Column("run_id", String(64), nullable=False),
     Column("operation", String(32), nullable=False),
     Column("object_type", String(16), nullable=False),
-    Column("object_id", String(64), nullable=False),
+    Column("object_id", Text, nullable=False),  # an Entra id, or a userName when a write failed
     Column("object_name", Text),
     Column("outcome", String(16), nullable=False),
     Column("detail", Text),

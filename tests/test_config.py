@@ -207,10 +207,6 @@ def test_an_unreachable_entra_url_fails_at_once_naming_the_key(key, sandbox, sta
     assert scim_writes(sandbox) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a refused connection to atlassian.scim_url on the very first contact is "
-                                       "retried as transient for 120 s per write, then the load task twice more; it "
-                                       "should be a ConfigError at once (tests/test_scim.py::"
-                                       "test_connection_refused_becomes_transient_error pins the current behaviour)")
 def test_an_unreachable_scim_url_fails_at_once_naming_the_key(sandbox, state_url, sync, monkeypatch):
     import guardsync.scim
     from guardsync.config import parse_settings

@@ -200,15 +200,6 @@ def recorded_users(state_url: str) -> set[str]:
 
 # -- Microsoft Graph faults ------------------------------------------------------------------
 
-RESET_IS_NOT_UNREACHABLE = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: graph.py's _unreachable() takes any ConnectionError before the first answer for a wrong URL, so a "
-           "connection reset by a host that did answer (msal's discovery succeeded, or the TCP/TLS handshake did) fails "
-           "the run with 'entra.authority_host ... cannot be reached'; only refused/unresolvable connections "
-           "(urllib3 NewConnectionError as MaxRetryError.reason) are configuration errors, resets stay transient",
-)
-
-
 @pytest.mark.parametrize(
     "faults",
     [
@@ -222,10 +213,8 @@ RESET_IS_NOT_UNREACHABLE = pytest.mark.xfail(
                             body=json.dumps({"error": "temporarily_unavailable", "error_description": "AADSTS50196: throttled"}))],
                      id="token-endpoint-429"),
         pytest.param([Fault("POST", r"/oauth2/v2\.0/token", 503, times=2, headers={"Retry-After": "1"})], id="token-endpoint-503"),
-        pytest.param([Fault("POST", r"/oauth2/v2\.0/token", reset=True, times=1)], id="token-endpoint-reset",
-                     marks=RESET_IS_NOT_UNREACHABLE),
-        pytest.param([Fault("GET", r"^/v1\.0/organization", reset=True, times=1)], id="first-graph-request-reset",
-                     marks=RESET_IS_NOT_UNREACHABLE),
+        pytest.param([Fault("POST", r"/oauth2/v2\.0/token", reset=True, times=1)], id="token-endpoint-reset"),
+        pytest.param([Fault("GET", r"^/v1\.0/organization", reset=True, times=1)], id="first-graph-request-reset"),
         pytest.param([Fault("GET", r"^/v1\.0/organization", 503, times=1)], id="first-graph-request-503"),
     ],
 )
@@ -327,11 +316,6 @@ def changes_needing_writes(tenant) -> None:
         tenant.add_member(group, uid)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: GraphClient.pages() reads a 200 page without a `value` array as an empty "
-                                       "last page (body.get('value', [])), so a --full read ends early and the users "
-                                       "missing from it are deactivated (48 here, members removed too); only the "
-                                       "max_deactivations guard stands in the way. Treat a page without a list `value` "
-                                       "as unreadable (retry like truncated JSON, then fail)")
 def test_a_page_without_value_is_not_read_as_the_end(make_sandbox, state_url, sync, small_pages, fast_retries):
     """Valid JSON that is no collection page (no `value`, no nextLink) on page 2 of a full read: an error, never a short tenant."""
     sandbox = small_pages(make_sandbox(users=USERS, groups=GROUPS, seed=SEED))

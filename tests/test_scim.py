@@ -8,7 +8,7 @@ import pytest
 import requests
 
 import guardsync.scim as scim
-from guardsync.errors import ApiError, AuthError, Conflict, GuardsyncError, NotFound, TransientError
+from guardsync.errors import ConfigError, ApiError, AuthError, Conflict, GuardsyncError, NotFound, TransientError
 from guardsync.models import DesiredUser
 from guardsync.sandbox.http import Fault, SandboxCA
 from guardsync.sandbox.scim_server import AtlassianScimServer
@@ -283,19 +283,31 @@ def test_retries_stop_at_the_budget(server, pauses):
     assert server.requests["GET /Users"] == 1
 
 
-def test_connection_refused_becomes_transient_error(ca, monkeypatch, pauses):
+def test_a_refused_first_contact_is_a_configuration_error_not_retried(ca, monkeypatch, pauses):
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca.ca_file))
     gone = AtlassianScimServer(ca, API_KEY, {"example.com"}).start()
     url = gone.scim_url
     gone.stop()
-    client = ScimClient(url, API_KEY, max_retry_seconds=0.3)
+    client = ScimClient(url, API_KEY, max_retry_seconds=30)
+
+    with pytest.raises(ConfigError) as caught:
+        client.get_user("any")
+
+    assert "scim_url" in str(caught.value) and url in str(caught.value)
+    assert API_KEY not in str(caught.value)
+    assert client.requests_made["GET /Users/{id}"] == 1 and not pauses
+
+
+def test_a_reset_after_first_contact_is_retried_until_the_budget(server, client, pauses):
+    client.find_user(user_name="nobody@example.com")  # contact made
+    server.inject(Fault("GET", r"/Users/", reset=True, times=10**6))
+    client.max_retry_seconds = 0.3
 
     with pytest.raises(TransientError) as caught:
         client.get_user("any")
 
     assert "ConnectionError" in str(caught.value)
-    assert API_KEY not in str(caught.value)
-    assert client.requests_made["GET /Users/{id}"] == len(pauses) + 1
+    assert client.requests_made["GET /Users/{id}"] == len(pauses) + 1 >= 2
 
 
 def test_lost_answer_to_a_user_post_does_not_duplicate(server, client, pauses):
