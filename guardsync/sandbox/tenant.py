@@ -24,17 +24,9 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
-USER_KEYS = (
-    "id",
-    "userPrincipalName",
-    "mail",
-    "displayName",
-    "givenName",
-    "surname",
-    "jobTitle",
-    "accountEnabled",
-    "userType",
-)
+from guardsync.models import USER_COLUMNS
+
+USER_KEYS = tuple(USER_COLUMNS)  # the Graph user fields the sandbox serves
 OTHER_TYPES = ("device", "servicePrincipal", "orgContact")
 # Kinds of change-log entries: (kind, object id, detail).
 USER_CHANGED = "user"  # detail: the user properties written (a new user: those with a value); deletion: ()
