@@ -21,11 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/guardsync demo
 
+# Three workers, one test file each at a time: most tests wait on (injected) network latency.
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 3 --dist loadfile
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -n 3 --dist loadfile -m "not slow"
 
 # Performance: synthetic tenants (10k and 100k users) synced through the sandbox with 20 ms
 # injected on every request; prints a table and writes bench-results/*.json (see bench/run.py).
