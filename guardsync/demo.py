@@ -81,10 +81,10 @@ def change_tenant(tenant: Tenant) -> str:
 
 def where_to_look(config_file: Path) -> str:
     api = os.environ.get("PREFECT_API_URL")
-    place = (f"the Prefect UI of {api.removesuffix('/api')}" if api else
-             "the Prefect UI: this demo used a temporary Prefect server; start `prefect server start`, "
-             "export PREFECT_API_URL=http://127.0.0.1:4200/api and run the demo again to keep the runs")
-    return (f"Where to look: {place} > Runs > sync-directory. Each run has the task runs extract, flatten, scope, "
+    place = (f"in the Prefect UI at {api.removesuffix('/api')}, Runs > sync-directory" if api else
+             "in the Prefect UI, Runs > sync-directory; this demo used a temporary Prefect server, so to keep "
+             "the runs start `prefect server start`, export PREFECT_API_URL=http://127.0.0.1:4200/api and run it again")
+    return (f"Where to look: {place}. Each run has the task runs extract, flatten, scope, "
             f"validate, plan, load-users, load-groups, load-memberships, and the artifacts 'summary', 'plan', "
             f"'plan-changes', 'gate-results' and 'load-*' (progress). History of this demo: "
             f"guardsync history --config {config_file}")
