@@ -9,21 +9,19 @@ so nothing is ever duplicated.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, TypeVar
 
-from guardsync.errors import ApiError, Conflict, GuardsyncError, NotFound
+from guardsync.errors import ApiError, Conflict, NotFound
 from guardsync.models import DesiredUser
 from guardsync.plan import GroupChange, MemberChange, UserChange
 from guardsync.scim import ScimClient
 from guardsync.state import StateStore
 from guardsync.throttle import AdaptiveLimit
 
-log = logging.getLogger("guardsync.load")
 # Audit operations that mean "this object is done for this run" (a retried load skips it).
 USER_OPERATIONS = ("create", "recreate", "update", "deactivate", "reactivate", "adopt")
 GROUP_OPERATIONS = ("create", "adopt", "rename", "delete")
@@ -247,5 +245,3 @@ def _past(kind: str) -> str:
     return {"create": "created", "recreate": "created", "update": "updated", "rename": "renamed",
             "deactivate": "deactivated", "reactivate": "reactivated"}[kind]
 
-
-__all__ = ["Loader", "LoadReport", "GuardsyncError"]

@@ -7,7 +7,6 @@ audit row, the moment it succeeds: a run killed at any point resumes from here.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import zlib

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from guardsync.errors import GuardsyncBlocked
 from guardsync.scim import ScimClient, escape_filter_value
 from tests.test_faults import atlassian_state, reference, scim_writes  # noqa: F401 - reference is a fixture
+from tests.test_flow import transitive_users
 
 USERS, GROUPS, SEED = 60, 8, 31
 
@@ -230,24 +231,10 @@ def test_unicode_normalisation_twins_are_quarantined_like_case_twins(kind, make_
 # -- the group-size cap is exact ------------------------------------------------------------------
 
 
-def _transitive_users(tenant, gid, seen=None) -> set[str]:
-    seen = seen if seen is not None else set()
-    if gid in seen:
-        return set()
-    seen.add(gid)
-    found = set()
-    for member in tenant.members.get(gid, []):
-        if member in tenant.users:
-            found.add(member)
-        elif member in tenant.groups:
-            found |= _transitive_users(tenant, member, seen)
-    return found
-
-
 def test_a_group_of_exactly_max_group_size_passes_and_one_more_blocks(make_sandbox, state_url, sync):
     sandbox = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
     tenant = sandbox.tenant
-    cap = max(len(_transitive_users(tenant, gid)) for gid in tenant.groups) + 3  # above every generated group
+    cap = max(len(transitive_users(tenant, gid)) for gid in tenant.groups) + 3  # above every generated group
     exact = tenant.add_group("Exactly At The Cap")
     for i in range(cap):
         tenant.add_member(exact, tenant.add_user(userPrincipalName=f"cap{i:03d}@contoso.com", mail=f"cap{i:03d}@contoso.com"))
@@ -274,7 +261,7 @@ def test_a_group_of_exactly_max_group_size_passes_and_one_more_blocks(make_sandb
 def test_one_over_the_cap_on_a_first_run_writes_nothing(make_sandbox, state_url, sync):
     sandbox = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
     tenant = sandbox.tenant
-    cap = max(len(_transitive_users(tenant, gid)) for gid in tenant.groups) + 3
+    cap = max(len(transitive_users(tenant, gid)) for gid in tenant.groups) + 3
     big = tenant.add_group("One Over")
     for i in range(cap + 1):
         tenant.add_member(big, tenant.add_user(userPrincipalName=f"over{i:03d}@contoso.com", mail=f"over{i:03d}@contoso.com"))

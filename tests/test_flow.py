@@ -42,6 +42,7 @@ def group_id(tenant, name):
 
 
 def transitive_users(tenant, gid, seen=None):
+    """The definition, independent of guardsync.flatten: users reached through any nesting."""
     seen = seen if seen is not None else set()
     if gid in seen:
         return set()

@@ -23,7 +23,6 @@ import itertools
 import json
 import re
 import secrets
-import socket
 import threading
 import time
 from collections import OrderedDict
