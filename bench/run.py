@@ -4,7 +4,9 @@
     python -m bench --scenario quick     # 2k users, about a minute (make bench-quick)
     python -m bench --scenario 10k --profile   # also a py-spy profile of each run
 
-Each scenario starts the sandbox in a process of its own (bench.serve), then runs
+Each scenario starts the sandbox in a process of its own (bench.serve) and a Prefect
+server (as a deployment's scheduled runs have; `--ephemeral-prefect` instead lets each
+run start a temporary one, as `guardsync sync` does without PREFECT_API_URL), then runs
 guardsync three times, each in a fresh process (bench.sync_once), as a schedule would:
 the initial sync, a re-run with no change, and a re-run after 1% of the users
 changed. For each run it records wall time (end to end, Prefect start-up included),
@@ -21,9 +23,11 @@ import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +62,11 @@ RUNS = ("initial", "no-change", "churn-1%")
 class SandboxProcess:
     """bench.serve in a child process, driven by JSON lines."""
 
-    def __init__(self, scenario: Scenario, latency: float, log_path: Path, seed: int = 7, stock: bool = False):
+    def __init__(self, scenario: Scenario, latency: float, log_path: Path, seed: int = 7):
         self.log = open(log_path, "w")
         command = [sys.executable, "-m", "bench.serve", "--users", str(scenario.users), "--groups", str(scenario.groups),
                    "--memberships", str(scenario.memberships), "--depth", str(scenario.depth), "--seed", str(seed),
-                   "--latency", str(latency)] + (["--stock-sandbox"] if stock else [])
+                   "--latency", str(latency)]
         self.process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self.log, text=True, bufsize=1)
         line = self.process.stdout.readline()
@@ -85,6 +89,49 @@ class SandboxProcess:
                 self.process.stdin.flush()
                 self.process.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+# -- Prefect ------------------------------------------------------------------------------
+
+
+class PrefectServer:
+    """`prefect server start` on loopback, as a deployment's scheduled runs have one (SQLite in the workdir)."""
+
+    def __init__(self, home: Path, log_path: Path, env: dict):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        prefect = str(Path(sys.executable).parent / "prefect")
+        self.log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=home.parent,
+            env={**env, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": self.api_url},
+            stdout=self.log, stderr=subprocess.STDOUT)
+        started = time.monotonic()
+        while not self._healthy():
+            if self.process.poll() is not None or time.monotonic() - started > 120:
+                self.stop()
+                raise RuntimeError(f"the Prefect server did not start; see {log_path}")
+            time.sleep(0.3)
+        self.started_in = time.monotonic() - started
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
@@ -173,7 +220,7 @@ def run_scenario(scenario: Scenario, args, out_dir: Path) -> dict:
     print(f"\n== scenario {scenario.name}: {scenario.users} users, {scenario.groups} groups, "
           f"{scenario.memberships} memberships, depth {scenario.depth}; latency {args.latency * 1000:g} ms", flush=True)
     started = time.monotonic()
-    sandbox = SandboxProcess(scenario, args.latency, work / "sandbox.log", stock=args.stock_sandbox)
+    sandbox = SandboxProcess(scenario, args.latency, work / "sandbox.log")
     print(f"   sandbox up in {time.monotonic() - started:.1f} s: {sandbox.hello['tenant']}", flush=True)
     config = sandbox.hello["config"]
     # The generated 100k tenant has groups of 12k-22k users: over the default cap (10,000), which
@@ -188,7 +235,12 @@ def run_scenario(scenario: Scenario, args, out_dir: Path) -> dict:
            "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
            "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GX_ANALYTICS_ENABLED": "false",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("PREFECT_API_URL", None)  # each run starts its temporary server, as a scheduled CLI run would
+    env.pop("PREFECT_API_URL", None)
+    prefect_server = None
+    if not args.ephemeral_prefect:  # the runs talk to a standing server, as a deployment's scheduled runs do
+        prefect_server = PrefectServer(work / "prefect-server", work / "prefect-server.log", env)
+        env["PREFECT_API_URL"] = prefect_server.api_url
+        print(f"   Prefect server up in {prefect_server.started_in:.1f} s at {prefect_server.api_url}", flush=True)
 
     records = []
     try:
@@ -216,9 +268,11 @@ def run_scenario(scenario: Scenario, args, out_dir: Path) -> dict:
                 break
     finally:
         sandbox.stop()
+        if prefect_server is not None:
+            prefect_server.stop()
     return {
         "scenario": scenario.__dict__, "latency_s": args.latency, "concurrency": concurrency,
-        "sandbox": "stock" if args.stock_sandbox else "bench.sandbox_patches applied",
+        "prefect": "temporary server per run" if args.ephemeral_prefect else "standing server",
         "started": stamp, "workdir": str(work), "tenant": sandbox.hello["tenant"], "runs": records,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_at_end": os.getloadavg()},
     }
@@ -331,8 +385,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", default=str(ROOT / "bench-results"))
     parser.add_argument("--profile", action="store_true", help="record each run with py-spy (raw stacks in the workdir)")
     parser.add_argument("--no-verify", action="store_true", help="skip checking Atlassian's state after each run")
-    parser.add_argument("--stock-sandbox", action="store_true",
-                        help="the SCIM server without bench.sandbox_patches (its member PATCHes are then O(group size))")
+    parser.add_argument("--ephemeral-prefect", action="store_true",
+                        help="no standing Prefect server: each run starts a temporary one, as `guardsync sync` "
+                             "does without PREFECT_API_URL (adds ~7-10 s a run here)")
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

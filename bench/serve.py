@@ -129,13 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--latency", type=float, default=0.020, help="seconds every request takes at least")
-    parser.add_argument("--stock-sandbox", action="store_true",
-                        help="without bench.sandbox_patches (the SCIM server's member PATCHes then cost O(group size))")
     args = parser.parse_args(argv)
-    if not args.stock_sandbox:
-        from bench import sandbox_patches
-
-        sandbox_patches.apply()
     started = time.monotonic()
     tenant = generate_tenant(users=args.users, groups=args.groups, memberships=args.memberships,
                              depth=args.depth, seed=args.seed, domains=DOMAINS, bad_records=False)

@@ -96,13 +96,17 @@ def sync_directory(
         extracted = extract(graph, None if full_read else previous, None if full_read else DeltaLinks(**links))
         snapshot = extracted.snapshot
         store.check_binding(snapshot.tenant_id, settings.atlassian.scim_url)
-        if extracted.changed and not dry_run:
+        if not dry_run and extracted.changed:
             store.save_mirror(snapshot, asdict(extracted.links), extracted.full)
+        elif not dry_run and asdict(extracted.links) != links:
+            store.save_links(asdict(extracted.links))
         summary.last_full_read = (datetime.now(timezone.utc) if extracted.full else last_full).isoformat(timespec="seconds")
         settled = content_digest({"settings": settings.model_dump(mode="json"), "allow": allow_mass_deactivation})
         if not dry_run and not extracted.changed and store.is_settled(settled):
             summary.message = "no change in Entra since the last completed run with these settings: nothing to do"
         else:
+            if not dry_run:
+                store.settle(None)  # until this run completes
             reconcile(summary, extracted, settings, graph, scim, store, dry_run, allow_mass_deactivation)
         summary.requests = {"graph": sum(graph.requests_made.values()), "scim": sum(scim.requests_made.values())}
         summary.status = "completed" if not summary.failures else "failed"

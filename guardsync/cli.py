@@ -10,11 +10,14 @@ import argparse
 import os
 import sys
 
-# Before anything imports Prefect or Great Expectations: nothing phones home.
+# Before anything imports Prefect or Great Expectations: nothing phones home. And without
+# PREFECT_API_URL, Prefect starts a temporary local server: it imports for ~7 s on an idle
+# 2-core machine, and more than Prefect's default 20 s wait when the machine is busy.
 for _name, _value in (
     ("DO_NOT_TRACK", "1"),
     ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
     ("GX_ANALYTICS_ENABLED", "false"),
+    ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"),
 ):
     os.environ.setdefault(_name, _value)
 

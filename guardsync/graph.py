@@ -33,7 +33,7 @@ from msal.authority import WELL_KNOWN_AUTHORITY_HOSTS
 from msal.exceptions import MsalServiceError
 
 from guardsync.errors import ApiError, AuthError, ConfigError, GuardsyncError, NotFound, TransientError
-from guardsync.httpclient import never_connected, retry_after
+from guardsync.httpclient import environment_session, never_connected, retry_after
 from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, Snapshot
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class GraphClient:
         self._token_lock = threading.Lock()  # one token request at a time, however many readers wait
         self._count_lock = threading.Lock()
         self._login_http = self._session(_LoginSession())
-        self._graph_http = self._session(requests.Session(), pool=self.member_read_concurrency + 2)
+        self._graph_http = self._session(environment_session(self.graph_url), pool=self.member_read_concurrency + 2)
 
     # -- lifecycle -----------------------------------------------------------
     def close(self) -> None:
@@ -483,7 +483,7 @@ class GraphClient:
 
     # -- plumbing ------------------------------------------------------------------
     def _session(self, session: requests.Session, pool: int = 10) -> requests.Session:
-        """trust_env stays on (REQUESTS_CA_BUNDLE, proxies); verify is never turned off."""
+        """REQUESTS_CA_BUNDLE and proxies apply (see environment_session); verify is never turned off."""
         adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=pool)
         session.mount("https://", adapter)
         session.mount("http://", adapter)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import requests
 
 from guardsync.errors import ApiError, AuthError, ConfigError, Conflict, GuardsyncError, NotFound, TransientError
-from guardsync.httpclient import never_connected, retry_after
+from guardsync.httpclient import environment_session, never_connected, retry_after
 from guardsync.models import DesiredUser
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ class ScimClient:
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = requests.Session()  # trust_env stays on: REQUESTS_CA_BUNDLE is honoured
+            session = environment_session(self.scim_url)  # REQUESTS_CA_BUNDLE and proxies honoured
             session.headers.update({"Accept": "application/scim+json, application/json"})
             self._local.session = session
         return session

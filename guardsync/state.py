@@ -1,8 +1,9 @@
 """The state store: what guardsync applied to Atlassian, and the audit of every write.
 
 SQLAlchemy Core over SQLite (embedded default) or PostgreSQL (shared deployments).
-Every successful write is recorded in its own transaction, together with its
-audit row, the moment it succeeds: a run killed at any point resumes from here.
+Every successful write is recorded together with its audit row, right after it
+succeeds; the loader hands over user creates/updates and member PATCHes a batch at
+a time (see guardsync.load): a run killed at any point resumes from here.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ mirror = Table(  # the last Entra snapshot and Graph delta links: a delta run me
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+IN_LIST_LIMIT = 10_000  # ids per IN (...): SQLite takes at most 32,766 parameters a statement
 LOCK_LEASE = timedelta(hours=2)  # a holder on another host that vanished frees the directory after this
 
 
@@ -172,10 +174,13 @@ class StateStore:
     def is_settled(self, digest: str) -> bool:
         return self.binding().get("settled") == digest
 
-    def settle(self, digest: str) -> None:
+    def settle(self, digest: str | None) -> None:
+        """Mark the directory settled under `digest` (the run's settings), or unsettled (None):
+        unsettled from before a run writes until it completes, so a failed run is never skipped over."""
         with self._lock, self.engine.begin() as conn:
             conn.execute(delete(binding).where(binding.c.key == "settled"))
-            conn.execute(insert(binding).values(key="settled", value=digest))
+            if digest is not None:
+                conn.execute(insert(binding).values(key="settled", value=digest))
 
     # -- applied state --------------------------------------------------------------
     def load(self) -> AppliedState:
@@ -192,12 +197,18 @@ class StateStore:
                 grouped.setdefault(row.group_id, set()).add(row.user_id)
         return AppliedState(applied_users, applied_groups, {g: frozenset(m) for g, m in grouped.items()})
 
-    def save_user(self, run_id: str, operation: str, scim_id: str, user: DesiredUser) -> None:
-        record = json.dumps(asdict(user), ensure_ascii=False)
+    def save_users(self, run_id: str, written: list[tuple[str, str, DesiredUser]]) -> None:
+        """Record users written to Atlassian, (operation, scim id, record) each, with their audit rows."""
+        if not written:
+            return
+        rows = [{"external_id": user.external_id, "scim_id": scim_id, "record": json.dumps(asdict(user), ensure_ascii=False),
+                 "active": user.active} for _, scim_id, user in written]
+        audits = [_audit_row(run_id, operation, "user", user.external_id, user.user_name, "ok")
+                  for operation, _, user in written]
         with self._lock, self.engine.begin() as conn:
-            conn.execute(delete(users).where(users.c.external_id == user.external_id))
-            conn.execute(insert(users).values(external_id=user.external_id, scim_id=scim_id, record=record, active=user.active))
-            self._audit(conn, run_id, operation, "user", user.external_id, user.user_name, "ok")
+            conn.execute(delete(users).where(users.c.external_id.in_([row["external_id"] for row in rows])))
+            conn.execute(insert(users), rows)
+            conn.execute(insert(audit), audits)
 
     def save_group(self, run_id: str, operation: str, group_id: str, scim_id: str, display_name: str) -> None:
         with self._lock, self.engine.begin() as conn:
@@ -213,15 +224,21 @@ class StateStore:
             conn.execute(delete(members).where(members.c.group_id == group_id))
             self._audit(conn, run_id, "delete", "group", group_id, display_name, "ok")
 
-    def save_members(self, run_id: str, group_id: str, added: list[str], removed: list[str]) -> None:
+    def save_members(self, run_id: str, changes: list[tuple[str, list[str], list[str]]]) -> None:
+        """Record member PATCHes that Atlassian applied: (group id, user ids added, user ids removed) each."""
+        if not changes:
+            return
         with self._lock, self.engine.begin() as conn:
-            if removed:
-                conn.execute(delete(members).where(members.c.group_id == group_id, members.c.user_id.in_(removed)))
-            if added:
-                conn.execute(delete(members).where(members.c.group_id == group_id, members.c.user_id.in_(added)))
-                conn.execute(insert(members), [{"group_id": group_id, "user_id": uid} for uid in added])
-            detail = json.dumps({"added": added, "removed": removed})
-            self._audit(conn, run_id, "members", "group", group_id, None, "ok", detail)
+            for group_id, added, removed in changes:
+                touched = added + removed
+                for start in range(0, len(touched), IN_LIST_LIMIT):
+                    conn.execute(delete(members).where(members.c.group_id == group_id,
+                                                       members.c.user_id.in_(touched[start : start + IN_LIST_LIMIT])))
+                if added:
+                    conn.execute(insert(members), [{"group_id": group_id, "user_id": uid} for uid in added])
+            conn.execute(insert(audit), [
+                _audit_row(run_id, "members", "group", group_id, None, "ok", json.dumps({"added": added, "removed": removed}))
+                for group_id, added, removed in changes])
 
     def done_in_run(self, run_id: str, operations: tuple[str, ...]) -> set[str]:
         """Objects this run already wrote with one of `operations`: a retried load skips them."""
@@ -240,34 +257,40 @@ class StateStore:
 
     @staticmethod
     def _audit(conn, run_id, operation, object_type, object_id, name, outcome, detail=None) -> None:
-        conn.execute(
-            insert(audit).values(
-                at=now(), run_id=run_id, operation=operation, object_type=object_type,
-                object_id=object_id, object_name=name, outcome=outcome, detail=detail,
-            )
-        )
+        conn.execute(insert(audit).values(**_audit_row(run_id, operation, object_type, object_id, name, outcome, detail)))
 
     # -- the Entra mirror (delta sync) ----------------------------------------------------
     def load_mirror(self) -> tuple[Snapshot | None, dict, datetime | None]:
         """(last snapshot, delta links, time of the last full read); (None, {}, None) when empty."""
         with self.engine.connect() as conn:
-            rows = {row.key: row for row in conn.execute(select(mirror))}
+            rows = {row.key: row.data for row in conn.execute(select(mirror))}
         if "snapshot" not in rows:
             return None, {}, None
-        meta = json.loads(rows["meta"].data)
-        full_at = datetime.fromisoformat(meta["last_full_read"]) if meta.get("last_full_read") else None
-        return _decode_snapshot(rows["snapshot"].data), meta.get("links", {}), full_at
+        meta = json.loads(rows["meta"])
+        return _decode_snapshot(rows["snapshot"]), meta.get("links", {}), _last_full_read(meta)
 
     def save_mirror(self, snapshot: Snapshot, links: dict, full_read: bool) -> None:
         """Keep the merged snapshot and the new delta links together, in one transaction."""
-        _, _, last_full = self.load_mirror() if not full_read else (None, None, None)
-        meta = {"links": links, "last_full_read": (now() if full_read else last_full or now()).isoformat()}
         with self._lock, self.engine.begin() as conn:
+            last_full = None if full_read else _last_full_read(self._mirror_meta(conn))
+            meta = {"links": links, "last_full_read": (now() if full_read else last_full or now()).isoformat()}
             conn.execute(delete(mirror))
+            conn.execute(delete(binding).where(binding.c.key == "settled"))  # news from Entra: not applied yet
             conn.execute(insert(mirror), [
                 {"key": "snapshot", "data": _encode_snapshot(snapshot), "updated_at": now()},
                 {"key": "meta", "data": json.dumps(meta).encode(), "updated_at": now()},
             ])
+
+    def save_links(self, links: dict) -> None:
+        """New delta links for an unchanged snapshot (Graph hands out new links every round)."""
+        with self._lock, self.engine.begin() as conn:
+            meta = {**self._mirror_meta(conn), "links": links}
+            conn.execute(update(mirror).where(mirror.c.key == "meta").values(data=json.dumps(meta).encode(), updated_at=now()))
+
+    @staticmethod
+    def _mirror_meta(conn) -> dict:
+        data = conn.execute(select(mirror.c.data).where(mirror.c.key == "meta")).scalar()
+        return json.loads(data) if data else {}
 
     # -- one run at a time per directory ---------------------------------------------------
     def acquire_lock(self, run_id: str, lease: timedelta = LOCK_LEASE) -> None:
@@ -315,7 +338,6 @@ class StateStore:
     def start_run(self, run_id: str, mode: str) -> None:
         with self._lock, self.engine.begin() as conn:
             conn.execute(delete(runs).where(runs.c.run_id == run_id))  # a Prefect retry reuses the run id
-            conn.execute(delete(binding).where(binding.c.key == "settled"))  # unsettled until this run completes
             conn.execute(insert(runs).values(run_id=run_id, started_at=now(), mode=mode, status="running"))
 
     def finish_run(self, run_id: str, status: str, counts: dict | None = None, message: str | None = None) -> None:
@@ -349,6 +371,15 @@ class StateStore:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _last_full_read(meta: dict) -> datetime | None:
+    return datetime.fromisoformat(meta["last_full_read"]) if meta.get("last_full_read") else None
+
+
+def _audit_row(run_id, operation, object_type, object_id, name, outcome, detail=None) -> dict:
+    return {"at": now(), "run_id": run_id, "operation": operation, "object_type": object_type,
+            "object_id": object_id, "object_name": name, "outcome": outcome, "detail": detail}
 
 
 def _encode_snapshot(snapshot: Snapshot) -> bytes:

@@ -18,7 +18,7 @@ class Extracted:
     snapshot: Snapshot
     links: DeltaLinks
     full: bool  # a complete read: also the moment to check Atlassian for drift
-    changed: bool  # anything new since the last run (else the stored mirror stays as it is)
+    changed: bool  # a full read, or anything changed since the last run (else the stored snapshot stays as it is)
 
 
 @task(name="extract", cache_policy=PER_RUN, persist_result=True, retries=2, retry_delay_seconds=30,
@@ -35,4 +35,4 @@ def extract(graph: GraphClient, previous: Snapshot | None, links: DeltaLinks | N
         len(changes.groups) + len(changes.removed_groups), len(changes.added_edges) + len(changes.removed_edges),
         sum(graph.requests_made.values()),
     )
-    return Extracted(snapshot, changes.links, changes.full, changes.full or not changes.is_empty or changes.links != links)
+    return Extracted(snapshot, changes.links, changes.full, not changes.is_empty)

@@ -29,6 +29,22 @@ def test_no_change_run_reads_a_handful_of_pages_and_writes_nothing(make_sandbox,
     }
     assert sandbox.scim.total() == 0  # not even a read: a delta run does not look at Atlassian
     assert not any(summary.counts.values())
+    # Nothing changed since a completed run with these settings: the run stops after the read.
+    assert summary.message.startswith("no change in Entra"), summary
+    assert not summary.excluded, "scope ran: the run did not stop after the read"
+
+
+def test_a_settings_change_is_applied_even_when_entra_did_not_change(make_sandbox, state_url, sync):
+    sandbox = make_sandbox(users=300, groups=20)
+    settings = sandbox.settings(state_url)
+    assert sync(settings)[0] == 0
+    users_before = len(sandbox.scim.users())
+    pilot_only = settings.model_copy(update={"sync": settings.sync.model_copy(update={"groups": ["Pilot"]})})
+    status, summary = sync(pilot_only, allow_mass_deactivation=True)
+    assert status == 0, summary
+    assert not summary.message, "a run with new settings must reconcile, not stop after the read"
+    assert summary.counts["users_deactivated"] > 0
+    assert sum(1 for u in sandbox.scim.users() if u["active"]) < users_before
 
 
 def test_a_handful_of_changes_costs_a_handful_of_writes(make_sandbox, state_url, sync):

@@ -99,6 +99,7 @@ class GraphEmulator(SandboxServer):
         self._delta_rounds: OrderedDict[str, dict] = OrderedDict()  # delta rounds with pages still to serve
         self._delta_round_ids = itertools.count(1)
         self._delta_generation = 0  # links from an older generation are expired (expire_delta_links)
+        self._links_issued = itertools.count(1)  # every deltaLink differs, as Graph's do
         self._delta_expiry = (410, "syncStateNotFound")  # what an expired delta link answers
         self._state_lock = threading.Lock()
 
@@ -422,7 +423,9 @@ class GraphEmulator(SandboxServer):
             page, position, done = self._delta_group_page(round_, position, objects, links)
         body = {"@odata.context": f"{self.graph_url}/v1.0/$metadata#{kind}s", "value": page}
         if done:
-            token = {"gen": self._delta_generation, "seq": round_["sequence"], "select": list(round_["select"])}
+            # Graph hands out a new deltatoken every round, changes or not: "issued" makes each link unique too.
+            token = {"gen": self._delta_generation, "seq": round_["sequence"], "select": list(round_["select"]),
+                     "issued": next(self._links_issued)}
             body["@odata.deltaLink"] = f"{self.graph_url}{request.path}?$deltatoken={_b64url(json.dumps(token).encode())}"
         else:
             round_id = round_.get("id") or self._keep_delta_round(round_)
