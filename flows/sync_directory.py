@@ -16,6 +16,7 @@ from prefect.utilities.annotations import opaque
 
 from guardsync.config import Settings, resolve_secret
 from guardsync.errors import GuardsyncBlocked, GuardsyncError
+from guardsync.gates import warm_up_in_background
 from guardsync.models import content_digest
 from guardsync.graph import DeltaLinks, GraphClient
 from guardsync.load import Loader
@@ -93,6 +94,8 @@ def sync_directory(
     try:
         previous, links, last_full = store.load_mirror()
         full_read = full or previous is None or full_read_due(last_full, settings.sync.full_read_every_hours)
+        if full_read:  # a full read waits seconds on Graph, and the gates follow: make GX ready meanwhile
+            warm_up_in_background()
         extracted = extract(graph, None if full_read else previous, None if full_read else DeltaLinks(**links))
         snapshot = extracted.snapshot
         store.check_binding(snapshot.tenant_id, settings.atlassian.scim_url)

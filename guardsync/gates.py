@@ -167,7 +167,7 @@ def _check_structure(suite: Any, path: Path) -> None:
     expectations = suite.get("expectations")
     if not isinstance(expectations, list):
         raise bad("'expectations' must be a list")
-    from great_expectations.expectations.registry import get_expectation_impl  # noqa: PLC0415 (slow import)
+    get_expectation_impl = _Gx.get().get_expectation_impl
 
     for number, exp in enumerate(expectations, start=1):
         where = f"expectation #{number}"
@@ -209,8 +209,8 @@ def _parameter_names(value: Any) -> set[str]:
 
 def _build_suite(suite: dict, path: Path, parameters: dict):
     """A GX ExpectationSuite, each expectation carrying an id that maps its result back."""
-    from great_expectations.core.expectation_suite import ExpectationSuite  # noqa: PLC0415
-    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration  # noqa: PLC0415
+    gx = _Gx.get()
+    ExpectationSuite, ExpectationConfiguration = gx.ExpectationSuite, gx.ExpectationConfiguration  # noqa: N806
 
     configs = []
     ids: list[str] = []
@@ -249,7 +249,11 @@ def _build_suite(suite: dict, path: Path, parameters: dict):
 
 
 class _Gx:
-    """One ephemeral GX context per process, with a pandas whole-dataframe batch definition."""
+    """One ephemeral GX context per process, with a pandas whole-dataframe batch definition.
+
+    Every GX import happens here, under the lock: two threads importing GX at once (the
+    warm-up and a gate) would see half-initialised modules.
+    """
 
     _lock = threading.RLock()
     _instance: _Gx | None = None
@@ -258,11 +262,17 @@ class _Gx:
         # GX 1.x reads GX_ANALYTICS_ENABLED when the config leaves analytics unset; set both.
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
         import great_expectations as gx  # noqa: PLC0415 (slow import: only when a gate runs)
+        from great_expectations.core.expectation_suite import ExpectationSuite  # noqa: PLC0415
         from great_expectations.data_context.types.base import (  # noqa: PLC0415
             DataContextConfig,
             InMemoryStoreBackendDefaults,
             ProgressBarsConfig,
         )
+        from great_expectations.expectations.expectation_configuration import ExpectationConfiguration  # noqa: PLC0415
+        from great_expectations.expectations.registry import get_expectation_impl  # noqa: PLC0415
+
+        self.ExpectationSuite, self.ExpectationConfiguration = ExpectationSuite, ExpectationConfiguration
+        self.get_expectation_impl = get_expectation_impl
 
         config = DataContextConfig(
             store_backend_defaults=InMemoryStoreBackendDefaults(),
@@ -279,6 +289,19 @@ class _Gx:
             if cls._instance is None:
                 cls._instance = cls()
             return cls._instance
+
+
+def warm_up_in_background() -> None:
+    """Import GX and make its context (seconds of work) in a thread of its own, so that a
+    long Graph read hides it; the first gate then finds it ready (or waits for it)."""
+
+    def warm_up() -> None:
+        try:
+            _Gx.get()
+        except Exception:  # noqa: BLE001 -- the first gate makes it again and reports the error
+            pass
+
+    threading.Thread(target=warm_up, name="gx-warm-up", daemon=True).start()
 
 
 # --------------------------------------------------------------------------- running a gate
