@@ -502,9 +502,32 @@ def test_a_key_revoked_mid_run_stops_the_run_and_the_next_run_finishes(sandbox, 
     partial = atlassian_state(sandbox)
     assert len(partial["users"]) == len(reference()["users"])  # users and groups landed before the memberships
     assert all(not members for _, members in partial["groups"].values())
+    # Records are written a batch at a time: a stage that fails still records every write that landed.
+    assert recorded_users(state_url) == {user["externalId"] for user in sandbox.scim.users()}
     sandbox.scim.clear_faults()
+    sandbox.scim.reset_counts()
     status, summary = sync(sandbox.settings(state_url))
     assert status == 0, summary
+    assert sandbox.scim.total("POST") == 0  # nothing to adopt: the failed run had recorded its creates
+    assert_same_state(atlassian_state(sandbox), reference())
+
+
+def test_a_stage_that_fails_midway_records_every_write_that_landed(sandbox, state_url, sync, reference):
+    # The key is revoked after 40 user creates: the users stage fails in the middle of a record batch.
+    sandbox.scim.inject(Fault("POST", POST_USERS, 401, times=10**6, skip=40, body=scim_error(401, "Unauthorized")))
+    status, exc = sync(sandbox.settings(state_url))
+    assert status == 1 and isinstance(exc, AuthError)
+    created = {user["externalId"] for user in sandbox.scim.users()}
+    assert len(created) == 40
+    assert recorded_users(state_url) == created
+    sandbox.scim.clear_faults()
+    sandbox.scim.reset_counts()
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    # No create answered 409 and no adoption: the store knew every user the failed run had made.
+    assert sandbox.scim.total("POST") - sum(n for k, n in sandbox.scim.requests.items() if k == "POST /Groups") == (
+        summary.counts["users_created"]) == len(reference()["users"]) - len(created)
+    assert summary.counts.get("users_adopted", 0) == 0
     assert_same_state(atlassian_state(sandbox), reference())
 
 

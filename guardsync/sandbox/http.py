@@ -67,6 +67,7 @@ class Fault:
     `after_serving=True` serves the request first and then answers the fault: the
     write happened but the client never hears it (a timeout after apply).
     `delay` sleeps before answering (timeouts); `reset` closes the connection.
+    `skip` serves that many matching requests normally first (a fault in mid-stage).
     """
 
     method: str
@@ -78,6 +79,7 @@ class Fault:
     delay: float = 0.0
     after_serving: bool = False
     reset: bool = False
+    skip: int = 0
 
     def matches(self, request: Request) -> bool:
         return (self.method in ("*", request.method)) and re.search(self.path_re, request.full_path) is not None
@@ -179,6 +181,9 @@ class SandboxServer:
         with self._lock:
             for fault in self.faults:
                 if fault.times > 0 and fault.matches(request):
+                    if fault.skip > 0:
+                        fault.skip -= 1
+                        continue
                     fault.times -= 1
                     return fault
         return None
