@@ -60,7 +60,6 @@ class Loader:
         self.run_id = run_id
         self.concurrency = concurrency
         self.report = LoadReport()
-        self.limit = AdaptiveLimit(concurrency)
         self.on_progress = on_progress or (lambda stage, done, total: None)
         # Applied in Atlassian, not yet in the store: (operation, scim id, user), (group id, added, removed).
         self._users_to_record: list[tuple[str, str, DesiredUser]] = []
@@ -80,14 +79,11 @@ class Loader:
             if done % 200 == 0 or done == len(items):
                 self.on_progress(stage, done, len(items))
 
-        limit = self.limit = AdaptiveLimit(self.concurrency)
-        self.scim.on_throttle = limit.throttled  # a 429 halves the writes in flight
+        self.scim.limit = AdaptiveLimit(self.concurrency)  # a 429 halves the requests in flight
 
         def one(item: T) -> None:
             try:
-                with limit.slot():
-                    apply(item)
-                limit.succeeded()
+                apply(item)
             except ApiError as exc:  # Atlassian refused this object: show its words, keep going
                 name = describe(item)
                 self.report.fail(f"{stage} {name}: {exc}")

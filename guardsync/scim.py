@@ -20,6 +20,7 @@ import re
 import threading
 import time
 from collections import Counter
+from contextlib import nullcontext
 from typing import Any, Callable, Iterator
 
 import requests
@@ -27,6 +28,7 @@ import requests
 from guardsync.errors import ApiError, AuthError, ConfigError, Conflict, GuardsyncError, NotFound, TransientError
 from guardsync.httpclient import environment_session, never_connected, retry_after
 from guardsync.models import DesiredUser
+from guardsync.throttle import AdaptiveLimit
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,9 @@ class ScimClient:
 
     def __init__(self, scim_url: str, api_key: str, *, dry_run: bool = False, max_retry_seconds: float = 120.0):
         self.scim_url = scim_url.rstrip("/")
-        self.on_throttle: Callable[[], None] = lambda: None  # told of every 429
+        # Requests in flight at once (set by the loader), held only while a request is out: a
+        # thread waiting out a Retry-After does not hold one.
+        self.limit: AdaptiveLimit | None = None
         self._reached = False  # has any answer come back yet
         self.dry_run = dry_run
         self.max_retry_seconds = max_retry_seconds
@@ -211,8 +215,8 @@ class ScimClient:
                     "try again later",
                     retry_after=delay,
                 )
-            if failure.startswith("429"):
-                self.on_throttle()  # the loader slows its writes down
+            if failure.startswith("429") and self.limit is not None:
+                self.limit.throttled()  # fewer requests in flight from now on
             log.info("SCIM %s %s: %s; retrying in %.1fs", method, path, failure, delay)
             _pause(delay)
             # A 429 was refused before being applied; anything else may have been applied.
@@ -225,11 +229,12 @@ class ScimClient:
     def _attempt(self, method, path, params, body) -> tuple[requests.Response | None, str, float | None]:
         """One HTTP exchange: (response, "", None) if final, else (None, what failed, Retry-After)."""
         self._count(method, path)
+        session = self._session()
+        request = session.prepare_request(requests.Request(
+            method, self.scim_url + path, params=params, json=body, headers=self._authorization()))
         try:
-            response = self._session().request(
-                method, self.scim_url + path, params=params, json=body, timeout=TIMEOUT,
-                headers=self._authorization(),
-            )
+            with self.limit.slot() if self.limit is not None else nullcontext():
+                response = session.send(request, timeout=TIMEOUT)
         except (requests.ConnectionError, requests.Timeout) as exc:
             if (config_error := self._not_retryable(exc)) is not None:
                 raise config_error from None
@@ -241,6 +246,8 @@ class ScimClient:
         self._reached = True
         if response.status_code == 429 or response.status_code >= 500:
             return None, f"{response.status_code} {_scim_detail(response)}", retry_after(response)
+        if self.limit is not None:
+            self.limit.succeeded()
         return response, "", None
 
     def _not_retryable(self, exc: requests.RequestException) -> ConfigError | None:

@@ -38,3 +38,13 @@ def test_never_more_writes_in_flight_than_the_limit():
     for thread in threads:
         thread.join()
     assert peak == 3
+
+
+def test_a_load_keeps_exactly_write_concurrency_requests_in_flight_at_atlassian(make_sandbox, state_url, sync):
+    # The limit holds at the server (the SCIM client takes a slot around each request), and is reached.
+    sandbox = make_sandbox(users=300, groups=10)
+    sandbox.scim.latency = 0.02
+    status, summary = sync(sandbox.settings(state_url, write_concurrency=3))
+    assert status == 0, summary
+    assert summary.counts["users_created"] > 200
+    assert sandbox.scim.most_in_flight == 3

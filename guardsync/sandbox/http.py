@@ -36,6 +36,7 @@ WORKER_THREADS = 48  # requests served at once (each may sleep `latency`); more 
 KEEP_ALIVE_CONNECTIONS = 256  # idle connections kept open (cheroot's default of 10 is too few)
 IDLE_TIMEOUT = 30  # seconds a connection may sit idle (or a request dribble in) before it is closed
 SOCKET_KEY = "guardsync.sandbox.socket"  # environ key: the client's socket, for the `reset` fault
+ARRIVED_KEY = "guardsync.sandbox.arrived"  # environ key: when the request reached the server
 
 
 class SandboxCA:
@@ -91,11 +92,18 @@ class _Gateway(wsgi.Gateway_10):
     def get_environ(self):
         environ = super().get_environ()
         environ[SOCKET_KEY] = self.req.conn.socket
+        environ[ARRIVED_KEY] = getattr(self.req.conn, "arrived", None)
         return environ
 
 
 class _Server(wsgi.Server):
     keep_alive_conn_limit = KEEP_ALIVE_CONNECTIONS
+
+    def process_conn(self, conn):
+        # A request has arrived on this connection (the selector saw it readable): the latency
+        # window opens now, so the sandbox's own queueing and parsing count toward it too.
+        conn.arrived = time.monotonic()
+        super().process_conn(conn)
 
     def error_log(self, msg="", level=logging.INFO, traceback=False):
         # cheroot writes to stderr; the sandbox's noise (a client that hung up) belongs in a debug log.
@@ -111,6 +119,8 @@ class SandboxServer:
         self.latency = latency  # seconds every request takes at least, as a far API would (see _wsgi)
         self.requests: Counter[str] = Counter()  # "METHOD /path-pattern" -> count
         self.faults: list[Fault] = []
+        self.in_flight = 0  # requests being served now, and the most at once since reset_counts
+        self.most_in_flight = 0
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -172,6 +182,7 @@ class SandboxServer:
     def reset_counts(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.most_in_flight = self.in_flight
 
     def endpoint_of(self, request: Request) -> str:
         """The key requests are counted under; subclasses collapse ids into patterns."""
@@ -191,22 +202,29 @@ class SandboxServer:
     def _wsgi(self, environ, start_response) -> Iterable[bytes]:
         """Count, serve (or answer a fault), and answer no sooner than `latency` after the request came in.
 
-        The latency is the far API's whole service time (round trip and its own work): the
-        sandbox's own processing counts toward it and only the rest is slept, so a slow
-        emulator does not add its CPU time to every request a client makes.
+        The latency is the far API's whole service time (round trip and its own work), from
+        the moment the request reached the server: the sandbox's own queueing, parsing and
+        processing count toward it and only the rest is slept, so a slow emulator does not
+        add its CPU time to every request a client makes.
         """
-        arrived = time.monotonic()
+        arrived = environ.get(ARRIVED_KEY) or time.monotonic()
         request = Request(environ)
         with self._lock:
             self.requests[self.endpoint_of(request)] += 1
-        fault = self._take_fault(request)
-        if fault is None:
-            answer = self.app(environ, start_response)
-        else:
-            answer = self._fault(fault, environ, start_response)
-        if self.latency:  # nothing is sent until the server iterates the answer: the wait holds it back
-            time.sleep(max(0.0, arrived + self.latency - time.monotonic()))
-        return answer
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            fault = self._take_fault(request)
+            if fault is None:
+                answer = self.app(environ, start_response)
+            else:
+                answer = self._fault(fault, environ, start_response)
+            if self.latency:  # nothing is sent until the server iterates the answer: the wait holds it back
+                time.sleep(max(0.0, arrived + self.latency - time.monotonic()))
+            return answer
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
     def _fault(self, fault: Fault, environ, start_response) -> Iterable[bytes]:
         if fault.after_serving:
