@@ -30,7 +30,8 @@ test-fast: $(STAMP)
 
 # Performance: synthetic tenants (10k and 100k users) synced through the sandbox with 20 ms
 # injected on every request; prints a table and writes bench-results/*.json (see bench/run.py).
-# `make bench` takes about 20 minutes on 2 cores (the 100k initial sync is ~15); bench-quick (2k users) about a minute.
+# `make bench` takes about 18 minutes on 2 cores (the 100k initial sync is ~12); bench-quick (2k users) about a minute.
+# `python -m bench.floor`: the per-request floor of the sandbox, TLS and HTTP on this machine (see README).
 bench: $(STAMP)
 	$(BIN)/python -m bench --scenario 10k --scenario 100k
 

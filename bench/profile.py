@@ -1,7 +1,8 @@
 """Read a py-spy raw profile (collapsed stacks: "frame;frame;... count" a line) into where the time goes.
 
-Samples are attributed to a stage: the first frame in tasks/ (a Prefect task's body:
-extract, flatten, ...), else the flow body (flows/), else Prefect or start-up.
+Samples are attributed to a stage: the loader's or Graph reader's worker threads, else
+the first frame in tasks/ (a Prefect task's body: extract, flatten, ...), else the flow
+body (flows/), else Prefect or start-up.
 Within each stage, the functions with the most samples of their own.
 
     python -m bench.profile bench-results/work/<run>/profile-initial.txt
@@ -25,6 +26,11 @@ def _frames(stack: str) -> list[tuple[str, str]]:
 
 
 def _stage(frames: list[tuple[str, str]]) -> str:
+    # Worker threads carry no task frame: name them by the code they run.
+    if any(function.startswith("Loader._each") for function, _ in frames):
+        return "loader threads (SCIM requests and their records)"
+    if any(file == "guardsync/graph.py" for _, file in frames) and not any(file.startswith("tasks/") for _, file in frames):
+        return "Graph reader threads"
     for function, file in frames:
         if file.startswith("tasks/") and function not in ("", "<module>"):
             return function
