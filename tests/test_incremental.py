@@ -12,6 +12,16 @@ def graph_data_requests(sandbox) -> dict[str, int]:
     return {k: v for k, v in sandbox.graph.requests.items() if "/v1.0/" in k}
 
 
+def stored_links(state_url: str) -> dict:
+    from guardsync.state import StateStore
+
+    store = StateStore(state_url)
+    try:
+        return store.load_mirror()[1]
+    finally:
+        store.dispose()
+
+
 def members_by_group(sandbox) -> dict[str, set[str]]:
     names = {user["id"]: user["userName"] for user in sandbox.scim.users()}
     return {g["displayName"]: {names[m["value"]] for m in g.get("members") or []} for g in sandbox.scim.groups()}
@@ -20,10 +30,12 @@ def members_by_group(sandbox) -> dict[str, set[str]]:
 def test_no_change_run_reads_a_handful_of_pages_and_writes_nothing(make_sandbox, state_url, sync):
     sandbox = make_sandbox(users=2500, groups=60)
     assert sync(sandbox.settings(state_url))[0] == 0
+    links_before = stored_links(state_url)
     sandbox.graph.reset_counts()
     sandbox.scim.reset_counts()
     status, summary = sync(sandbox.settings(state_url))
     assert status == 0
+    assert stored_links(state_url) != links_before  # Graph's new links are kept, as Graph asks
     assert graph_data_requests(sandbox) == {
         "GET /v1.0/organization": 1, "GET /v1.0/domains": 1, "GET /v1.0/users/delta": 1, "GET /v1.0/groups/delta": 1,
     }
@@ -32,6 +44,14 @@ def test_no_change_run_reads_a_handful_of_pages_and_writes_nothing(make_sandbox,
     # Nothing changed since a completed run with these settings: the run stops after the read.
     assert summary.message.startswith("no change in Entra"), summary
     assert not summary.excluded, "scope ran: the run did not stop after the read"
+    # That run kept only Graph's new delta links; the next change in Entra arrives through them.
+    synced = {u["userName"] for u in sandbox.scim.users()}
+    uid = next(uid for uid, u in sandbox.tenant.users.items() if u["userPrincipalName"] in synced)
+    sandbox.tenant.update_user(uid, jobTitle="Chief Delta Officer")
+    sandbox.graph.reset_counts()
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0 and summary.counts["users_updated"] == 1, summary
+    assert sandbox.graph.requests["GET /v1.0/users/delta"] == 1
 
 
 def test_a_settings_change_is_applied_even_when_entra_did_not_change(make_sandbox, state_url, sync):
