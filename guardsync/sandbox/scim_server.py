@@ -5,10 +5,12 @@ WSGIApplication); this module only adds what Atlassian does differently, at the
 extension points scim2-server offers:
 
 - AtlassianStorage: the rules on stored state (verified email domain, primary email,
-  group names unique and never renamed) and cheap paging of a plain listing;
-- AtlassianService: the search restrictions (three eq filters, pages of 100), and
-  member PATCHes applied as a set update (scim2-models' generic PATCH is
-  O(members x operations), far too slow for 10k-member groups);
+  group names unique and never renamed), cheap paging of a plain listing, and
+  creates and member changes without scim2-server's whole-resource copies;
+- AtlassianService: the search restrictions (three eq filters, pages of 100);
+- AtlassianHandler: member PATCHes applied as a set update in O(changes)
+  (scim2-models' generic PATCH is O(members x operations), far too slow for
+  10k-member groups);
 - AtlassianApplication: the bearer API key and URLs without the /v2 prefix;
 - AtlassianScimServer: mounts it at /scim/directory/{directory_id} over HTTPS.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import functools
 import itertools
 from http import HTTPStatus
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from wsgiref.util import application_uri
 
 from pydantic import TypeAdapter
@@ -43,6 +45,7 @@ from scim2_models.path import CompareOperator, Comparison
 from scim2_models.path.expressions import AttrPath, ValuePath
 from scim2_server.memory import InMemoryStorage
 from scim2_server.responses import ScimResponse
+from scim2_server.handler import ScimHandler
 from scim2_server.service import ScimService
 from scim2_server.storage import SearchPage
 from scim2_server.testserver.application import BEARER_TOKEN_SCHEME, BearerTokenApplication
@@ -97,6 +100,7 @@ class AtlassianStorage(InMemoryStorage):
         # Resource type -> ids in creation order (a dict keeps order and deletes in O(1)).
         # Updates keep their place, so paging stays stable while a sync writes.
         self._listing: dict[str | None, dict[str, None]] = {}
+        self._member_maps: dict[str, dict[str, Any]] = {}  # group id -> its members by value (see apply_member_changes)
 
     def create(self, resource_type: ResourceType, resource: Resource[Any]) -> Resource[Any]:
         # As InMemoryStorage.create, less its two deep copies (a third of the server's CPU for a
@@ -118,31 +122,47 @@ class AtlassianStorage(InMemoryStorage):
         with self.lock:
             stored = self._stored(resource_type, resource.id)
             self._check_rules(resource_type, resource, stored=stored)
-            if _only_members_changed(resource_type, stored, resource):
-                return self._update_members(stored, resource, expected_version)
+            self._member_maps.pop(resource.id, None)
             return super().update(resource_type, resource, expected_version=expected_version)
 
-    def _update_members(self, stored, patched, expected_version):
-        # The base class re-validates and re-dumps the whole group on every update
-        # (O(members) of pydantic work: ~50 ms a PATCH on a 20,000-member group, which made
-        # the sandbox the bottleneck of big membership loads). A member PATCH changes neither
-        # unique values nor indexed ones (displayName, externalId), and its members were
-        # validated by the PATCH already: store the list as it is.
-        self._check_version(stored, expected_version)
-        stored.__dict__["members"] = patched.members  # validate_assignment would walk every member
-        stored.meta = stored.meta.model_copy(update={"last_modified": self.clock(), "version": self.next_version()})
-        patched.meta = stored.meta
-        return patched  # answered with 204: only the handler reads it
+    def apply_member_changes(self, resource_type: ResourceType, group_id: str, changes: list[tuple[str, Any]],
+                             check: Callable[[Resource[Any]], None]) -> Resource[Any]:
+        """Add (validated member models) and remove (values) members of a stored group, in
+        O(changes): the base class's update re-validates and re-dumps the whole group, ~50 ms
+        a PATCH on a 20,000-member group, which made the sandbox the bottleneck of big loads.
+        `check` sees the stored group first (preconditions). Returns the stored group."""
+        with self.lock:
+            stored = self._stored(resource_type, group_id)
+            check(stored)
+            members = self._member_maps.get(group_id)
+            if members is None:  # built once per group, then kept up to date here
+                members = self._member_maps[group_id] = {member.value: member for member in stored.members or []}
+            changed = False
+            for op, payload in changes:
+                if op == "remove":
+                    changed |= members.pop(payload, None) is not None
+                    continue
+                for member in payload:
+                    if member.value not in members:
+                        members[member.value] = member
+                        changed = True
+            if changed:
+                # Neither unique nor indexed values change; validate_assignment would walk every member.
+                stored.__dict__["members"] = list(members.values()) or None
+                stored.meta = stored.meta.model_copy(update={"last_modified": self.clock(), "version": self.next_version()})
+            return stored
 
     def delete(self, resource_type, resource_id, *, expected_version=None):
         with self.lock:
             super().delete(resource_type, resource_id, expected_version=expected_version)
             self._listing.get(resource_type.name, {}).pop(resource_id, None)
+            self._member_maps.pop(resource_id, None)
             if resource_type.name == "User":
                 # As Atlassian does: a deleted user leaves every group (no member pointing at nothing).
                 for group in self._resources.get("Group", {}).values():
                     if group.members and any(member.value == resource_id for member in group.members):
                         group.members = [member for member in group.members if member.value != resource_id] or None
+                        self._member_maps.pop(group.id, None)
 
     def search(self, resource_types, search_request: SearchRequest[Any], *, position=None) -> SearchPage:
         if not _is_plain_listing(resource_types, search_request):
@@ -193,11 +213,6 @@ class AtlassianStorage(InMemoryStorage):
             )
 
 
-def _only_members_changed(resource_type: ResourceType, stored: Resource[Any], updated: Resource[Any]) -> bool:
-    return resource_type.name == "Group" and (stored.display_name, stored.external_id) == (
-        updated.display_name, updated.external_id)
-
-
 def _copy_group(group: Resource[Any]) -> Resource[Any]:
     """A copy as good as a deep one, and O(members) of list work only: member models are
     shared, since nothing edits one in place (a PATCH builds a new member list)."""
@@ -221,18 +236,7 @@ def _is_plain_listing(resource_types, search_request: SearchRequest[Any]) -> boo
 
 
 class AtlassianService(ScimService):
-    """Only `userName eq`/`externalId eq` on Users and `displayName eq` on Groups;
-    member PATCHes of big groups in O(members + changes)."""
-
-    def apply_patch(self, current: Resource[Any], patch_op, conditions):
-        changes = _member_changes(current, patch_op)
-        if changes is None:
-            return super().apply_patch(current, patch_op, conditions)
-        # scim2-models snapshots the whole group and scans every member for each
-        # operation (O(members x operations)): minutes for a 10k group. Member adds and
-        # `members[value eq "id"]` removes are a set update, so they are applied here.
-        self.check_preconditions(current, "PATCH", conditions)
-        return _apply_member_changes(current, changes)
+    """Only `userName eq`/`externalId eq` on Users and `displayName eq` on Groups."""
 
     def patch_response(self, base_url: str, resource: Resource[Any], response_parameters):
         if response_parameters.attributes or response_parameters.excluded_attributes:
@@ -250,10 +254,10 @@ class AtlassianService(ScimService):
         return search_request, position
 
 
-def _member_changes(current: Resource[Any], patch_op) -> list[tuple[str, Any]] | None:
-    """[("add", [member dicts]) | ("remove", "id"), ...] if every operation is a plain
+def _member_changes(resource_type: ResourceType, patch_op) -> list[tuple[str, Any]] | None:
+    """[("add", [member models]) | ("remove", "id"), ...] if every operation is a plain
     member add or remove on a group, else None (scim2-models then applies the PATCH)."""
-    if current.meta is None or current.meta.resource_type != "Group":
+    if resource_type.name != "Group":
         return None
     changes = []
     for operation in patch_op.operations or []:
@@ -285,26 +289,6 @@ def _is_member_value_eq(value_path: ValuePath) -> bool:
     )
 
 
-def _apply_member_changes(current: Resource[Any], changes: list[tuple[str, Any]]) -> Resource[Any] | None:
-    """The patched group, or None if nothing changed (as ScimService.apply_patch answers)."""
-    members = {member.value: member for member in current.members or []}
-    changed = False
-    adapter = _members_adapter(type(current))
-    for op, payload in changes:
-        if op == "remove":
-            changed |= members.pop(payload, None) is not None
-            continue
-        for member in adapter.validate_python(payload) or []:
-            if member.value not in members:
-                members[member.value] = member
-                changed = True
-    if not changed:
-        return None
-    # Validated by the adapter above; assigning through validate_assignment would walk every member again.
-    current.__dict__["members"] = list(members.values()) or None
-    return current
-
-
 @functools.cache
 def _members_adapter(group_model: type) -> TypeAdapter:
     """The validator of a group's member list (building one costs milliseconds: once per model)."""
@@ -329,7 +313,29 @@ def _check_filter(resource_type_name: str, search_request: SearchRequest[Any]) -
 # -- application: the key and the URLs --------------------------------------------
 
 
+class AtlassianHandler(ScimHandler):
+    """Member PATCHes of a group go to the storage's member map, as a set update in O(changes).
+
+    scim2-models would snapshot the whole group and scan every member for each operation
+    (O(members x operations): minutes for a 10k group), then re-validate the group to store it.
+    """
+
+    def patch_resource(self, resource_type, resource_id, patch_op, conditions):
+        changes = _member_changes(resource_type, patch_op)
+        if changes is None:
+            return super().patch_resource(resource_type, resource_id, patch_op, conditions)
+        adapter = _members_adapter(self.service.get_model(resource_type))
+        validated = [(op, (adapter.validate_python(payload) or []) if op == "add" else payload) for op, payload in changes]
+        return self.storage.apply_member_changes(
+            resource_type, resource_id, validated,
+            check=lambda stored: self.service.check_preconditions(stored, "PATCH", conditions))
+
+
 class AtlassianApplication(BearerTokenApplication):
+    def __init__(self, storage, *args, **kwargs):
+        super().__init__(storage, *args, **kwargs)
+        self.handler = AtlassianHandler(self.service, storage)
+
     @staticmethod
     def get_base_url(environ) -> str:
         # Atlassian's URLs have no /v2 segment: {scim_url}/Users/{id}.
