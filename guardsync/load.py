@@ -89,21 +89,20 @@ class Loader:
                 self.report.fail(f"{stage} {name}: {exc}")
                 self.store.record_failure(self.run_id, stage, stage.rstrip("s"), name, None, str(exc))
 
-        if self.concurrency <= 1 or len(items) <= 1:
-            try:
+        try:
+            if self.concurrency <= 1 or len(items) <= 1:
                 for item in items:
                     one(item)
                     tick()
+                return
+            pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"load-{stage}")
+            try:
+                for future in as_completed([pool.submit(one, item) for item in items]):
+                    future.result()  # re-raises a fatal error (auth, transient after retries) here
+                    tick()
             finally:
-                self._record()
-            return
-        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"load-{stage}")
-        try:
-            for future in as_completed([pool.submit(one, item) for item in items]):
-                future.result()  # re-raises a fatal error (auth, transient after retries) here
-                tick()
+                pool.shutdown(wait=True, cancel_futures=True)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
             self._record()  # whatever landed, even when the stage fails
 
     def _record(self) -> None:

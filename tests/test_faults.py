@@ -188,6 +188,12 @@ def first_sync(sandbox, state_url, sync) -> dict:
     return atlassian_state(sandbox)
 
 
+def enabled_members_in_scope(tenant) -> list[str]:
+    """Ids of the enabled, non-guest users of the synced domains, sorted: the users a second run can change."""
+    return sorted(uid for uid, u in tenant.users.items() if u["accountEnabled"] and "#EXT#" not in u["userPrincipalName"]
+                  and u["userPrincipalName"].endswith(("@contoso.com", "@fabrikam.com")))
+
+
 def recorded_users(state_url: str) -> set[str]:
     from guardsync.state import StateStore
 
@@ -375,8 +381,7 @@ def test_faults_on_updates_deactivations_and_deletions_of_a_second_run(make_sand
 
     def changes(sandbox):
         tenant = sandbox.tenant
-        enabled = sorted(uid for uid, u in tenant.users.items() if u["accountEnabled"] and "#EXT#" not in u["userPrincipalName"]
-                         and u["userPrincipalName"].endswith(("@contoso.com", "@fabrikam.com")))
+        enabled = enabled_members_in_scope(tenant)
         for uid in enabled[:3]:
             tenant.update_user(uid, accountEnabled=False)
         for uid in enabled[3:6]:

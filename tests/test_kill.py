@@ -26,7 +26,7 @@ import pytest
 
 from guardsync.sandbox.http import Fault
 from tests.test_config import GUARDSYNC, cli_env, run_cli, write_config
-from tests.test_faults import assert_same_state, atlassian_state, nontrivial, scim_writes
+from tests.test_faults import assert_same_state, atlassian_state, enabled_members_in_scope, nontrivial, scim_writes
 
 pytestmark = pytest.mark.slow
 
@@ -185,8 +185,7 @@ def test_killed_after_atlassian_applied_a_write_but_before_it_was_recorded(gap, 
 
 def changes(tenant) -> None:
     """Between runs: disable some users, retitle others, rename a group, delete one, move members."""
-    enabled = sorted(uid for uid, u in tenant.users.items() if u["accountEnabled"] and "#EXT#" not in u["userPrincipalName"]
-                     and u["userPrincipalName"].endswith(("@contoso.com", "@fabrikam.com")))
+    enabled = enabled_members_in_scope(tenant)
     for uid in enabled[:4]:
         tenant.update_user(uid, accountEnabled=False)
     for uid in enabled[4:30]:
