@@ -30,6 +30,10 @@ from guardsync.throttle import AdaptiveLimit
 
 # Audit operations that mean "this object is done for this run" (a retried load skips it).
 RECORD_EVERY = 100  # writes recorded in one transaction
+# Threads a stage runs beyond write_concurrency: while `write_concurrency` requests are out at
+# Atlassian (the limit holds that), the spares prepare the next requests and read the answers,
+# so the client's own work never leaves a slot empty.
+SPARE_THREADS = 4
 USER_OPERATIONS = ("create", "recreate", "update", "deactivate", "reactivate", "adopt")
 GROUP_OPERATIONS = ("create", "adopt", "rename", "delete")
 T = TypeVar("T")
@@ -95,7 +99,7 @@ class Loader:
                     one(item)
                     tick()
                 return
-            pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"load-{stage}")
+            pool = ThreadPoolExecutor(self.concurrency + SPARE_THREADS, thread_name_prefix=f"load-{stage}")
             try:
                 for future in as_completed([pool.submit(one, item) for item in items]):
                     future.result()  # re-raises a fatal error (auth, transient after retries) here
