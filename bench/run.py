@@ -29,6 +29,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from guardsync.sandbox.stack import to_toml
@@ -126,6 +127,31 @@ class PrefectServer:
         except OSError:
             return False
 
+    def task_timings(self, flow_run_id: str) -> dict[str, dict]:
+        """Each task run of a flow run as the API recorded it, orchestration included (state changes
+        arrive as events, so this waits a little for the last of them)."""
+        query = json.dumps({"flow_runs": {"id": {"any_": [flow_run_id]}}}).encode()
+        deadline = time.monotonic() + 10
+        while True:
+            request = urllib.request.Request(f"{self.api_url}/task_runs/filter", data=query,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    runs = json.load(answer)
+            except OSError as exc:
+                return {"error": f"{type(exc).__name__}: {exc}"}
+            if runs and all(run.get("end_time") for run in runs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        timings: dict[str, dict] = {}
+        for run in runs:
+            entry = timings.setdefault(run["name"].rsplit("-", 1)[0], {"wall_s": 0.0, "runs": 0, "state": None})
+            if run.get("start_time") and run.get("end_time"):
+                entry["wall_s"] += _seconds_between(run["start_time"], run["end_time"])
+            entry["runs"] += 1
+            entry["state"] = run.get("state_name")
+        return timings
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -135,6 +161,10 @@ class PrefectServer:
                 self.process.kill()
                 self.process.wait()
         self.log.close()
+
+
+def _seconds_between(start: str, end: str) -> float:
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 # -- one guardsync run --------------------------------------------------------------------
@@ -252,6 +282,8 @@ def run_scenario(scenario: Scenario, args, out_dir: Path) -> dict:
             profile = work / f"profile-{run}.txt" if args.profile else None
             result, outer = run_guardsync(config_file, work / f"{run}.json", env, work / f"{run}.log", profile)
             server = sandbox.ask("counts")
+            if prefect_server is not None and result.get("flow_run_id"):
+                result["prefect_tasks"] = prefect_server.task_timings(result["flow_run_id"])
             sandbox.ask("commit")
             verified = sandbox.ask("verify") if not args.no_verify else {"ok": None}
             record = make_record(run, scenario, result, outer, server, server_before, expected, churned, verified,

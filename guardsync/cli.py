@@ -7,6 +7,8 @@ Exit status: 0 completed (quarantined rows allowed), 3 blocked by a gate or guar
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import os
 import sys
 
@@ -36,6 +38,7 @@ def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, a
     from flows.sync_directory import WritesFailed, sync_directory  # Prefect loads only when a flow runs
 
     quiet_expected_tracebacks()
+    skip_final_collection()
     try:
         result = sync_directory(settings=settings, dry_run=dry_run, full=full,
                                 allow_mass_deactivation=allow_mass_deactivation)
@@ -48,6 +51,15 @@ def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, a
         return exc.exit_code
     print_summary_table(RunSummary(**result), out)
     return 0
+
+
+def skip_final_collection() -> None:
+    """Python ends a process with a garbage collection over every object still alive, the
+    libraries a run imports included (Prefect, GX, pandas, scipy): 1.2 s of each run here.
+    An exit handler that freezes them skips that walk. The other exit handlers (log flushes,
+    Prefect's event drain) run all the same, and Python never promised finalizers at exit."""
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
 
 
 class _NoTracebackForExpectedErrors(logging.Filter):
