@@ -3,8 +3,10 @@
     python -m bench.floor                 # 2,000 POST /Users, 4 in flight, 20 ms latency
 
 It starts the sandbox as the benchmark does (bench.serve, a process of its own) and
-creates users with `concurrency` threads, two ways: through guardsync's ScimClient, and
-through a bare urllib3 pool (no retries, no counting: the least a Python client can do).
+creates users with `concurrency` requests in flight, two ways: through guardsync's
+ScimClient, with the loader's threads (`concurrency` + SPARE_THREADS) and in-flight limit,
+and through a bare urllib3 pool on `concurrency` threads (no retries, no counting: the
+least a Python client can do).
 For each it prints the time a request spends per slot (wall x concurrency / requests)
 and its ratio to the latency. The bare client's ratio is what the sandbox, TLS and
 HTTP cost here; guardsync's load stages cannot do better than that.
@@ -24,6 +26,7 @@ from urllib.parse import urlsplit
 
 import urllib3
 
+from guardsync.load import SPARE_THREADS
 from guardsync.models import DesiredUser
 from guardsync.scim import ScimClient, user_resource
 from guardsync.throttle import AdaptiveLimit
@@ -34,9 +37,9 @@ def new_user(tag: str, number: int) -> DesiredUser:
                        display_name=f"Floor {number}", given_name="Floor", family_name=str(number), title="", active=True)
 
 
-def timed(create, users: list[DesiredUser], concurrency: int, latency: float) -> dict:
+def timed(create, users: list[DesiredUser], concurrency: int, latency: float, threads: int | None = None) -> dict:
     started, cpu = time.perf_counter(), time.process_time()
-    with ThreadPoolExecutor(concurrency) as pool:
+    with ThreadPoolExecutor(threads or concurrency) as pool:
         list(pool.map(create, users))
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     per_slot = wall * concurrency / len(users)
@@ -73,7 +76,8 @@ def main(argv=None) -> int:
         results = {}
         for name, create in (("guardsync ScimClient", client.create_user), ("bare urllib3", bare)):
             users = [new_user(name.split()[-1].lower(), n) for n in range(args.requests)]
-            results[name] = timed(create, users, args.concurrency, args.latency)
+            threads = args.concurrency + SPARE_THREADS if name.startswith("guardsync") else None
+            results[name] = timed(create, users, args.concurrency, args.latency, threads)
             print(f"{name:22s} {json.dumps(results[name])}", flush=True)
     finally:
         if server.poll() is None:

