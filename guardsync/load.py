@@ -28,12 +28,12 @@ from guardsync.scim import ScimClient
 from guardsync.state import StateStore
 from guardsync.throttle import AdaptiveLimit
 
-# Audit operations that mean "this object is done for this run" (a retried load skips it).
 RECORD_EVERY = 100  # writes recorded in one transaction
 # Threads a stage runs beyond write_concurrency: while `write_concurrency` requests are out at
 # Atlassian (the limit holds that), the spares prepare the next requests and read the answers,
 # so the client's own work never leaves a slot empty.
 SPARE_THREADS = 4
+# Audit operations that mean "this object is done for this run" (a retried load skips it).
 USER_OPERATIONS = ("create", "recreate", "update", "deactivate", "reactivate", "adopt")
 GROUP_OPERATIONS = ("create", "adopt", "rename", "delete")
 T = TypeVar("T")

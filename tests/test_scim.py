@@ -221,6 +221,24 @@ def test_server_serves_at_most_100_a_page(server):
     assert page["itemsPerPage"] == len(page["Resources"]) == 100
 
 
+def test_server_answers_whole_with_a_content_length(server, client):
+    """One write per answer (the benchmark's floor depends on it): no chunked framing, and the
+    declared length is the body's, for a created resource, an error and an empty 204."""
+    group = client.create_group("Whole answers", "entra-whole")
+    answers = [
+        raw(server, "POST", "/Groups", json={"schemas": [CORE_GROUP], "displayName": "Another", "externalId": "e2"}),
+        raw(server, "GET", "/Users", params={"filter": 'userName sw "a"'}),
+        raw(server, "PATCH", f"/Groups/{group['id']}", json={
+            "schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+            "Operations": [{"op": "replace", "path": "externalId", "value": "entra-whole-2"}]}),
+    ]
+
+    assert [a.status_code for a in answers] == [201, 400, 204]
+    for answer in answers:
+        assert "Transfer-Encoding" not in answer.headers
+        assert int(answer.headers.get("Content-Length", 0)) == len(answer.content)
+
+
 @pytest.mark.parametrize(
     "path, expression",
     [("/Users", 'emails.value eq "a@example.com"'), ("/Users", 'userName sw "a"'), ("/Groups", 'externalId eq "x"')],
