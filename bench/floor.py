@@ -37,9 +37,9 @@ def new_user(tag: str, number: int) -> DesiredUser:
                        display_name=f"Floor {number}", given_name="Floor", family_name=str(number), title="", active=True)
 
 
-def timed(create, users: list[DesiredUser], concurrency: int, latency: float, threads: int | None = None) -> dict:
+def timed(create, users: list[DesiredUser], threads: int, concurrency: int, latency: float) -> dict:
     started, cpu = time.perf_counter(), time.process_time()
-    with ThreadPoolExecutor(threads or concurrency) as pool:
+    with ThreadPoolExecutor(threads) as pool:
         list(pool.map(create, users))
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     per_slot = wall * concurrency / len(users)
@@ -74,10 +74,11 @@ def main(argv=None) -> int:
             json.loads(answer.data)
 
         results = {}
-        for name, create in (("guardsync ScimClient", client.create_user), ("bare urllib3", bare)):
+        ways = (("guardsync ScimClient", client.create_user, args.concurrency + SPARE_THREADS),  # as the loader runs
+                ("bare urllib3", bare, args.concurrency))
+        for name, create, threads in ways:
             users = [new_user(name.split()[-1].lower(), n) for n in range(args.requests)]
-            threads = args.concurrency + SPARE_THREADS if name.startswith("guardsync") else None
-            results[name] = timed(create, users, args.concurrency, args.latency, threads)
+            results[name] = timed(create, users, threads, args.concurrency, args.latency)
             print(f"{name:22s} {json.dumps(results[name])}", flush=True)
     finally:
         if server.poll() is None:

@@ -229,11 +229,11 @@ class ScimClient:
     def _attempt(self, method, path, params, body) -> tuple[requests.Response | None, str, float | None]:
         """One HTTP exchange: (response, "", None) if final, else (None, what failed, Retry-After)."""
         self._count(method, path)
-        session = self._session()
-        request = session.prepare_request(requests.Request(
-            method, self.scim_url + path, params=params, json=body, headers=self._authorization()))
         try:
-            response = session.send(request, timeout=TIMEOUT)  # holds an in-flight slot: _SlotAdapter
+            response = self._session().request(  # its _SlotAdapter holds an in-flight slot for the exchange
+                method, self.scim_url + path, params=params, json=body, timeout=TIMEOUT,
+                headers=self._authorization(),
+            )
         except (requests.ConnectionError, requests.Timeout) as exc:
             if (config_error := self._not_retryable(exc)) is not None:
                 raise config_error from None

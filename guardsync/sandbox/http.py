@@ -122,7 +122,7 @@ class _Gateway(wsgi.Gateway_10):
         if not any(name.lower() == "content-length" for name, _ in headers) and self._status[:3] not in ("204", "304"):
             headers.append(("Content-Length", str(len(body))))
         socket_file = self.req.conn.wfile
-        self.req.conn.wfile = collected = _Collector()
+        self.req.conn.wfile = collected = io.BytesIO()  # stands in for the socket while the answer is put together
         try:
             super().start_response(self._status, headers, self._exc_info)
             if body:
@@ -131,10 +131,6 @@ class _Gateway(wsgi.Gateway_10):
         finally:
             self.req.conn.wfile = socket_file
         socket_file.write(collected.getvalue())
-
-
-class _Collector(io.BytesIO):
-    """Stands in for the connection's socket file while a response is put together."""
 
 
 class _Server(wsgi.Server):
