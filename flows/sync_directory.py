@@ -23,10 +23,10 @@ from guardsync.load import Loader
 from guardsync.scim import ScimClient
 from guardsync.state import StateStore
 from guardsync.summary import RunSummary
-from tasks.drift import read_drift
 from tasks.extract import Extracted, extract
 from tasks.flatten import flatten
 from tasks.load import TERMINAL_PROGRESS, load_groups, load_memberships, load_users
+from tasks.observe import observe_atlassian
 from tasks.plan import plan_changes
 from tasks.scope import scope_users
 from tasks.validate import validate_gates
@@ -73,7 +73,7 @@ def connect(settings: Settings, dry_run: bool) -> tuple[GraphClient, ScimClient,
     state_url = settings.sync.state
     if state_url.startswith(("env:", "prefect:")):
         state_url = resolve(state_url, "sync.state")
-    return graph, scim, StateStore(state_url)
+    return graph, scim, StateStore(state_url, read_only=dry_run)  # a dry run writes nothing anywhere
 
 
 @flow(name="sync-directory", persist_result=True, log_prints=True)
@@ -143,25 +143,33 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
     summary.quarantined_examples = [
         f"{row.identifier or '(none)'} [{row.id}] ({row.rule})" for row in validated.quarantined.head(20).itertuples()
     ]
-    applied = store.load()
-    summary.first_sync = not dry_run and not applied.users
-    foreign: dict[str, list[str]] = {}
-    if extracted.full and (applied.users or applied.groups):  # a full read also checks Atlassian for hand edits
-        applied, drift = read_drift(scim, opaque(applied))
-        summary.drift, foreign = drift.lines(), drift.foreign_members
+    recorded = store.load()
+    first_run = not recorded.users and not recorded.groups
+    summary.first_sync = not dry_run and first_run
+    observation = None
+    # Plan against Atlassian as it is: on first runs, full reads, and after an observing run that
+    # did not finish (what it adopted was not all recorded). Delta runs plan from the record.
+    if extracted.full or first_run or store.observation_pending():
+        observation = observe_atlassian(scim, opaque(recorded))
+        summary.drift = observation.drift.lines()
     # opaque(): Prefect would otherwise walk every object of these large inputs looking for futures.
-    plan = plan_changes(opaque(validated), opaque(applied), settings.sync, allow_mass_deactivation)
+    plan = plan_changes(opaque(validated), opaque(recorded), opaque(observation), settings.sync, allow_mass_deactivation)
     summary.excluded["disabled_never_synced"] = plan.not_created_disabled
+    summary.handovers = [handover.line() for handover in plan.handovers]
     if dry_run:
         summary.counts = plan.counts()
     else:
         store.bind(snapshot.tenant_id, settings.atlassian.scim_url)
+        if observation is not None:
+            store.set_observation_pending(True)
         loader = Loader(scim, store, run_id, settings.sync.write_concurrency)
         for result in (load_users(loader, opaque(plan)), load_groups(loader, opaque(plan)),
-                       load_memberships(loader, opaque(plan), opaque(foreign))):
+                       load_memberships(loader, opaque(plan))):
             for key, value in result["counts"].items():
                 summary.counts[key] = summary.counts.get(key, 0) + value
             summary.failures += result["failures"]
+        if observation is not None and not summary.failures:
+            store.set_observation_pending(False)
     summary.new_groups = sorted(validated.groups[c.group_id].display_name for c in plan.groups if c.kind == "create")
     summary.renamed_groups = sorted(c.display_name for c in plan.groups if c.kind == "rename")
 

@@ -12,18 +12,25 @@ from guardsync.errors import GuardsyncBlocked
 from guardsync.plan import AppliedState, Plan
 
 
-def too_many_deprovisions(plan: Plan, applied: AppliedState, sync: SyncSettings, allow: bool = False) -> GuardsyncBlocked | None:
+def managed_active_users(applied: AppliedState, plan: Plan, first_run: bool) -> int:
+    """What a percentage of max_deactivations is of: the active users guardsync managed before the
+    run, and on a first run the active accounts it adopts (so a first run against a populated
+    directory is guarded too, while a first run against an empty one is not)."""
+    return applied.active_users() + (plan.adopted_active if first_run else 0)
+
+
+def too_many_deprovisions(plan: Plan, managed_active: int, sync: SyncSettings, allow: bool = False) -> GuardsyncBlocked | None:
     """More deactivations plus group deletions than max_deactivations (renames do not count)."""
     if allow:
         return None
-    limit = sync.deactivation_limit(applied.active_users())
+    limit = sync.deactivation_limit(managed_active)
     count = plan.deprovisions()
     if limit is None or count <= limit:
         return None
     return GuardsyncBlocked(
         "max_deactivations",
         f"this run would deactivate or delete {count} objects, over the limit of {limit} "
-        f"([sync] max_deactivations = {sync.max_deactivations!s}, {applied.active_users()} active users managed)",
+        f"([sync] max_deactivations = {sync.max_deactivations!s}, {managed_active} active users managed)",
         "Check the scope (groups, domains) and Entra for an accidental change; if the change is intended, "
         "re-run once with --allow-mass-deactivation",
     )

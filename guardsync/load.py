@@ -23,7 +23,7 @@ from typing import Callable, Iterable, TypeVar
 
 from guardsync.errors import ApiError, Conflict, NotFound
 from guardsync.models import DesiredUser
-from guardsync.plan import GroupChange, MemberChange, UserChange
+from guardsync.plan import PAST, GroupChange, MemberChange, UserChange
 from guardsync.scim import ScimClient
 from guardsync.state import StateStore
 from guardsync.throttle import AdaptiveLimit
@@ -34,8 +34,8 @@ RECORD_EVERY = 100  # writes recorded in one transaction
 # so the client's own work never leaves a slot empty.
 SPARE_THREADS = 4
 # Audit operations that mean "this object is done for this run" (a retried load skips it).
-USER_OPERATIONS = ("create", "recreate", "update", "deactivate", "reactivate", "adopt")
-GROUP_OPERATIONS = ("create", "adopt", "rename", "delete")
+USER_OPERATIONS = ("create", "recreate", "update", "deactivate", "reactivate", "adopt", "handover")
+GROUP_OPERATIONS = ("create", "adopt", "adopt_existing", "rename", "delete")
 T = TypeVar("T")
 
 
@@ -126,46 +126,82 @@ class Loader:
             self._members_to_record.append((group_id, added, removed))
 
     # -- users -----------------------------------------------------------------------
-    def load_users(self, changes: Iterable[UserChange]) -> None:
-        changes = list(changes)
-        if not changes:
+    def load_users(self, changes: Iterable[UserChange], forget: Iterable[str] = ()) -> None:
+        """Forget the accounts deleted by hand whose users left, then write the changes wave by wave
+        (a change that takes an identifier runs after the one that gives it up)."""
+        changes, forget = list(changes), list(forget)
+        if not changes and not forget:
             return  # nothing to do: not even a read of the state
-        applied = self.store.load().users
+        applied = self.store.load()
+        if forget:
+            self.store.forget_users(self.run_id, [u for u in forget if u in applied.users])
+            self.report.count("users_gone", len(forget))
         done = self.store.done_in_run(self.run_id, USER_OPERATIONS)
-        pending = [c for c in changes if c.user.external_id not in done]
-        self._each("users", pending, lambda c: self._apply_user(c, applied), lambda c: c.user.user_name)
+        managed = {user.scim_id: uid for uid, user in applied.users.items()}
+        for wave in _waves([c for c in changes if c.user.external_id not in done]):
+            self._each("users", wave, lambda c: self._apply_user(c, managed), lambda c: c.user.user_name)
 
-    def _apply_user(self, change: UserChange, applied) -> None:
+    def _apply_user(self, change: UserChange, managed: dict[str, str]) -> None:
         user = change.user
-        before = applied.get(user.external_id)
-        if before is None:
-            self._create_user(user, change.kind)
+        if change.scim_id is None:
+            _, operation = self._create_user(user, managed)
+            if operation == "adopt":  # a delta run found the account at write time (409)
+                self.report.count("users_adopted")
+            else:
+                self._count_user(change)
             return
         try:
-            self.scim.replace_user(before.scim_id, user)
-            self._user_written(change.kind, before.scim_id, user)
-        except NotFound:  # deleted in Atlassian by hand: bring it back, into the groups it was in
-            scim_id = self._create_user(user, "recreate")
-            self._rejoin_groups(user.external_id, scim_id)
+            if change.write:
+                self.scim.replace_user(change.scim_id, user)
+        except NotFound:  # deleted in Atlassian by hand meanwhile
+            self._account_gone(change, managed)
             return
-        self.report.count(f"users_{_past(change.kind)}")
+        if change.handed_from:  # the account passes to this Entra user; the old id no longer maps to it
+            self._record()
+            self.store.hand_over(self.run_id, change.handed_from, change.scim_id, user)
+        else:
+            self._user_written(_user_operation(change), change.scim_id, user)
+        self._count_user(change)
 
-    def _create_user(self, user: DesiredUser, kind: str) -> str:
+    def _account_gone(self, change: UserChange, managed: dict[str, str]) -> None:
+        """An account deleted by hand: an enabled user in scope gets a new one, in the groups it was in
+        (drift); a leaver is recorded as gone, never created again."""
+        user = change.user
+        if change.handed_from:
+            self.store.forget_users(self.run_id, [change.handed_from])
+        if not user.active:
+            self.store.forget_users(self.run_id, [user.external_id])
+            self.report.count("users_gone")
+            return
+        scim_id, _ = self._create_user(user, managed, "recreate")
+        self.report.count("users_created")
+        if not change.adopted and not change.handed_from:
+            self._rejoin_groups(user.external_id, scim_id)
+
+    def _create_user(self, user: DesiredUser, managed: dict[str, str], operation: str = "create") -> tuple[str, str]:
+        """(SCIM id, audit operation): POST, or on 409 adopt the account unless another Entra user holds it."""
         try:
             created = self.scim.create_user(user)
-            operation = kind
-        except Conflict:  # exists already (made by hand, or by an earlier attempt): take it over
+        except Conflict:  # exists already (made by hand meanwhile, or by an earlier attempt): take it over
             existing = self.scim.find_user(user_name=user.user_name)
             if existing is None:
                 raise
+            holder = managed.get(existing["id"])
+            if holder is not None and holder != user.external_id:
+                raise Conflict(f"userName {user.user_name} is held by the account guardsync manages for Entra user "
+                               f"{holder}; it is handed over once that user gives the identifier up") from None
             created = self.scim.replace_user(existing["id"], user)
             operation = "adopt"
         self._user_written(operation, created["id"], user)
-        self.report.count("users_adopted" if operation == "adopt" else f"users_{_past(kind)}")
-        return created["id"]
+        return created["id"], operation
+
+    def _count_user(self, change: UserChange) -> None:
+        for key in change.count_keys():
+            self.report.count(key)
 
     def _rejoin_groups(self, user_id: str, scim_id: str) -> None:
         """A re-created account has a new SCIM id: put it back in the managed groups the state says it is in."""
+        self._record()
         state = self.store.load()
         for group_id, members in state.members.items():
             if user_id in members and group_id in state.groups:
@@ -174,26 +210,38 @@ class Loader:
                                 json.dumps({"added": [user_id]}))
 
     # -- groups ----------------------------------------------------------------------
-    def load_groups(self, changes: Iterable[GroupChange], member_changes: Iterable[MemberChange]) -> None:
-        """Create, rename and delete groups; renamed and adopted groups get their members here, new ones in load_members."""
-        changes = list(changes)
-        if not changes:
+    def load_groups(self, changes: Iterable[GroupChange], member_changes: Iterable[MemberChange],
+                    forget: Iterable[str] = ()) -> None:
+        """Create, rename, adopt and delete groups, wave by wave (a name is taken after it is freed);
+        renamed groups get their members here, new and adopted ones in load_members."""
+        changes, forget = list(changes), list(forget)
+        if not changes and not forget:
             return
         applied = self.store.load()
+        for group_id in forget:
+            if group_id in applied.groups:
+                self.store.drop_group(self.run_id, group_id, applied.groups[group_id].display_name, operation="gone")
         done = self.store.done_in_run(self.run_id, GROUP_OPERATIONS)
-        pending = [c for c in changes if c.group_id not in done]
         # A created or renamed group starts empty in the plan: its adds are all its members.
         members_of = {change.group_id: frozenset(change.add) for change in member_changes}
-        self._each("groups", pending, lambda c: self._apply_group(c, applied, members_of), lambda c: c.display_name)
+        managed = {group.scim_id: gid for gid, group in applied.groups.items()}
+        for wave in _waves([c for c in changes if c.group_id not in done]):
+            self._each("groups", wave, lambda c: self._apply_group(c, applied, members_of, managed), lambda c: c.display_name)
 
-    def _apply_group(self, change: GroupChange, applied, members_of: dict[str, frozenset[str]]) -> None:
+    def _apply_group(self, change: GroupChange, applied, members_of: dict[str, frozenset[str]], managed) -> None:
         before = applied.groups.get(change.group_id)
         if change.kind == "delete":
             self._delete_group(before.scim_id)
             self.store.drop_group(self.run_id, change.group_id, change.display_name)
             self.report.count("groups_deleted")
             return
-        scim_id, adopted, current = self._create_group(change.display_name, change.group_id)
+        if change.kind == "adopt":  # planned from the observation: it is ours now, matched by Entra id
+            self.scim.set_group_external_id(change.scim_id, change.group_id)
+            self.store.save_group(self.run_id, "adopt", change.group_id, change.scim_id, change.display_name,
+                                  members=change.members)
+            self.report.count("groups_adopted")
+            return
+        scim_id, adopted, current = self._create_group(change.display_name, change.group_id, managed)
         members = None
         if change.kind == "rename" or adopted:
             # Atlassian refuses renames, so the new group takes the members before the old one
@@ -202,12 +250,14 @@ class Loader:
             members = self._make_members_exact(scim_id, target, current, applied.users)
         if change.kind == "rename":
             self._delete_group(before.scim_id)
-        self.store.save_group(self.run_id, "adopt" if adopted else change.kind, change.group_id, scim_id, change.display_name)
+        # "adopt_existing": found at write time (409), its members made exact here, not in load_members
+        self.store.save_group(self.run_id, "adopt_existing" if adopted else change.kind, change.group_id, scim_id,
+                              change.display_name)
         if members is not None:
             self.store.save_members(self.run_id, [(change.group_id, members, [])])
-        self.report.count("groups_adopted" if adopted else f"groups_{_past(change.kind)}")
+        self.report.count("groups_adopted" if adopted else f"groups_{PAST[change.kind]}")
 
-    def _create_group(self, display_name: str, group_id: str) -> tuple[str, bool, set[str]]:
+    def _create_group(self, display_name: str, group_id: str, managed: dict[str, str]) -> tuple[str, bool, set[str]]:
         """(scim id, adopted?, scim ids of the members it already has)."""
         try:
             return self.scim.create_group(display_name, group_id)["id"], False, set()
@@ -215,6 +265,10 @@ class Loader:
             existing = self.scim.find_group(display_name)
             if existing is None:
                 raise
+            holder = managed.get(existing["id"])
+            if holder is not None and holder != group_id:
+                raise Conflict(f"the name {display_name!r} is held by the group guardsync manages for Entra group "
+                               f"{holder}; it is taken once that group is renamed or deleted") from None
             if existing.get("externalId") != group_id:
                 self.scim.set_group_external_id(existing["id"], group_id)  # it is ours now: match it by Entra id
             return existing["id"], True, {member["value"] for member in existing.get("members") or []}
@@ -242,7 +296,8 @@ class Loader:
         if not changes:
             return
         applied = self.store.load()
-        done = self.store.done_in_run(self.run_id, ("members", "rename", "adopt"))  # renamed/adopted: members set there
+        # renamed, or adopted at write time: members set in load_groups
+        done = self.store.done_in_run(self.run_id, ("members", "rename", "adopt_existing"))
         work = []
         for change in changes:
             group = applied.groups.get(change.group_id)
@@ -254,14 +309,16 @@ class Loader:
         work.sort(key=lambda w: len(w[2]) + len(w[3]), reverse=True)
         self._each("members", work, lambda w: self._patch(*w, scim_ids=applied), lambda w: w[0])
 
-    def remove_foreign_members(self, foreign: dict[str, list[str]]) -> None:
-        """Remove people added by hand to managed groups (found by the drift read)."""
+    def remove_foreign_members(self, foreign: dict[str, tuple[str, ...]]) -> None:
+        """Take accounts guardsync does not manage out of its groups (found by the observation):
+        people added by hand to a managed group, and other members of an adopted one."""
         if not foreign:
             return
         groups = self.store.load().groups
+        done = self.store.done_in_run(self.run_id, ("remove_foreign",))
         for group_id, scim_ids in foreign.items():
-            if group_id in groups:
-                self.scim.patch_members(groups[group_id].scim_id, [], scim_ids)
+            if group_id in groups and group_id not in done:
+                self.scim.patch_members(groups[group_id].scim_id, [], list(scim_ids))
                 self.store.note(self.run_id, "remove_foreign", "group", group_id, groups[group_id].display_name,
                                 f"removed {len(scim_ids)} members added by hand: {', '.join(scim_ids[:20])}")
                 self.report.count("members_removed", len(scim_ids))
@@ -276,7 +333,18 @@ class Loader:
         self.report.count("members_removed", len(remove))
 
 
-def _past(kind: str) -> str:
-    return {"create": "created", "recreate": "created", "update": "updated", "rename": "renamed",
-            "deactivate": "deactivated", "reactivate": "reactivated"}[kind]
+def _user_operation(change: UserChange) -> str:
+    """The audit operation of a user write ("adopt" for every adoption, whatever else it changed)."""
+    return "adopt" if change.adopted else change.kind
+
+
+Change = TypeVar("Change", UserChange, GroupChange)
+
+
+def _waves(changes: list[Change]) -> list[list[Change]]:
+    """The plan's waves in order: each runs once the one before it is done."""
+    by_wave: dict[int, list[Change]] = {}
+    for change in changes:
+        by_wave.setdefault(change.wave, []).append(change)
+    return [by_wave[wave] for wave in sorted(by_wave)]
 

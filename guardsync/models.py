@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
@@ -76,6 +77,13 @@ class DesiredState:
     excluded: dict[str, int]  # reason -> count (guest, domain, disabled_not_synced)
     quarantined: pd.DataFrame  # columns: id, identifier, rule
     identifier: str  # "upn" or "email": SSO must use the same
+
+
+def name_key(value: str) -> str:
+    """What makes two identifiers or names the same: letter case and Unicode normalisation aside
+    (é typed as one code point or as e + accent is one name to a person, and to Atlassian).
+    The scalar twin of guardsync.scope.identity_key."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", value).casefold())
 
 
 def content_digest(record: dict) -> str:

@@ -1,26 +1,45 @@
-"""The plan: a pure diff of the desired state against the state applied before.
+"""The plan: a pure diff of the desired state against Atlassian as last observed.
+
+"As last observed" is the state store's record of what guardsync applied, corrected, on
+first runs and full reads, by an Observation of what Atlassian really holds
+(guardsync.observe). With an observation the plan also adopts what already exists: an
+unmanaged account with the user's userName (case-insensitive; else with the Entra id as
+externalId), an unmanaged group with the group's displayName; it never takes over an
+object guardsync manages for another Entra id.
 
 Quarantined users and groups are frozen: nothing about them changes this run,
 including their memberships. Users are never deleted, only deactivated. A renamed
 group is re-created under its new name, since Atlassian refuses renames.
+
+Names pass from one object to another within a run: an identifier given up by a managed
+user (deleted, out of scope or renamed in Entra) and taken by another Entra user hands
+the account over (Atlassian keys accounts by email); a group name given up by a managed
+group (renamed or deleted) is taken by a new group only after it is freed. Each change
+carries its `wave`: the loader runs wave 0, then wave 1, ..., so that a change that takes
+a name runs after the change that frees it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Callable, Literal, TypeVar
 
-from guardsync.models import DesiredGroup, DesiredUser
+from guardsync.models import DesiredGroup, DesiredUser, name_key
 
-UserKind = Literal["create", "update", "deactivate", "reactivate"]
-GroupKind = Literal["create", "delete", "rename"]
+if TYPE_CHECKING:
+    from guardsync.observe import Observation
+
+UserKind = Literal["create", "update", "deactivate", "reactivate", "adopt"]
+GroupKind = Literal["create", "delete", "rename", "adopt"]
+PAST = {"create": "created", "update": "updated", "deactivate": "deactivated", "reactivate": "reactivated",
+        "adopt": "adopted", "rename": "renamed", "delete": "deleted"}
 
 
 @dataclass(frozen=True)
 class AppliedUser:
     scim_id: str
-    record: DesiredUser  # exactly what was last written to Atlassian
+    record: DesiredUser  # exactly what was last written to Atlassian (or observed there)
 
 
 @dataclass(frozen=True)
@@ -43,13 +62,28 @@ class AppliedState:
 class UserChange:
     kind: UserKind
     user: DesiredUser  # the record to write
+    scim_id: str | None = None  # the account written; None: a new account (POST)
+    write: bool = True  # False: an adopted account that already holds exactly this record (recorded only)
+    adopted: bool = False  # an account guardsync did not manage before this run
+    handed_from: str | None = None  # the Entra id whose account this was (its identifier passed to this user)
+    wave: int = 0
+
+    def count_keys(self) -> list[str]:
+        """The summary counts this change adds to (the dry run and the sync count alike)."""
+        keys = [f"users_{PAST[self.kind]}"]
+        if self.adopted and self.kind != "adopt":
+            keys.append("users_adopted")  # adopted and deactivated (or reactivated) in one write
+        return keys
 
 
 @dataclass(frozen=True)
 class GroupChange:
     kind: GroupKind
     group_id: str
-    display_name: str  # the new name for create/rename, the current one for delete
+    display_name: str  # the new name for create/rename, the current one for delete and adopt
+    scim_id: str | None = None  # adopt: the existing group
+    members: frozenset[str] = frozenset()  # adopt: the user ids it holds already (after the users load)
+    wave: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,30 +93,48 @@ class MemberChange:
     remove: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class HandOver:
+    user_name: str
+    from_id: str  # the Entra user that gave the identifier up
+    to_id: str  # the Entra user that takes the account
+
+    def line(self) -> str:
+        return f"{self.user_name}: the account passes from Entra user {self.from_id} to {self.to_id}"
+
+
 @dataclass
 class Plan:
     users: list[UserChange] = field(default_factory=list)
     groups: list[GroupChange] = field(default_factory=list)
     members: list[MemberChange] = field(default_factory=list)
-    not_created_disabled: int = 0  # disabled users never synced: nothing to do
+    foreign: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group id -> SCIM ids of members to remove
+    forget_users: list[str] = field(default_factory=list)  # managed accounts deleted by hand whose users left: gone
+    forget_groups: list[str] = field(default_factory=list)  # managed groups deleted by hand that left scope
+    handovers: list[HandOver] = field(default_factory=list)
+    not_created_disabled: int = 0  # disabled users with no account: nothing to do
+    adopted_active: int = 0  # active accounts adopted (a first run's deactivation guard counts them)
 
     def counts(self) -> dict[str, int]:
-        users = Counter(change.kind for change in self.users)
+        users = Counter(key for change in self.users for key in change.count_keys())
         groups = Counter(change.kind for change in self.groups)
         return {
-            "users_created": users["create"],
-            "users_updated": users["update"],
-            "users_deactivated": users["deactivate"],
-            "users_reactivated": users["reactivate"],
+            "users_created": users["users_created"],
+            "users_updated": users["users_updated"],
+            "users_deactivated": users["users_deactivated"],
+            "users_reactivated": users["users_reactivated"],
+            "users_adopted": users["users_adopted"],
             "groups_created": groups["create"],
             "groups_renamed": groups["rename"],
             "groups_deleted": groups["delete"],
+            "groups_adopted": groups["adopt"],
             "members_added": sum(len(change.add) for change in self.members),
-            "members_removed": sum(len(change.remove) for change in self.members),
+            "members_removed": sum(len(change.remove) for change in self.members)
+            + sum(len(scim_ids) for scim_ids in self.foreign.values()),
         }
 
     def is_empty(self) -> bool:
-        return not (self.users or self.groups or self.members)
+        return not (self.users or self.groups or self.members or self.foreign or self.forget_users or self.forget_groups)
 
     def deprovisions(self) -> int:
         """Deactivations plus group deletions (renames are not deletions): what the guard counts."""
@@ -90,51 +142,148 @@ class Plan:
         return counts["users_deactivated"] + counts["groups_deleted"]
 
 
-def plan_users(
-    desired: dict[str, DesiredUser], applied: dict[str, AppliedUser], frozen: frozenset[str]
-) -> tuple[list[UserChange], int]:
-    changes: list[UserChange] = []
-    not_created = 0
-    for user_id, user in desired.items():
-        before = applied.get(user_id)
-        if before is None:
-            if user.active:
-                changes.append(UserChange("create", user))
-            else:
-                not_created += 1  # a disabled user who never reached Atlassian is not created
-        elif before.record != user:
-            changes.append(UserChange(_user_kind(before.record.active, user.active), user))
-    for user_id, before in applied.items():
-        if user_id not in desired and user_id not in frozen and before.record.active:
-            # Left scope (or was deleted in Entra): deactivate, never delete.
-            changes.append(UserChange("deactivate", replace(before.record, active=False)))
-    return changes, not_created
+# == users ==========================================================================================
 
 
-def _user_kind(was_active: bool, is_active: bool) -> UserKind:
+def _active_kind(was_active: bool, is_active: bool, otherwise: UserKind) -> UserKind:
     if was_active and not is_active:
         return "deactivate"
     if is_active and not was_active:
         return "reactivate"
-    return "update"
+    return otherwise
+
+
+def plan_users(
+    desired: dict[str, DesiredUser], applied: dict[str, AppliedUser], frozen: frozenset[str],
+    observation: Observation | None = None,
+) -> tuple[list[UserChange], list[HandOver], int, int]:
+    """(changes, hand-overs, disabled users not created, active accounts adopted); see the module docstring."""
+    from guardsync.observe import account_name
+
+    holder = {name_key(account_name(u.record)): uid for uid, u in applied.items()}
+    handovers: dict[str, HandOver] = {}  # by the Entra id that gives its account up
+    for user_id, user in desired.items():
+        previous = holder.get(name_key(user.user_name))
+        if (user_id not in applied and previous is not None and previous not in frozen
+                and previous not in handovers and _gives_up(previous, user, desired)):
+            handovers[previous] = HandOver(user.user_name, previous, user_id)
+
+    changes: list[UserChange] = []
+    taken_over = {h.to_id: applied[h.from_id] for h in handovers.values()}
+    unplaced = []
+    for user_id, user in desired.items():
+        before = taken_over.get(user_id) or (applied.get(user_id) if user_id not in handovers else None)
+        if before is None:
+            unplaced.append(user)  # new, or renamed with its old identifier gone to someone else
+        elif before.record != user:
+            kind = _active_kind(before.record.active, user.active, "update")
+            changes.append(UserChange(kind, user, before.scim_id, handed_from=_from(handovers, user_id)))
+    adoptable = _Adoptable(observation)
+    not_created = adopted_active = 0
+    for user in unplaced:
+        found = adoptable.take(user)
+        if found is not None:
+            kind = _active_kind(found.record.active, user.active, "adopt")
+            changes.append(UserChange(kind, user, found.scim_id, write=found.record != user, adopted=True))
+            adopted_active += found.record.active
+        elif user.active:
+            changes.append(UserChange("create", user))
+        else:
+            not_created += 1  # a disabled user with no account in Atlassian is not created
+    for user_id, before in applied.items():
+        if user_id not in desired and user_id not in frozen and user_id not in handovers and before.record.active:
+            # Left scope (or was deleted in Entra): deactivate, never delete.
+            changes.append(UserChange("deactivate", replace(before.record, active=False), before.scim_id))
+    return _in_waves(changes, _user_takes, _user_frees(applied)), list(handovers.values()), not_created, adopted_active
+
+
+def _from(handovers: dict[str, HandOver], user_id: str) -> str | None:
+    return next((h.from_id for h in handovers.values() if h.to_id == user_id), None)
+
+
+def _gives_up(previous: str, user: DesiredUser, desired: dict[str, DesiredUser]) -> bool:
+    """Does the managed user `previous` give up the identifier `user` now has (deleted, left scope, renamed)?"""
+    still = desired.get(previous)
+    return still is None or name_key(still.user_name) != name_key(user.user_name)
+
+
+class _Adoptable:
+    """Unmanaged accounts that a user may take over: by userName first, then by externalId; each once."""
+
+    def __init__(self, observation: Observation | None):
+        from guardsync.observe import account_name
+
+        accounts = observation.unmanaged_users if observation else []
+        self.by_name = {name_key(account_name(a.record)): a for a in accounts}
+        self.by_external_id = {a.record.external_id: a for a in reversed(accounts) if a.record.external_id}
+        self.taken: set[str] = set()
+
+    def take(self, user: DesiredUser):
+        found = self.by_name.get(name_key(user.user_name))
+        if found is None:
+            found = self.by_external_id.get(user.external_id)
+            if found is not None and name_key(user.user_name) in self.by_name:
+                found = None  # its new name is another account's: taking this one would collide
+        if found is None or found.scim_id in self.taken:
+            return None
+        self.taken.add(found.scim_id)
+        return found
+
+
+def _user_takes(change: UserChange) -> str | None:
+    return name_key(change.user.user_name)
+
+
+def _user_frees(applied: dict[str, AppliedUser]) -> Callable[[UserChange], str | None]:
+    from guardsync.observe import account_name
+
+    by_scim = {u.scim_id: u for u in applied.values()}
+
+    def frees(change: UserChange) -> str | None:
+        before = by_scim.get(change.scim_id) if change.scim_id else None
+        return name_key(account_name(before.record)) if before is not None else None
+
+    return frees
+
+
+# == groups =========================================================================================
 
 
 def plan_groups(
-    desired: dict[str, DesiredGroup], applied: dict[str, AppliedGroup], frozen: frozenset[str]
-) -> list[GroupChange]:
+    desired: dict[str, DesiredGroup], applied: dict[str, AppliedGroup], frozen: frozenset[str],
+    observation: Observation | None = None, scim_to_user: dict[str, str] | None = None,
+) -> tuple[list[GroupChange], dict[str, tuple[str, ...]]]:
+    """(changes, foreign members of adopted groups). An unmanaged group with the name is adopted
+    unless a managed group holds that name (then it is freed first, and the group created)."""
     changes = []
+    held = {name_key(g.display_name) for g in applied.values()}
+    unmanaged = {name_key(g.display_name): g for g in (observation.unmanaged_groups if observation else [])}
+    foreign: dict[str, tuple[str, ...]] = {}
     for group_id, group in desired.items():
         before = applied.get(group_id)
         if group_id in frozen:
             continue
-        if before is None:
+        if before is not None:
+            if name_key(before.display_name) != name_key(group.display_name):
+                changes.append(GroupChange("rename", group_id, group.display_name))
+            continue
+        key = name_key(group.display_name)
+        found = unmanaged.pop(key, None) if key not in held else None
+        if found is None:
             changes.append(GroupChange("create", group_id, group.display_name))
-        elif before.display_name.casefold() != group.display_name.casefold():
-            changes.append(GroupChange("rename", group_id, group.display_name))
+            continue
+        ours = scim_to_user or {}
+        changes.append(GroupChange("adopt", group_id, found.display_name, found.scim_id,
+                                   frozenset(ours[s] for s in found.members if s in ours)))
+        if outside := tuple(s for s in found.members if s not in ours):
+            foreign[group_id] = outside
     for group_id, before in applied.items():
         if group_id not in desired and group_id not in frozen:
             changes.append(GroupChange("delete", group_id, before.display_name))
-    return changes
+    by_id = dict(applied)
+    takes = lambda c: name_key(c.display_name) if c.kind in ("create", "rename") else None  # noqa: E731
+    frees = lambda c: name_key(by_id[c.group_id].display_name) if c.kind in ("rename", "delete") else None  # noqa: E731
+    return _in_waves(changes, takes, frees), foreign
 
 
 def plan_members(
@@ -145,11 +294,12 @@ def plan_members(
     frozen_groups: frozenset[str],
 ) -> list[MemberChange]:
     recreated = {change.group_id for change in group_changes if change.kind in ("create", "rename")}
+    adopted = {change.group_id: change.members for change in group_changes if change.kind == "adopt"}
     changes = []
     for group_id, group in desired.items():
         if group_id in frozen_groups:
             continue
-        before = applied.members.get(group_id, frozenset())
+        before = adopted.get(group_id, applied.members.get(group_id, frozenset()))
         target = group.members - frozen_users
         if group_id in recreated:  # starts empty, and takes its frozen members along unchanged
             current, target = frozenset(), target | (before & frozen_users)
@@ -161,31 +311,102 @@ def plan_members(
     return changes
 
 
+# == the whole plan =================================================================================
+
+
 def make_plan(
     users: dict[str, DesiredUser],
     groups: dict[str, DesiredGroup],
     applied: AppliedState,
     frozen_users: frozenset[str] = frozenset(),
     frozen_groups: frozenset[str] = frozenset(),
+    observation: Observation | None = None,
 ) -> Plan:
-    user_changes, not_created = plan_users(users, applied.users, frozen_users)
-    group_changes = plan_groups(groups, applied.groups, frozen_groups)
-    member_changes = plan_members(groups, applied, group_changes, frozen_users, frozen_groups)
-    return Plan(user_changes, group_changes, member_changes, not_created)
+    """`applied` is the state store's record; with an `observation` of Atlassian, what Atlassian holds wins."""
+    foreign: dict[str, tuple[str, ...]] = {}
+    forget_users: list[str] = []
+    forget_groups: list[str] = []
+    if observation is not None:
+        applied = observation.applied
+        forget_users = [u for u in observation.gone_users if u not in frozen_users and not (u in users and users[u].active)]
+        forget_groups = [g for g in observation.gone_groups if g not in groups and g not in frozen_groups]
+        foreign = dict(observation.foreign_members)
+    user_changes, handovers, not_created, adopted_active = plan_users(users, applied.users, frozen_users, observation)
+
+    # Who holds which account once the users load is done: hand-overs and adoptions included.
+    owner = {u.scim_id: uid for uid, u in applied.users.items()}
+    owner.update({c.scim_id: c.user.external_id for c in user_changes if c.scim_id})
+    members = {gid: frozenset(owner.get(applied.users[u].scim_id, u) if u in applied.users else u for u in m)
+               for gid, m in applied.members.items()}
+    for group_id, scim_ids in list(foreign.items()):  # members who were unmanaged accounts, adopted this run
+        members[group_id] = members.get(group_id, frozenset()) | {owner[s] for s in scim_ids if s in owner}
+        if rest := tuple(s for s in scim_ids if s not in owner):
+            foreign[group_id] = rest
+        else:
+            del foreign[group_id]
+    for group_id in frozen_groups:
+        foreign.pop(group_id, None)  # frozen: its members stay as they are
+    mapped = AppliedState(applied.users, applied.groups, members)
+
+    group_changes, adopted_foreign = plan_groups(groups, applied.groups, frozen_groups, observation, owner)
+    foreign.update(adopted_foreign)
+    member_changes = plan_members(groups, mapped, group_changes, frozen_users, frozen_groups)
+    return Plan(user_changes, group_changes, member_changes, foreign, forget_users, forget_groups, handovers,
+                not_created, adopted_active)
+
+
+Change = TypeVar("Change", UserChange, GroupChange)
+
+
+def _in_waves(changes: list[Change], takes: Callable[[Change], str | None],
+              frees: Callable[[Change], str | None]) -> list[Change]:
+    """Each change with the wave it runs in: one after the change that frees the name it takes.
+
+    A cycle of names (A renamed to B and B to A in one round) cannot be ordered: its changes go
+    in the last wave, where Atlassian's 409 reports them.
+    """
+    freed_by = {}
+    for index, change in enumerate(changes):
+        if (name := frees(change)) is not None:
+            freed_by[name] = index
+    waves: dict[int, int] = {}
+
+    def wave(index: int, path: frozenset[int]) -> int:
+        if index in waves:
+            return waves[index]
+        name = takes(changes[index])
+        blocker = freed_by.get(name) if name is not None else None
+        if blocker is None or blocker == index:
+            result = 0
+        elif blocker in path:
+            result = len(changes)  # a cycle
+        else:
+            result = wave(blocker, path | {index}) + 1
+        waves[index] = result
+        return result
+
+    for index in range(len(changes)):
+        wave(index, frozenset())
+    return [replace(change, wave=waves[index]) if waves[index] else change for index, change in enumerate(changes)]
 
 
 def apply_plan(applied: AppliedState, plan: Plan) -> AppliedState:
     """The state a fully successful load of `plan` leaves (used by the property tests)."""
-    users = dict(applied.users)
+    users = {uid: u for uid, u in applied.users.items() if uid not in plan.forget_users}
+    members = {gid: m - set(plan.forget_users) for gid, m in applied.members.items() if gid not in plan.forget_groups}
+    for handover in plan.handovers:
+        users.pop(handover.from_id, None)
+        members = {gid: frozenset(handover.to_id if u == handover.from_id else u for u in m) for gid, m in members.items()}
     for change in plan.users:
-        scim_id = users[change.user.external_id].scim_id if change.user.external_id in users else "new"
-        users[change.user.external_id] = AppliedUser(scim_id, change.user)
-    groups = dict(applied.groups)
-    members = dict(applied.members)
+        users[change.user.external_id] = AppliedUser(change.scim_id or f"new-{change.user.external_id}", change.user)
+    groups = {gid: g for gid, g in applied.groups.items() if gid not in plan.forget_groups}
     for change in plan.groups:
         if change.kind == "delete":
             groups.pop(change.group_id, None)
             members.pop(change.group_id, None)
+        elif change.kind == "adopt":
+            groups[change.group_id] = AppliedGroup(change.scim_id, change.display_name)
+            members[change.group_id] = change.members
         else:
             groups[change.group_id] = AppliedGroup("new", change.display_name)
             members[change.group_id] = frozenset()

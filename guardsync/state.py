@@ -30,6 +30,7 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    inspect,
     or_,
     select,
     update,
@@ -63,7 +64,7 @@ groups = Table(
     Column("scim_id", String(255), nullable=False),
     Column("display_name", Text, nullable=False),
 )
-members = Table(
+members = members_table = Table(  # members_table where a parameter is named members
     "members", metadata,
     Column("group_id", String(64), primary_key=True),
     Column("user_id", String(64), primary_key=True),
@@ -130,21 +131,49 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cursor.close()
 
 
+def _refuse_writes(engine: Engine) -> None:
+    """Read-only sessions, enforced by the database itself: no code path of a dry run can write."""
+    statement = "PRAGMA query_only = ON" if engine.dialect.name == "sqlite" else "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(connection, _record):
+        cursor = connection.cursor()
+        cursor.execute(statement)
+        cursor.close()
+
+
 class StateStore:
     """Applied state, bindings, runs and audit, behind one small API."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, read_only: bool = False):
+        """`read_only` (dry runs): every session refuses writes, and a store that does not exist yet
+        is not created: it reads as an empty one (an in-memory database nobody else sees)."""
         try:
             self.engine = create_engine(url, future=True)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             raise ConfigError(f"[sync] state: cannot use {_safe_url(url)} ({type(exc).__name__}); give a SQLAlchemy URL such as sqlite:///guardsync-state.db") from None
-        if self.engine.dialect.name == "sqlite":
-            _sqlite_pragmas(self.engine)
         self._lock = threading.Lock()  # loader threads share one store; writes are serialised
         try:
-            metadata.create_all(self.engine)
+            if read_only and not self._exists():
+                self.engine.dispose()
+                self.engine = create_engine("sqlite://", future=True)
+                metadata.create_all(self.engine)
+            elif self.engine.dialect.name == "sqlite":
+                _sqlite_pragmas(self.engine)
+            if read_only:
+                _refuse_writes(self.engine)
+            else:
+                metadata.create_all(self.engine)
         except SQLAlchemyError as exc:
             raise ConfigError(f"[sync] state: cannot open {_safe_url(url)} ({type(exc).__name__}); check the database is reachable and the URL") from None
+
+    def _exists(self) -> bool:
+        """Does the store hold guardsync's tables? Asked without creating anything (SQLite would create the file)."""
+        url = self.engine.url
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            if not os.path.exists(url.database):
+                return False
+        return inspect(self.engine).has_table("runs")
 
     # -- binding: one store, one (tenant, directory) pair ---------------------------
     def binding(self) -> dict[str, str]:
@@ -182,6 +211,18 @@ class StateStore:
             if digest is not None:
                 conn.execute(insert(binding).values(key="settled", value=digest))
 
+    # -- an observing run that did not complete: the next run observes Atlassian again ------
+    def observation_pending(self) -> bool:
+        return "observe_pending" in self.binding()
+
+    def set_observation_pending(self, pending: bool) -> None:
+        """Set before an observing run writes, cleared when its loads all succeed: what it adopted or
+        deactivated from its observation (not recorded until written) is seen again after a kill."""
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(delete(binding).where(binding.c.key == "observe_pending"))
+            if pending:
+                conn.execute(insert(binding).values(key="observe_pending", value="1"))
+
     # -- applied state --------------------------------------------------------------
     def load(self) -> AppliedState:
         with self.engine.connect() as conn:
@@ -210,19 +251,49 @@ class StateStore:
             conn.execute(insert(users), rows)
             conn.execute(insert(audit), audits)
 
-    def save_group(self, run_id: str, operation: str, group_id: str, scim_id: str, display_name: str) -> None:
+    def hand_over(self, run_id: str, from_id: str, scim_id: str, user: DesiredUser) -> None:
+        """The account `scim_id` of Entra user `from_id` now belongs to `user` (its identifier passed on):
+        one transaction, so two Entra ids never share one account, and the account's groups go with it."""
+        row = {"external_id": user.external_id, "scim_id": scim_id, "record": json.dumps(asdict(user), ensure_ascii=False),
+               "active": user.active}
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(delete(users).where(users.c.external_id.in_([from_id, user.external_id])))
+            conn.execute(insert(users), [row])
+            conn.execute(delete(members).where(members.c.user_id == user.external_id))
+            conn.execute(update(members).where(members.c.user_id == from_id).values(user_id=user.external_id))
+            self._audit(conn, run_id, "handover", "user", user.external_id, user.user_name, "ok",
+                        json.dumps({"from": from_id, "scim_id": scim_id}))
+
+    def forget_users(self, run_id: str, user_ids: list[str]) -> None:
+        """Managed accounts deleted by hand in Atlassian whose users left: recorded as gone (never re-created)."""
+        if not user_ids:
+            return
+        with self._lock, self.engine.begin() as conn:
+            names = {row.external_id: json.loads(row.record)["user_name"]
+                     for row in conn.execute(select(users).where(users.c.external_id.in_(user_ids)))}
+            conn.execute(delete(users).where(users.c.external_id.in_(user_ids)))
+            conn.execute(delete(members).where(members.c.user_id.in_(user_ids)))
+            if names:
+                conn.execute(insert(audit), [_audit_row(run_id, "gone", "user", uid, name, "ok",
+                                                        "deleted by hand in Atlassian") for uid, name in names.items()])
+
+    def save_group(self, run_id: str, operation: str, group_id: str, scim_id: str, display_name: str,
+                   members: frozenset[str] = frozenset()) -> None:
+        """Record a group; a created or renamed one starts empty, an adopted one with the `members` it holds."""
         with self._lock, self.engine.begin() as conn:
             conn.execute(delete(groups).where(groups.c.external_id == group_id))
             conn.execute(insert(groups).values(external_id=group_id, scim_id=scim_id, display_name=display_name))
-            if operation in ("create", "adopt", "rename"):
-                conn.execute(delete(members).where(members.c.group_id == group_id))  # a new group starts empty
+            if operation in ("create", "adopt", "adopt_existing", "rename"):
+                conn.execute(delete(members_table).where(members_table.c.group_id == group_id))
+            if members:
+                conn.execute(insert(members_table), [{"group_id": group_id, "user_id": uid} for uid in sorted(members)])
             self._audit(conn, run_id, operation, "group", group_id, display_name, "ok")
 
-    def drop_group(self, run_id: str, group_id: str, display_name: str) -> None:
+    def drop_group(self, run_id: str, group_id: str, display_name: str, operation: str = "delete") -> None:
         with self._lock, self.engine.begin() as conn:
             conn.execute(delete(groups).where(groups.c.external_id == group_id))
             conn.execute(delete(members).where(members.c.group_id == group_id))
-            self._audit(conn, run_id, "delete", "group", group_id, display_name, "ok")
+            self._audit(conn, run_id, operation, "group", group_id, display_name, "ok")
 
     def save_members(self, run_id: str, changes: list[tuple[str, list[str], list[str]]]) -> None:
         """Record member PATCHes that Atlassian applied: (group id, user ids added, user ids removed) each."""

@@ -28,6 +28,7 @@ class RunSummary:
     first_sync: bool = False  # nothing was managed before this run: SSO can be set up next
     last_full_read: str | None = None  # when Entra was last read in full (delta runs merge into it)
     drift: list[str] = field(default_factory=list)  # managed objects changed by hand in Atlassian, restored
+    handovers: list[str] = field(default_factory=list)  # identifiers passed from one Entra user to another
     requests: dict[str, int] = field(default_factory=dict)
     message: str = ""
 
@@ -62,6 +63,10 @@ class RunSummary:
             out.append(f"  last full read of Entra: {self.last_full_read} (runs in between read changes only)")
         if self.drift:
             out.append("  restored after changes by hand in Atlassian: " + "; ".join(self.drift))
+        if self.counts.get("users_gone"):
+            out.append(f"  accounts deleted by hand in Atlassian whose users left, recorded as gone: {self.counts['users_gone']}")
+        if self.handovers:
+            out.append(f"  identifiers handed over ({len(self.handovers)}): " + "; ".join(self.handovers[:20]))
         if self.failures:
             out.append(f"  failed writes: {len(self.failures)}")
             out.extend(f"    {line}" for line in self.failures[:20])

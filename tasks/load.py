@@ -96,7 +96,7 @@ def _result(loader: Loader) -> dict:
 def load_users(loader: Loader, plan: Plan) -> dict:
     _start(loader, "users")
     with scim_write_slots(loader, len(plan.users)):
-        loader.load_users(plan.users)
+        loader.load_users(plan.users, plan.forget_users)
     return _result(loader)
 
 
@@ -104,16 +104,15 @@ def load_users(loader: Loader, plan: Plan) -> dict:
 def load_groups(loader: Loader, plan: Plan) -> dict:
     _start(loader, "groups")
     with scim_write_slots(loader, len(plan.groups)):
-        loader.load_groups(plan.groups, plan.members)
+        loader.load_groups(plan.groups, plan.members, plan.forget_groups)
     return _result(loader)
 
 
 @task(name="load-memberships", **LOAD_OPTIONS)
-def load_memberships(loader: Loader, plan: Plan, foreign: dict[str, list[str]] | None = None) -> dict:
-    """Members to add and remove, and (full runs) people added by hand to managed groups, taken out."""
+def load_memberships(loader: Loader, plan: Plan) -> dict:
+    """Members to add and remove, and (observing runs) accounts guardsync does not manage, taken out of its groups."""
     _start(loader, "memberships")
-    with scim_write_slots(loader, len(plan.members) + len(foreign or {})):
-        if foreign:
-            loader.remove_foreign_members(foreign)
+    with scim_write_slots(loader, len(plan.members) + len(plan.foreign)):
+        loader.remove_foreign_members(plan.foreign)
         loader.load_members(plan.members)
     return _result(loader)

@@ -1,0 +1,136 @@
+"""Atlassian as it is: one read of the directory's users and groups, in the plan's terms (pure).
+
+First runs (an empty state), full reads and runs after an interrupted observing run list
+Atlassian before planning. This module turns that listing into an Observation:
+
+- the managed objects (those the state records) as Atlassian really holds them, so the
+  plan restores what people changed by hand (drift), and finds those deleted by hand (gone);
+- every other account and group, unmanaged, which the plan may adopt (same userName or
+  displayName, case-insensitive) and otherwise never touches;
+- for each managed group, the members Atlassian holds that are not managed accounts
+  (foreign): the plan removes them, unless it adopts their account this run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from guardsync.models import DesiredUser
+from guardsync.plan import AppliedGroup, AppliedState, AppliedUser
+
+
+@dataclass(frozen=True)
+class AtlassianUser:
+    """An account guardsync does not manage (yet), as Atlassian holds it."""
+
+    scim_id: str
+    record: DesiredUser  # external_id is the account's externalId ("" when it has none)
+
+
+@dataclass(frozen=True)
+class AtlassianGroup:
+    """A group guardsync does not manage (yet)."""
+
+    scim_id: str
+    display_name: str
+    external_id: str
+    members: tuple[str, ...]  # SCIM ids of its members
+
+
+@dataclass
+class DriftReport:
+    users_changed: list[str] = field(default_factory=list)  # userNames edited, deactivated or reactivated by hand
+    users_missing: list[str] = field(default_factory=list)  # deleted by hand
+    groups_missing: list[str] = field(default_factory=list)  # deleted by hand
+    groups_changed: list[str] = field(default_factory=list)  # members changed by hand
+
+    def count(self) -> int:
+        return len(self.users_changed) + len(self.users_missing) + len(self.groups_missing) + len(self.groups_changed)
+
+    def lines(self) -> list[str]:
+        parts = [("users changed by hand", self.users_changed), ("users deleted by hand", self.users_missing),
+                 ("groups deleted by hand", self.groups_missing), ("groups whose members changed by hand", self.groups_changed)]
+        return [f"{label}: {len(names)} ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
+                for label, names in parts if names]
+
+
+@dataclass
+class Observation:
+    applied: AppliedState  # the managed objects as Atlassian holds them; gone ones left out
+    unmanaged_users: list[AtlassianUser]
+    unmanaged_groups: list[AtlassianGroup]
+    foreign_members: dict[str, tuple[str, ...]]  # managed group id -> SCIM ids of members not managed
+    gone_users: list[str]  # Entra ids of managed accounts deleted by hand
+    gone_groups: list[str]  # Entra ids of managed groups deleted by hand
+    drift: DriftReport
+
+
+def user_from_resource(resource: dict) -> DesiredUser:
+    """A SCIM user in the shape guardsync records, so the plan can compare it with the desired one."""
+    name = resource.get("name") or {}
+    emails = resource.get("emails") or []
+    primary = next((e.get("value") for e in emails if e.get("primary")), emails[0].get("value") if emails else None)
+    user_name = resource.get("userName") or ""
+    if primary != user_name:
+        user_name = f"{user_name} <{primary}>"  # an email that differs from the userName: differs from any desired record
+    return DesiredUser(
+        external_id=resource.get("externalId") or "",
+        user_name=user_name,
+        display_name=resource.get("displayName") or "",
+        given_name=name.get("givenName") or "",
+        family_name=name.get("familyName") or "",
+        title=resource.get("title") or "",
+        active=bool(resource.get("active", True)),
+    )
+
+
+def account_name(record: DesiredUser) -> str:
+    """The userName an account holds (an observed record may carry a differing email after it)."""
+    return record.user_name.partition(" <")[0]
+
+
+def observe(recorded: AppliedState, scim_users: list[dict], scim_groups: list[dict]) -> Observation:
+    """What Atlassian holds, split into managed (corrected from the record) and unmanaged objects."""
+    drift = DriftReport()
+    by_scim_user = {user["id"]: user for user in scim_users}
+    users: dict[str, AppliedUser] = {}
+    gone_users = []
+    for user_id, before in recorded.users.items():
+        resource = by_scim_user.get(before.scim_id)
+        if resource is None:
+            drift.users_missing.append(before.record.user_name)
+            gone_users.append(user_id)
+            continue
+        seen = user_from_resource(resource)
+        if seen != before.record:
+            drift.users_changed.append(before.record.user_name)
+        users[user_id] = AppliedUser(before.scim_id, seen)
+    managed_by_scim = {user.scim_id: user_id for user_id, user in users.items()}
+    unmanaged_users = [AtlassianUser(scim_id, user_from_resource(resource))
+                       for scim_id, resource in by_scim_user.items() if scim_id not in managed_by_scim]
+
+    by_scim_group = {group["id"]: group for group in scim_groups}
+    groups: dict[str, AppliedGroup] = {}
+    members: dict[str, frozenset[str]] = {}
+    foreign: dict[str, tuple[str, ...]] = {}
+    gone_groups = []
+    for group_id, before in recorded.groups.items():
+        resource = by_scim_group.pop(before.scim_id, None)
+        if resource is None:
+            drift.groups_missing.append(before.display_name)
+            gone_groups.append(group_id)
+            continue
+        groups[group_id] = AppliedGroup(before.scim_id, resource.get("displayName") or before.display_name)
+        present = [member["value"] for member in resource.get("members") or []]
+        members[group_id] = frozenset(managed_by_scim[s] for s in present if s in managed_by_scim)
+        if outside := tuple(s for s in present if s not in managed_by_scim):
+            foreign[group_id] = outside
+        if members[group_id] != recorded.members.get(group_id, frozenset()) or outside:
+            drift.groups_changed.append(before.display_name)
+    unmanaged_groups = [
+        AtlassianGroup(scim_id, resource.get("displayName") or "", resource.get("externalId") or "",
+                       tuple(member["value"] for member in resource.get("members") or []))
+        for scim_id, resource in by_scim_group.items()
+    ]
+    return Observation(AppliedState(users, groups, members), unmanaged_users, unmanaged_groups, foreign,
+                       gone_users, gone_groups, drift)

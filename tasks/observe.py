@@ -1,0 +1,30 @@
+"""Observe Atlassian (first runs, full reads, after an interrupted observing run): list its users
+and groups, so the plan adopts what exists and restores what people changed by hand."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from guardsync.observe import Observation, observe
+from guardsync.plan import AppliedState
+from guardsync.scim import ScimClient
+from tasks.common import PER_RUN, transient_only
+
+
+@task(name="observe", cache_policy=PER_RUN, persist_result=True, retries=2, retry_delay_seconds=30,
+      retry_condition_fn=transient_only)
+def observe_atlassian(scim: ScimClient, recorded: AppliedState) -> Observation:
+    observation = observe(recorded, list(scim.iter_users()), list(scim.iter_groups()))
+    logger = get_run_logger()
+    logger.info("Atlassian holds %d managed users and %d managed groups, %d other accounts and %d other groups",
+                len(observation.applied.users), len(observation.applied.groups),
+                len(observation.unmanaged_users), len(observation.unmanaged_groups))
+    if recorded.users or recorded.groups:
+        lines = observation.drift.lines()
+        for line in lines:
+            logger.warning("drift: %s; this run restores it", line)
+        create_markdown_artifact(
+            key="drift", description="Managed objects changed by hand, restored by this run",
+            markdown="# Drift in Atlassian\n\n" + "\n".join(f"- {line}" for line in lines or ["no managed object was changed by hand"]))
+    return observation
