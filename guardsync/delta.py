@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterable
 import numpy as np
 import pandas as pd
 
-from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, Snapshot
+from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, Snapshot, text_frame
 
 if TYPE_CHECKING:
     from guardsync.graph import GraphChanges
@@ -67,7 +67,7 @@ def _records_frame(records: Iterable[dict], columns: list[str]) -> pd.DataFrame:
     data = {c: [r.get(c) for r in records] for c in columns}
     if "accountEnabled" in data:  # missing or null reads as disabled, so nobody gains access by accident
         data["accountEnabled"] = np.array([_enabled(r.get("accountEnabled")) for r in records], dtype=bool)
-    return pd.DataFrame(data, columns=columns)
+    return text_frame(data, columns)
 
 
 def _enabled(value) -> bool:
@@ -85,9 +85,7 @@ def _concat(kept: pd.DataFrame, fresh: pd.DataFrame) -> pd.DataFrame:
 
 
 def _edges_frame(edges: list[tuple[str, str, str | None]]) -> pd.DataFrame:
-    return pd.DataFrame(
-        {c: [e[i] for e in edges] for i, c in enumerate(EDGE_COLUMNS)}, columns=EDGE_COLUMNS
-    )
+    return text_frame({c: [e[i] for e in edges] for i, c in enumerate(EDGE_COLUMNS)}, EDGE_COLUMNS)
 
 
 # -- merge -----------------------------------------------------------------------------------

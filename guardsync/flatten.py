@@ -13,7 +13,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from guardsync.models import MEMBERSHIP_COLUMNS
+from guardsync.models import MEMBERSHIP_COLUMNS, text_frame
 
 
 def reachable_groups(edges: pd.DataFrame, roots: Iterable[str]) -> pd.DataFrame:
@@ -30,7 +30,7 @@ def reachable_groups(edges: pd.DataFrame, roots: Iterable[str]) -> pd.DataFrame:
         closure[root] = reached
         pairs_group.extend([root] * len(reached))
         pairs_descendant.extend(reached)
-    return pd.DataFrame({"group_id": pairs_group, "descendant_id": pairs_descendant})
+    return text_frame({"group_id": pairs_group, "descendant_id": pairs_descendant}, ["group_id", "descendant_id"])
 
 
 def _walk(root: str, children: dict[str, list[str]]) -> frozenset[str]:

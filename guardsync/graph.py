@@ -34,7 +34,7 @@ from msal.exceptions import MsalServiceError
 
 from guardsync.errors import ApiError, AuthError, ConfigError, GuardsyncError, NotFound, TransientError
 from guardsync.httpclient import environment_session, never_connected, retry_after
-from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, Snapshot
+from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, Snapshot, text_frame
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class GraphClient:
         groups = self.read_all("/groups", {"$select": "id,displayName", "$top": PAGE_SIZE})
         return Snapshot(
             users=_users_frame(users),
-            groups=pd.DataFrame({c: [g.get(c) for g in groups] for c in GROUP_COLUMNS}, columns=GROUP_COLUMNS),
+            groups=text_frame({c: [g.get(c) for g in groups] for c in GROUP_COLUMNS}, GROUP_COLUMNS),
             edges=self._edges([g["id"] for g in groups]),
             **tenant,
         )
@@ -307,7 +307,7 @@ class GraphClient:
                 columns["member_type"].extend(m.get("@odata.type", "").removeprefix(ODATA_PREFIX) or None for m in members)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # a failure stops the groups not yet started
-        return pd.DataFrame(columns, columns=EDGE_COLUMNS)
+        return text_frame(columns, EDGE_COLUMNS)
 
     # -- paged reads -------------------------------------------------------------
     def read_all(self, path: str, params: dict | None = None) -> list[dict]:
@@ -506,7 +506,7 @@ def _users_frame(users: list[dict]) -> pd.DataFrame:
     data = {c: [u.get(c) for u in users] for c in USER_COLUMNS}
     # Graph always returns accountEnabled when selected; a missing one reads as disabled, so nobody gains access by accident.
     data["accountEnabled"] = np.array([u.get("accountEnabled") is True for u in users], dtype=bool)
-    return pd.DataFrame(data, columns=USER_COLUMNS)
+    return text_frame(data, USER_COLUMNS)
 
 
 _USER_KEYS = frozenset(USER_COLUMNS)

@@ -79,6 +79,18 @@ class DesiredState:
     identifier: str  # "upn" or "email": SSO must use the same
 
 
+def text_frame(data: dict[str, list] | pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """A frame of Graph text columns (booleans aside) typed as a read with rows types it, empty or not.
+
+    pandas types an empty list float64, and every later merge on it (str against float64) and
+    `.str` on it then fail: an emptied tenant would crash the run instead of meeting the guards.
+    """
+    frame = pd.DataFrame(data, columns=columns)
+    if frame.empty:
+        frame = frame.astype({c: "str" for c in columns if frame[c].dtype != bool})
+    return frame
+
+
 def name_key(value: str) -> str:
     """What makes two identifiers or names the same: letter case and Unicode normalisation aside
     (é typed as one code point or as e + accent is one name to a person, and to Atlassian).

@@ -41,7 +41,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from guardsync.errors import ConfigError, GuardsyncBlocked, GuardsyncError
 import pandas as pd
 
-from guardsync.models import DesiredUser, Snapshot
+from guardsync.models import DesiredUser, Snapshot, text_frame
 from guardsync.plan import AppliedGroup, AppliedState, AppliedUser
 
 metadata = MetaData()
@@ -473,7 +473,7 @@ def _decode_snapshot(data: bytes) -> Snapshot:
     frames = {}
     for name in ("users", "groups", "edges"):
         part = document[name]
-        frames[name] = pd.DataFrame(part["data"], columns=part["columns"])
+        frames[name] = text_frame(pd.DataFrame(part["data"], columns=part["columns"]), part["columns"])
     frames["users"]["accountEnabled"] = frames["users"]["accountEnabled"].fillna(False).astype(bool)
     return Snapshot(document["tenant_id"], document["organization"], frames["users"], frames["groups"], frames["edges"],
                     document["verified_domains"], document["initial_domain"])

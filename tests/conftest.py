@@ -76,3 +76,22 @@ def sync(prefect_server):
             return exc.exit_code, exc
 
     return run
+
+
+@pytest.fixture
+def fresh_postgres():
+    """The URL of a new, empty PostgreSQL database on this machine's server, dropped afterwards."""
+    import uuid
+
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
+    name = f"guardsync_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()

@@ -155,6 +155,7 @@ class SandboxServer:
         self.ca = ca
         self.latency = latency  # seconds every request takes at least, as a far API would (see _wsgi)
         self.requests: Counter[str] = Counter()  # "METHOD /path-pattern" -> count
+        self.statuses: Counter[tuple[str, int]] = Counter()  # ("METHOD /path-pattern", HTTP status) -> count
         self.faults: list[Fault] = []
         self.in_flight = 0  # requests being served now, and the most at once since reset_counts
         self.most_in_flight = 0
@@ -213,12 +214,18 @@ class SandboxServer:
         with self._lock:
             self.faults.clear()
 
+    def answered(self, status: int, method: str | None = None) -> int:
+        """Requests answered with `status` (409, 404, ...), of one method or all."""
+        return sum(n for (key, code), n in self.statuses.items()
+                   if code == status and (method is None or key.startswith(method + " ")))
+
     def total(self, method: str | None = None) -> int:
         return sum(n for key, n in self.requests.items() if method is None or key.startswith(method + " "))
 
     def reset_counts(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.statuses.clear()
             self.most_in_flight = self.in_flight
 
     def endpoint_of(self, request: Request) -> str:
@@ -246,16 +253,23 @@ class SandboxServer:
         """
         arrived = environ.get(ARRIVED_KEY) or time.monotonic()
         request = Request(environ)
+        endpoint = self.endpoint_of(request)
         with self._lock:
-            self.requests[self.endpoint_of(request)] += 1
+            self.requests[endpoint] += 1
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
+
+        def counted_start_response(status, headers, exc_info=None):
+            with self._lock:
+                self.statuses[(endpoint, int(status[:3]))] += 1
+            return start_response(status, headers, exc_info)
+
         try:
             fault = self._take_fault(request)
             if fault is None:
-                answer = self.app(environ, start_response)
+                answer = self.app(environ, counted_start_response)
             else:
-                answer = self._fault(fault, environ, start_response)
+                answer = self._fault(fault, environ, counted_start_response)
             if self.latency:  # nothing is sent until the server iterates the answer: the wait holds it back
                 time.sleep(max(0.0, arrived + self.latency - time.monotonic()))
             return answer

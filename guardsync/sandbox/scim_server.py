@@ -422,6 +422,15 @@ class AtlassianScimServer(SandboxServer):
         members = [{"value": member_id} for member_id in member_ids]
         return self._add("Group", {"schemas": [CORE_GROUP], "displayName": name, "members": members})
 
+    def provision(self, users: Iterable[dict], groups: dict[str, Iterable[str]] | None = None) -> dict[str, str]:
+        """Fill the directory as another provisioner left it (Atlassian's own Entra sync, Entra's gallery
+        app, invitations by hand): users as SCIM JSON, groups by name with their members' userNames.
+        Returns userName -> SCIM id. Written to the store directly: no request is counted."""
+        ids = {user["userName"]: self.add_user(user)["id"] for user in users}
+        for name, member_names in (groups or {}).items():
+            self.add_group(name, [ids[member] for member in member_names])
+        return ids
+
     def _add(self, resource_type_name: str, payload: dict) -> dict:
         resource_type = self.service.get_resource_type(resource_type_name)
         model = self.service.get_model(resource_type)
