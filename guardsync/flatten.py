@@ -13,7 +13,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from guardsync.models import MEMBERSHIP_COLUMNS, text_frame
+from guardsync.models import EDGE_COLUMNS, MEMBERSHIP_COLUMNS, text_frame
 
 
 def reachable_groups(edges: pd.DataFrame, roots: Iterable[str]) -> pd.DataFrame:
@@ -46,6 +46,7 @@ def _walk(root: str, children: dict[str, list[str]]) -> frozenset[str]:
 
 def effective_memberships(edges: pd.DataFrame, roots: Iterable[str]) -> pd.DataFrame:
     """(group_id, user_id) for each root group and every user it holds at any depth, no duplicates."""
+    edges = text_frame(edges, EDGE_COLUMNS)  # an empty frame, however it was built, merges as text
     direct_users = edges.loc[edges["member_type"] == "user", ["group_id", "member_id"]]
     direct_users = direct_users.rename(columns={"group_id": "descendant_id", "member_id": "user_id"})
     pairs = reachable_groups(edges, roots)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from guardsync.config import SyncSettings
 from guardsync.errors import ConfigError
-from guardsync.models import DesiredGroup, DesiredUser, Snapshot
+from guardsync.models import DesiredGroup, DesiredUser, Snapshot, text_frame
 
 IDENTIFIER_FIELD = {"upn": "userPrincipalName", "email": "mail"}
 
@@ -74,16 +74,18 @@ def domain_of(identifiers: pd.Series) -> pd.Series:
     """The casefolded part after the single '@'; missing when there is no single '@'."""
     parts = identifiers.str.split("@")
     well_formed = parts.str.len() == 2
-    return parts.str[1].where(well_formed).str.casefold()
+    # astype: when no identifier is well formed, where() leaves all-NaN floats, which .str refuses
+    return parts.str[1].where(well_formed).astype("str").str.casefold()
 
 
 def scope(snapshot: Snapshot, memberships: pd.DataFrame, sync: SyncSettings) -> Scoped:
     """Apply the contract's scope rules to a snapshot and its flattened memberships."""
     domains = allowed_domains(snapshot, sync.domains)
-    groups = select_groups(snapshot.groups, sync.groups)
+    # Empty frames, however they were built, are text frames here: .str and merges work on them.
+    groups = select_groups(text_frame(snapshot.groups, list(snapshot.groups.columns)), sync.groups)
     group_members = memberships[memberships["group_id"].isin(groups["id"])]
 
-    users = snapshot.users
+    users = text_frame(snapshot.users, list(snapshot.users.columns))
     if sync.groups:  # pilot: only the transitive members of the named groups
         users = users[users["id"].isin(group_members["user_id"])]
     excluded: dict[str, int] = {}
