@@ -33,7 +33,7 @@ test-fast: $(STAMP)
 # `make bench` takes about 18 minutes on 2 cores (the 100k initial sync is ~12); bench-quick (2k users) about a minute.
 # `python -m bench.floor`: the per-request floor of the sandbox, TLS and HTTP on this machine (see README).
 bench: $(STAMP)
-	$(BIN)/python -m bench --scenario 10k --scenario 100k
+	$(BIN)/python -m bench --scenario 10k --scenario 10k-brownfield --scenario 100k
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench --scenario quick

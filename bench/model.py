@@ -132,16 +132,22 @@ class Writes:
     members_added: int = 0
     members_removed: int = 0
     member_patches: int = 0
+    users_adopted: int = 0  # accounts that existed (brownfield): one PUT each, externalId and stale attributes
+    groups_adopted: int = 0  # groups that existed: one PATCH each for the externalId
+    user_pages: int = 0  # the observation of Atlassian (first runs): GET /Users pages of 100
+    group_pages: int = 0
     users_changed_ids: set[str] = field(default_factory=set, repr=False)
     groups_changed_ids: set[str] = field(default_factory=set, repr=False)
 
     def by_endpoint(self) -> dict[str, int]:
         return {
             "POST /Users": self.users_created,
-            "PUT /Users/{id}": self.users_updated + self.users_deactivated,
+            "PUT /Users/{id}": self.users_updated + self.users_deactivated + self.users_adopted,
             "POST /Groups": self.groups_created,
             "DELETE /Groups/{id}": self.groups_deleted,
-            "PATCH /Groups/{id}": self.member_patches,
+            "PATCH /Groups/{id}": self.member_patches + self.groups_adopted,
+            "GET /Users": self.user_pages,
+            "GET /Groups": self.group_pages,
         }
 
     def total(self) -> int:
@@ -151,13 +157,32 @@ class Writes:
         return {k: v for k, v in self.__dict__.items() if isinstance(v, int)}
 
 
-def scim_minimum(applied: Applied, desired: Desired) -> tuple[Writes, Applied]:
-    """The writes a run needs, and the state they leave (the next run's `applied`)."""
+SCIM_PAGE = 100  # Atlassian lists at most 100 users or groups a page
+
+
+def list_pages(count: int) -> int:
+    return max(1, math.ceil(count / SCIM_PAGE))
+
+
+def scim_minimum(applied: Applied, desired: Desired, existing: Applied | None = None) -> tuple[Writes, Applied]:
+    """The requests a run needs, and the state they leave (the next run's `applied`).
+
+    `existing`: on a first run, what Atlassian already holds that guardsync did not create
+    (brownfield), by Entra id: the run lists it (pages of 100), then adopts each account with
+    one PUT (it lacks the externalId) and each group with one PATCH, members patched where they differ.
+    """
     w = Writes()
     users = dict(applied.users)
+    if existing is not None:
+        w.user_pages, w.group_pages = list_pages(len(existing.users)), list_pages(len(existing.groups))
+    existing = existing or Applied()
     for uid, record in desired.users.items():
         before = applied.users.get(uid)
-        if before is None:
+        if before is None and uid in existing.users:
+            w.users_adopted += 1
+            users[uid] = record
+            w.users_changed_ids.add(uid)
+        elif before is None:
             if record[5]:  # a disabled user who never reached Atlassian is not created
                 w.users_created += 1
                 users[uid] = record
@@ -178,7 +203,10 @@ def scim_minimum(applied: Applied, desired: Desired) -> tuple[Writes, Applied]:
     for gid, (name, members) in desired.groups.items():
         before = applied.groups.get(gid)
         current = before[1] if before is not None and before[0].casefold() == name.casefold() else frozenset()
-        if before is None:
+        if before is None and gid in existing.groups:
+            w.groups_adopted += 1
+            current = existing.groups[gid][1]
+        elif before is None:
             w.groups_created += 1
         elif before[0].casefold() != name.casefold():
             w.groups_created += 1  # a rename is a create, members moved, then a delete

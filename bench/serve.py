@@ -11,6 +11,7 @@ commands, one JSON object a line on stdin, one JSON line on stdout:
     {"cmd": "commit"}         the next run has happened: what it should have written is now applied
     {"cmd": "verify"}         compare Atlassian (the SCIM server's store) with what should be applied
     {"cmd": "churn", "fraction": 0.01, "seed": 1}
+    {"cmd": "provision", "stale": 0.1, "seed": 3}   brownfield: Atlassian holds every user and group already
     {"cmd": "stop"}
 
 Running apart keeps the sandbox's CPU and memory out of guardsync's figures, and
@@ -42,6 +43,7 @@ class Server:
         self.pending: model.Applied | None = None
         self.seen: model.TenantPicture | None = None  # the tenant as the last run read it
         self.pending_seen: model.TenantPicture | None = None
+        self.existing: model.Applied | None = model.Applied()  # held by Atlassian before the first run; None after it
 
     def hello(self) -> dict:
         t = self.tenant
@@ -67,7 +69,7 @@ class Server:
 
     def expect(self, _):
         desired = model.desired_state(self.tenant)
-        writes, self.pending = model.scim_minimum(self.applied, desired)
+        writes, self.pending = model.scim_minimum(self.applied, desired, self.existing)
         self.pending_seen = model.picture(self.tenant)
         graph_changes = model.graph_changes(self.seen, self.pending_seen) if self.seen else None
         return {
@@ -80,7 +82,7 @@ class Server:
 
     def commit(self, _):
         if self.pending is not None:
-            self.applied, self.pending = self.pending, None
+            self.applied, self.pending, self.existing = self.pending, None, None
             self.seen, self.pending_seen = self.pending_seen, None
         return {}
 
@@ -113,6 +115,27 @@ class Server:
         if len(groups) != len(self.applied.groups):
             problems.append(f"{len(groups)} groups in Atlassian, {len(self.applied.groups)} expected")
         return {"ok": not problems, "problems": len(problems), "examples": problems[:10]}
+
+    def provision(self, command):
+        """Fill Atlassian as Atlassian's own Entra sync left it before guardsync's first run: every user
+        (no externalId), `stale` of them with an outdated title, every group with its members."""
+        import random
+
+        rng = random.Random(command.get("seed", 3))
+        desired = model.desired_state(self.tenant)
+        stale = set(rng.sample(sorted(desired.users), int(len(desired.users) * command.get("stale", 0.1))))
+        users = []
+        for uid, (upn, display, given, family, title, active) in desired.users.items():
+            user = {"userName": upn, "emails": [{"value": upn, "type": "work", "primary": True}], "active": active,
+                    "displayName": display, "name": {"givenName": given, "familyName": family}}
+            if title or uid in stale:
+                user["title"] = "Former Title" if uid in stale else title
+            users.append(user)
+        upn_of = {uid: record[0] for uid, record in desired.users.items()}
+        groups = {name: [upn_of[m] for m in members] for name, members in desired.groups.values()}
+        self.sandbox.scim.provision(users, groups)
+        self.existing = model.Applied(dict(desired.users), dict(desired.groups))
+        return {"users": len(users), "groups": len(groups), "stale_titles": len(stale)}
 
     def churn(self, command):
         return model.churn(self.tenant, command.get("fraction", 0.01), command.get("seed", 1))

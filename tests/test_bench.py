@@ -66,6 +66,21 @@ def test_requests_stay_within_5_percent_of_the_minimum(bench_server, tmp_path, s
     assert sum(counts["graph"].values()) <= 1.05 * sum(expected["graph_delta"].values()), (counts["graph"], expected["graph_delta"])
 
 
+def test_a_brownfield_first_run_costs_list_pages_and_one_write_per_object_that_differs(bench_server, tmp_path, sync):
+    """Atlassian already holds every user (no externalId, 10% stale titles) and every group with its members."""
+    provisioned = bench_server.provision({"stale": 0.1, "seed": 3})
+    assert provisioned == {"users": 300, "groups": 30, "stale_titles": 30}
+    settings = bench_server.sandbox.settings(f"sqlite:///{tmp_path / 'state.db'}")
+    expected, counts, verified = one_run(bench_server, sync, settings)
+    assert verified["ok"], verified
+    # 3 pages of users, 1 of groups; one PUT per account and one PATCH per group (their externalId); no POST.
+    assert expected["scim"]["GET /Users"] == 3 and expected["scim"]["GET /Groups"] == 1
+    assert expected["changes"]["users_adopted"] == 300 and expected["changes"]["users_created"] == 0
+    assert counts["scim"] == {k: v for k, v in expected["scim"].items() if v}  # exactly the minimum, by endpoint
+    expected, counts, verified = one_run(bench_server, sync, settings)
+    assert verified["ok"] and writes(counts["scim"]) == 0, counts["scim"]
+
+
 def test_minimum_counts_follow_the_definition():
     tenant = generate_tenant(users=2100, groups=12, memberships=6000, depth=4, seed=3, domains=DOMAINS, bad_records=False)
     full = model.graph_minimum_full(tenant)

@@ -94,13 +94,18 @@ def recorded(state_db: Path) -> tuple[set[str], set[str]]:
 def kill_setup(make_sandbox, sync, tmp_path, prefect_server):
     """(sandbox, config file, Prefect home, expected state) for a first run of a fresh tenant."""
 
-    def make(**sync_options):
+    def make(populate=None, **sync_options):
+        """`populate(sandbox)`: what Atlassian holds before the first run (default: nothing)."""
         reference = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
+        if populate:
+            populate(reference)
         status, summary = sync(reference.settings(f"sqlite:///{tmp_path / 'reference.db'}", **sync_options))
         assert status == 0, summary
         expected = nontrivial(atlassian_state(reference))
         reference.stop()
         sandbox = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
+        if populate:
+            populate(sandbox)
         config = write_config(tmp_path / "guardsync.toml", sandbox.config(f"sqlite:///{tmp_path / 'state.db'}", **sync_options))
         return sandbox, config, tmp_path / "prefect-home", expected
 
@@ -135,6 +140,37 @@ def test_killed_during_a_load_stage_the_next_run_ends_where_an_uninterrupted_run
     assert landed(sandbox, expected), f"the kill did not land inside the {stage} load"
     finish(sandbox, config, home)
     assert_same_state(atlassian_state(sandbox), expected)
+
+
+# -- killed during a first run against a directory that already holds the people ------------------------
+
+
+BROWNFIELD_KILLS = {
+    # the adoptions (PUTs of existing accounts: externalId, stale titles, the leavers' deactivations) ...
+    "adoptions": lambda s: s.scim.requests["PUT /Users/{id}"] >= 8,
+    # ... the creates of the users who had no account, the group adoption and creates, the memberships
+    "creates": lambda s: s.scim.requests["POST /Users"] >= 10,
+    "groups": lambda s: s.scim.requests["POST /Groups"] >= 1,
+    "memberships": lambda s: s.scim.requests["PATCH /Groups/{id}"] >= 3,
+}
+
+
+@pytest.mark.parametrize("point", list(BROWNFIELD_KILLS))
+def test_killed_during_a_brownfield_first_run_the_next_run_ends_as_an_uninterrupted_one(point, kill_setup, children, tmp_path):
+    from tests.test_brownfield import PopulatedWorld
+
+    worlds = []
+    sandbox, config, home, expected = kill_setup(populate=lambda s: worlds.append(PopulatedWorld(s)), max_deactivations=5)
+    world = worlds[-1]
+    assert all(expected["users"][upn][1] is False for upn in world.disabled)  # the reference deactivated the leavers
+    sandbox.scim.latency = LATENCY
+    child = Child(sandbox, config, home, tmp_path / "killed.log")
+    children.append(child)
+    child.kill_when(lambda: BROWNFIELD_KILLS[point](sandbox))
+    time.sleep(3 * LATENCY)
+    finish(sandbox, config, home)
+    assert_same_state(atlassian_state(sandbox), expected)
+    assert sandbox.scim.get_user(world.foreign_user_id) == world.foreign_user  # never touched, killed or not
 
 
 # -- killed between a write Atlassian applied and its record ---------------------------------------------
