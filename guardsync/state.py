@@ -257,7 +257,10 @@ class StateStore:
         row = {"external_id": user.external_id, "scim_id": scim_id, "record": json.dumps(asdict(user), ensure_ascii=False),
                "active": user.active}
         with self._lock, self.engine.begin() as conn:
-            conn.execute(delete(users).where(users.c.external_id.in_([from_id, user.external_id])))
+            # The old user's row goes only if it still points at this account: a renamed old user
+            # may already hold a new account of its own, created in the same stage.
+            conn.execute(delete(users).where(users.c.external_id == from_id, users.c.scim_id == scim_id))
+            conn.execute(delete(users).where(users.c.external_id == user.external_id))
             conn.execute(insert(users), [row])
             conn.execute(delete(members).where(members.c.user_id == user.external_id))
             conn.execute(update(members).where(members.c.user_id == from_id).values(user_id=user.external_id))
