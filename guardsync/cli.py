@@ -92,7 +92,7 @@ def _plan(args) -> int:
 def _demo(args) -> int:
     from guardsync.demo import run_demo
 
-    return run_demo(users=args.users, workdir=args.workdir)
+    return run_demo(run_flow, users=args.users, workdir=args.workdir)
 
 
 def _history(args) -> int:
@@ -147,11 +147,17 @@ def _ask_on_terminal(question: str, default: str) -> str:
         return ""
 
 
+def _prefect_secret(name: str) -> str:
+    from flows.sync_directory import prefect_secret  # Prefect loads only when a block is named
+
+    return prefect_secret(name)
+
+
 def _check(args) -> int:
     from guardsync.onboarding import run_checks
     from guardsync.progress import print_checklist
 
-    report = run_checks(args.config)
+    report = run_checks(args.config, prefect_lookup=_prefect_secret)
     print_checklist(report, sys.stdout)
     return report.exit_code
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
-from guardsync.config import load_settings
+from guardsync.config import Settings, load_settings
 from guardsync.sandbox.stack import Sandbox, to_toml
 from guardsync.sandbox.tenant import Tenant, generate_tenant
 
 DOMAINS = ("contoso.com", "fabrikam.com")
 
 
-def run_demo(users: int = 300, workdir: str = ".guardsync-demo") -> int:
-    from guardsync.cli import run_flow
-
+def run_demo(run_flow: Callable[[Settings], int], users: int = 300, workdir: str = ".guardsync-demo") -> int:
+    """`run_flow` runs one sync and prints its summary (the command line's own: the demo sits below it)."""
     started = time.monotonic()
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)

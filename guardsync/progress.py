@@ -249,11 +249,9 @@ def print_checklist(report, stream: IO[str] | None = None, force_terminal: bool 
         console.print(f"{marker}  {escape(result.item.ljust(width))}  {escape(result.detail)}")
         if result.fix:
             console.print(f"{'':4}  {'':{width}}  fix: {escape(result.fix)}")
-    counts = report.counts()
-    from guardsync.onboarding import Status
-
-    verdict = (f"{len(report.results)} checks: {counts[Status.PASS]} passed, {counts[Status.FAIL]} failed, "
-               f"{counts[Status.SKIP]} not checked")
+    counts = {status.value: count for status, count in report.counts().items()}  # by name: onboarding sits above
+    verdict = (f"{len(report.results)} checks: {counts['PASS']} passed, {counts['FAIL']} failed, "
+               f"{counts['SKIP']} not checked")
     if report.passed:
         console.print(f"{verdict}. Ready: next, guardsync plan --config {escape(report.source)}")
     else:
