@@ -27,8 +27,8 @@ import logging  # noqa: E402
 
 from guardsync.config import Settings, load_settings, preflight  # noqa: E402
 from guardsync.errors import GuardsyncError  # noqa: E402
-from guardsync.progress import print_summary_table  # noqa: E402
-from guardsync.summary import RunSummary  # noqa: E402
+from guardsync.progress import print_plan_table, print_summary_table  # noqa: E402
+from guardsync.summary import SUMMARY_LOG_MARK, RunSummary  # noqa: E402
 
 
 def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, allow_mass_deactivation: bool = False,
@@ -49,7 +49,10 @@ def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, a
     except GuardsyncError as exc:
         print(f"guardsync: {exc}", file=sys.stderr)
         return exc.exit_code
-    print_summary_table(RunSummary(**result), out)
+    summary = RunSummary(**result)
+    if summary.mode == "dry-run":
+        print_plan_table(None, summary.plan_changes, out, total=summary.planned_changes)  # the summary has the counts
+    print_summary_table(summary, out)
     return 0
 
 
@@ -60,6 +63,14 @@ def skip_final_collection() -> None:
     Prefect's event drain) run all the same, and Python never promised finalizers at exit."""
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
+
+
+class _SummaryPrintedByUs(logging.Filter):
+    """The command line prints the run's summary itself (tables on a terminal): the flow's log record of
+    it stays in the run's log (the API handler sits on the flow-run logger) and off the terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, SUMMARY_LOG_MARK, False)
 
 
 class _NoTracebackForExpectedErrors(logging.Filter):
@@ -75,9 +86,10 @@ def quiet_expected_tracebacks() -> None:
     from prefect.logging.configuration import setup_logging
 
     setup_logging()
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, _NoTracebackForExpectedErrors) for f in handler.filters):
-            handler.addFilter(_NoTracebackForExpectedErrors())
+    for handler in logging.getLogger().handlers:  # the terminal's handlers, below the flow-run logger's API one
+        for kind in (_NoTracebackForExpectedErrors, _SummaryPrintedByUs):
+            if not any(isinstance(f, kind) for f in handler.filters):
+                handler.addFilter(kind())
 
 
 def _sync(args) -> int:

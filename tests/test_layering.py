@@ -1,7 +1,8 @@
 """The layout's layering, read from the source: the core (guardsync/) sits below the Prefect layer
 (flows/, tasks/), and inside the core no import runs in a circle.
 
-Every import counts, those inside functions too: a lazy import is still a dependency.
+Every import counts, those inside functions too: a lazy import is still a dependency. Imports
+under `if TYPE_CHECKING:` do not: they name types for annotations and never run.
 """
 
 import ast
@@ -14,13 +15,23 @@ ENTRY_POINT = "guardsync.cli"  # the command line sits above the flow: the one c
 def imports_of(path: Path) -> set[str]:
     """Every module `path` imports, as dotted names (`from a.b import c` counts as a.b and a.b.c)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    type_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
+                 for statement in node.body for inner in ast.walk(statement)}
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
     return found
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def core_graph() -> dict[str, set[str]]:
@@ -87,5 +98,6 @@ def test_the_checker_finds_a_cycle_and_an_upward_import(tmp_path):
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     module = tmp_path / "m.py"
-    module.write_text("def f():\n    from flows.sync_directory import prefect_secret\n", encoding="utf-8")
-    assert "flows.sync_directory" in imports_of(module)
+    module.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from guardsync.cli import main\n"
+                      "def f():\n    from flows.sync_directory import prefect_secret\n", encoding="utf-8")
+    assert "flows.sync_directory" in imports_of(module) and "guardsync.cli" not in imports_of(module)
