@@ -104,7 +104,7 @@ def _plan(args) -> int:
 def _demo(args) -> int:
     from guardsync.demo import run_demo
 
-    return run_demo(run_flow, users=args.users, workdir=args.workdir)
+    return run_demo(run_flow, users=args.users, workdir=args.workdir, ui=args.ui)
 
 
 def _history(args) -> int:
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole job on the built-in sandbox; no credentials, no network")
     demo.add_argument("--users", type=int, default=300, help="size of the generated tenant")
     demo.add_argument("--workdir", default=".guardsync-demo", help="where the demo keeps its config and state")
+    demo.add_argument("--ui", action="store_true",
+                      help="run against a local Prefect server with its UI, kept up (its address printed) until Ctrl-C")
     demo.set_defaults(handler=_demo)
 
     history = commands.add_parser("history", help="recent runs with their counts")
