@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh clone (only Python >= 3.11 and make needed):
 #   make demo   - creates .venv, installs guardsync, runs `guardsync demo` on the built-in sandbox
+#   make demo-ui - the same against a local Prefect server with its UI, kept up until Ctrl-C
 #   make test   - creates .venv, installs guardsync with its test tools, runs the whole test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -9,7 +10,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: demo test test-fast bench bench-quick lock clean
+.PHONY: demo demo-ui test test-fast bench bench-quick lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit("guardsync needs Python >= 3.11" if sys.version_info < (3, 11) else 0)'
@@ -20,6 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/guardsync demo
+
+demo-ui: $(STAMP)
+	$(BIN)/guardsync demo --ui
 
 # Three workers, one test file each at a time: most tests wait on (injected) network latency.
 test: $(STAMP)

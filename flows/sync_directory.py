@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import opaque
 
 from guardsync.config import Settings, resolve_secret
+from guardsync.diff import plan_row_count, plan_rows
 from guardsync.errors import GuardsyncBlocked, GuardsyncError
 from guardsync.gates import warm_up_in_background
 from guardsync.models import content_digest
@@ -22,7 +23,7 @@ from guardsync.graph import DeltaLinks, GraphClient
 from guardsync.load import Loader
 from guardsync.scim import ScimClient
 from guardsync.state import StateStore
-from guardsync.summary import RunSummary
+from guardsync.summary import SUMMARY_LOG_MARK, RunSummary
 from tasks.extract import Extracted, extract
 from tasks.flatten import flatten
 from tasks.load import TERMINAL_PROGRESS, load_groups, load_memberships, load_users
@@ -32,6 +33,7 @@ from tasks.scope import scope_users
 from tasks.validate import validate_gates
 
 os.environ.setdefault("DO_NOT_TRACK", "1")  # the flow never phones home, wherever it runs
+DRY_RUN_ROWS = 50  # changes a dry run prints (all of them, up to 500: the plan-changes artifact)
 
 
 class WritesFailed(GuardsyncError):
@@ -158,6 +160,8 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
     summary.handovers = [handover.line() for handover in plan.handovers]
     if dry_run:
         summary.counts = plan.counts()
+        summary.plan_changes = plan_rows(plan, validated, recorded, observation, limit=DRY_RUN_ROWS)
+        summary.planned_changes = plan_row_count(plan)
     else:
         store.bind(snapshot.tenant_id, settings.atlassian.scim_url)
         if observation is not None:
@@ -175,7 +179,6 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
 
 
 def publish_summary(summary: RunSummary) -> None:
-    lines = summary.lines()
-    get_run_logger().info("\n".join(lines))
-    create_markdown_artifact(key="summary", markdown="# Summary\n\n" + "\n".join(f"- {line.strip()}" for line in lines),
-                             description=f"guardsync {summary.mode}: {summary.status}")
+    """The run's log ends with the summary (a worker's terminal, the UI's logs); the artifact has it as tables."""
+    get_run_logger().info("\n".join(summary.lines()), extra={SUMMARY_LOG_MARK: True})
+    create_markdown_artifact(key="summary", markdown=summary.markdown(), description=f"guardsync {summary.mode}: {summary.status}")

@@ -27,8 +27,8 @@ import logging  # noqa: E402
 
 from guardsync.config import Settings, load_settings, preflight  # noqa: E402
 from guardsync.errors import GuardsyncError  # noqa: E402
-from guardsync.progress import print_summary_table  # noqa: E402
-from guardsync.summary import RunSummary  # noqa: E402
+from guardsync.progress import print_plan_table, print_summary_table  # noqa: E402
+from guardsync.summary import SUMMARY_LOG_MARK, RunSummary  # noqa: E402
 
 
 def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, allow_mass_deactivation: bool = False,
@@ -49,7 +49,10 @@ def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, a
     except GuardsyncError as exc:
         print(f"guardsync: {exc}", file=sys.stderr)
         return exc.exit_code
-    print_summary_table(RunSummary(**result), out)
+    summary = RunSummary(**result)
+    if summary.mode == "dry-run":
+        print_plan_table(None, summary.plan_changes, out, total=summary.planned_changes)  # the summary has the counts
+    print_summary_table(summary, out)
     return 0
 
 
@@ -60,6 +63,14 @@ def skip_final_collection() -> None:
     Prefect's event drain) run all the same, and Python never promised finalizers at exit."""
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
+
+
+class _SummaryPrintedByUs(logging.Filter):
+    """The command line prints the run's summary itself (tables on a terminal): the flow's log record of
+    it stays in the run's log (the API handler sits on the flow-run logger) and off the terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, SUMMARY_LOG_MARK, False)
 
 
 class _NoTracebackForExpectedErrors(logging.Filter):
@@ -75,9 +86,10 @@ def quiet_expected_tracebacks() -> None:
     from prefect.logging.configuration import setup_logging
 
     setup_logging()
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, _NoTracebackForExpectedErrors) for f in handler.filters):
-            handler.addFilter(_NoTracebackForExpectedErrors())
+    for handler in logging.getLogger().handlers:  # the terminal's handlers, below the flow-run logger's API one
+        for kind in (_NoTracebackForExpectedErrors, _SummaryPrintedByUs):
+            if not any(isinstance(f, kind) for f in handler.filters):
+                handler.addFilter(kind())
 
 
 def _sync(args) -> int:
@@ -92,7 +104,7 @@ def _plan(args) -> int:
 def _demo(args) -> int:
     from guardsync.demo import run_demo
 
-    return run_demo(users=args.users, workdir=args.workdir)
+    return run_demo(run_flow, users=args.users, workdir=args.workdir, ui=args.ui)
 
 
 def _history(args) -> int:
@@ -147,11 +159,17 @@ def _ask_on_terminal(question: str, default: str) -> str:
         return ""
 
 
+def _prefect_secret(name: str) -> str:
+    from flows.sync_directory import prefect_secret  # Prefect loads only when a block is named
+
+    return prefect_secret(name)
+
+
 def _check(args) -> int:
     from guardsync.onboarding import run_checks
     from guardsync.progress import print_checklist
 
-    report = run_checks(args.config)
+    report = run_checks(args.config, prefect_lookup=_prefect_secret)
     print_checklist(report, sys.stdout)
     return report.exit_code
 
@@ -176,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole job on the built-in sandbox; no credentials, no network")
     demo.add_argument("--users", type=int, default=300, help="size of the generated tenant")
     demo.add_argument("--workdir", default=".guardsync-demo", help="where the demo keeps its config and state")
+    demo.add_argument("--ui", action="store_true",
+                      help="run against a local Prefect server with its UI, kept up (its address printed) until Ctrl-C")
     demo.set_defaults(handler=_demo)
 
     history = commands.add_parser("history", help="recent runs with their counts")

@@ -8,22 +8,50 @@ a pilot of one group, the full sync, then a sync after the tenant changes.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
-from guardsync.config import load_settings
+import requests
+
+from guardsync.config import Settings, load_settings
+from guardsync.errors import GuardsyncError
 from guardsync.sandbox.stack import Sandbox, to_toml
 from guardsync.sandbox.tenant import Tenant, generate_tenant
 
 DOMAINS = ("contoso.com", "fabrikam.com")
 
 
-def run_demo(users: int = 300, workdir: str = ".guardsync-demo") -> int:
-    from guardsync.cli import run_flow
+def run_demo(run_flow: Callable[[Settings], int], users: int = 300, workdir: str = ".guardsync-demo",
+             ui: bool = False) -> int:
+    """`run_flow` runs one sync and prints its summary (the command line's own: the demo sits below it).
 
+    With `ui`, the runs go to a local Prefect server with its UI, kept up afterwards until Ctrl-C.
+    """
     started = time.monotonic()
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if not ui:
+        return _run_steps(run_flow, users, work, started)
+    try:
+        with prefect_ui_server(work) as address:
+            print(f"Prefect server with its UI: {address} (its log: {work / 'prefect-server.log'})")
+            status = _run_steps(run_flow, users, work, started)
+            print(f"\nPrefect UI: {address}  (up until Ctrl-C)", flush=True)
+            wait_for_interrupt()
+    except KeyboardInterrupt:  # before the runs were done
+        print("\ndemo interrupted; the Prefect server is stopped")
+        return 130
+    return status
+
+
+def _run_steps(run_flow: Callable[[Settings], int], users: int, work: Path, started: float) -> int:
     state = work / "state.db"
     state.unlink(missing_ok=True)  # each demo starts from an empty Atlassian directory
 
@@ -55,6 +83,64 @@ def run_demo(users: int = 300, workdir: str = ".guardsync-demo") -> int:
     return 0
 
 
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def prefect_ui_server(work: Path, startup_seconds: float = 180.0) -> Iterator[str]:
+    """A local Prefect server with its UI on a free loopback port, its database in `work` (fresh each
+    demo); this process's flow runs report to it. Yields the UI's address; stops the server on exit."""
+    # Ctrl-C or SIGTERM, whenever it comes, unwinds to the `finally` that stops the server. (A process
+    # started in the background of a script inherits SIGINT ignored: it is honoured all the same.)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
+    port = free_loopback_port()
+    home = work / "prefect"
+    shutil.rmtree(home, ignore_errors=True)
+    env = {**os.environ, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    address = f"http://127.0.0.1:{port}"
+    log_path = work / "prefect-server.log"
+    with log_path.open("w", encoding="utf-8") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--ui",
+             "--no-scheduler", "--no-late-runs"], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + startup_seconds
+        while not _healthy(address):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise GuardsyncError(f"the Prefect server did not start (see {log_path}); run the demo without --ui")
+            time.sleep(0.5)
+        os.environ["PREFECT_API_URL"] = f"{address}/api"  # before the first flow run reads Prefect's settings
+        yield address
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _healthy(address: str) -> bool:
+    try:
+        return requests.get(f"{address}/api/health", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def wait_for_interrupt() -> None:
+    """Until Ctrl-C (SIGINT) or SIGTERM (see `prefect_ui_server`); either ends the demo normally."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nStopping the Prefect server.")
+
+
 def change_tenant(tenant: Tenant) -> str:
     """A day of directory life: joiners, a leaver, a rename, a disabled account, a reorganised group."""
     rng_users = sorted(uid for uid, u in tenant.users.items()
@@ -82,8 +168,9 @@ def change_tenant(tenant: Tenant) -> str:
 def where_to_look(config_file: Path) -> str:
     api = os.environ.get("PREFECT_API_URL")
     place = (f"in the Prefect UI at {api.removesuffix('/api')}, Runs > sync-directory" if api else
-             "in the Prefect UI, Runs > sync-directory; this demo used a temporary Prefect server, so to keep "
-             "the runs start `prefect server start`, export PREFECT_API_URL=http://127.0.0.1:4200/api and run it again")
+             "in the Prefect UI, Runs > sync-directory; this demo used a temporary Prefect server that is gone "
+             "now: to look at the runs in the UI, run `guardsync demo --ui` (or `make demo-ui`), which keeps a "
+             "local server up until Ctrl-C")
     return (f"Where to look: {place}. Each run has the task runs extract, flatten, scope, "
             f"validate, plan, load-users, load-groups, load-memberships, and the artifacts 'summary', 'plan', "
             f"'plan-changes', 'gate-results' and 'load-*' (progress). History of this demo: "

@@ -91,6 +91,12 @@ def text_frame(data: dict[str, list] | pd.DataFrame, columns: list[str]) -> pd.D
     return frame
 
 
+def account_name(record: DesiredUser) -> str:
+    """The userName an account holds: a record observed in Atlassian whose email differs from its
+    userName carries both, as `userName <email>` (guardsync.observe), so that it differs from any desired one."""
+    return record.user_name.partition(" <")[0]
+
+
 def name_key(value: str) -> str:
     """What makes two identifiers or names the same: letter case and Unicode normalisation aside
     (é typed as one code point or as e + accent is one name to a person, and to Atlassian).

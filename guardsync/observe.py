@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from guardsync.diff import AttributeChange, hand_edits
 from guardsync.models import DesiredUser
 from guardsync.plan import AppliedGroup, AppliedState, AppliedUser
 
@@ -43,6 +44,7 @@ class DriftReport:
     users_missing: list[str] = field(default_factory=list)  # deleted by hand
     groups_missing: list[str] = field(default_factory=list)  # deleted by hand
     groups_changed: list[str] = field(default_factory=list)  # members changed by hand
+    user_edits: dict[str, list[AttributeChange]] = field(default_factory=dict)  # userName -> written -> held by hand
 
     def count(self) -> int:
         return len(self.users_changed) + len(self.users_missing) + len(self.groups_missing) + len(self.groups_changed)
@@ -50,8 +52,19 @@ class DriftReport:
     def lines(self) -> list[str]:
         parts = [("users changed by hand", self.users_changed), ("users deleted by hand", self.users_missing),
                  ("groups deleted by hand", self.groups_missing), ("groups whose members changed by hand", self.groups_changed)]
-        return [f"{label}: {len(names)} ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})"
+        return [f"{label}: {len(names)} ({', '.join(self._named(names[:10]))}{', ...' if len(names) > 10 else ''})"
                 for label, names in parts if names]
+
+    def _named(self, names: list[str]) -> list[str]:
+        """A user edited by hand with the attributes edited: `uma@contoso.com (title, name.familyName)`."""
+        return [f"{name} ({', '.join(c.attribute for c in self.user_edits[name])})" if self.user_edits.get(name) else name
+                for name in names]
+
+    def edit_rows(self) -> list[dict]:
+        """One row per attribute edited by hand: what guardsync wrote, what Atlassian held (this run restores it)."""
+        return [{"user": name, "attribute": change.attribute, "written by guardsync": change.shown[0],
+                 "found in Atlassian": change.shown[1]}
+                for name, changes in self.user_edits.items() for change in changes]
 
 
 @dataclass
@@ -84,11 +97,6 @@ def user_from_resource(resource: dict) -> DesiredUser:
     )
 
 
-def account_name(record: DesiredUser) -> str:
-    """The userName an account holds (an observed record may carry a differing email after it)."""
-    return record.user_name.partition(" <")[0]
-
-
 def observe(recorded: AppliedState, scim_users: list[dict], scim_groups: list[dict]) -> Observation:
     """What Atlassian holds, split into managed (corrected from the record) and unmanaged objects."""
     drift = DriftReport()
@@ -104,6 +112,7 @@ def observe(recorded: AppliedState, scim_users: list[dict], scim_groups: list[di
         seen = user_from_resource(resource)
         if seen != before.record:
             drift.users_changed.append(before.record.user_name)
+            drift.user_edits[before.record.user_name] = hand_edits(before.record, resource, seen)
         users[user_id] = AppliedUser(before.scim_id, seen)
     managed_by_scim = {user.scim_id: user_id for user_id, user in users.items()}
     unmanaged_users = [AtlassianUser(scim_id, user_from_resource(resource))

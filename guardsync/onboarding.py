@@ -213,16 +213,10 @@ def _describe_settings(settings: Settings, source: str) -> str:
 def _check_secrets(settings: Settings, prefect_lookup) -> tuple[CheckResult, dict]:
     """Resolve every reference (in memory only); `resolved` holds what could be, by client."""
     entra, problems, found, resolved = settings.entra, [], [], {}
-    lookup = prefect_lookup
 
     def value(reference: str, key: str) -> str | None:
-        nonlocal lookup
-        if reference.startswith("prefect:") and lookup is None:
-            from flows.sync_directory import prefect_secret  # Prefect loads only when a block is named
-
-            lookup = prefect_secret
         try:
-            resolved_value = resolve_secret(reference, key, lookup)
+            resolved_value = resolve_secret(reference, key, prefect_lookup)
         except ConfigError as exc:
             problems.append(str(exc))
             return None

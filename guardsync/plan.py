@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Literal, TypeVar
 
-from guardsync.models import DesiredGroup, DesiredUser, name_key
+from guardsync.models import DesiredGroup, DesiredUser, account_name, name_key
 
 if TYPE_CHECKING:
     from guardsync.observe import Observation
@@ -158,8 +158,6 @@ def plan_users(
     observation: Observation | None = None,
 ) -> tuple[list[UserChange], list[HandOver], int, int]:
     """(changes, hand-overs, disabled users not created, active accounts adopted); see the module docstring."""
-    from guardsync.observe import account_name
-
     holder = {name_key(account_name(u.record)): uid for uid, u in applied.items()}
     handovers: dict[str, HandOver] = {}  # by the Entra id that gives its account up
     for user_id, user in desired.items():
@@ -211,8 +209,6 @@ class _Adoptable:
     """Unmanaged accounts that a user may take over: by userName first, then by externalId; each once."""
 
     def __init__(self, observation: Observation | None):
-        from guardsync.observe import account_name
-
         accounts = observation.unmanaged_users if observation else []
         self.by_name = {name_key(account_name(a.record)): a for a in accounts}
         self.by_external_id = {a.record.external_id: a for a in reversed(accounts) if a.record.external_id}
@@ -235,8 +231,6 @@ def _user_takes(change: UserChange) -> str | None:
 
 
 def _user_frees(applied: dict[str, AppliedUser]) -> Callable[[UserChange], str | None]:
-    from guardsync.observe import account_name
-
     by_scim = {u.scim_id: u for u in applied.values()}
 
     def frees(change: UserChange) -> str | None:

@@ -201,37 +201,42 @@ def print_summary_table(summary: RunSummary, stream: IO[str] | None = None, forc
 # == plan =========================================================================================
 
 
-def print_plan_table(counts: dict[str, int], rows: Iterable[dict] = (), stream: IO[str] | None = None,
-                     limit: int = 50, force_terminal: bool | None = None) -> None:
-    """The plan: its counts, then the first `limit` changes (rows shaped as the `plan-changes` artifact:
-    object, change, name, detail). A table on a terminal, plain lines elsewhere."""
+def print_plan_table(counts: dict[str, int] | None, rows: Iterable[dict] = (), stream: IO[str] | None = None,
+                     limit: int = 50, force_terminal: bool | None = None, total: int | None = None) -> None:
+    """The plan: its counts (None: shown elsewhere), then the first `limit` changes (rows shaped as the
+    `plan-changes` artifact: object, change, name, detail, an update's detail naming its attributes
+    old -> new). `total` is how many changes the plan has when `rows` holds only the first ones.
+    A table on a terminal, plain lines elsewhere."""
     rows = list(rows)
+    more = max(total or 0, len(rows)) - min(len(rows), limit)
     console = console_for(stream, force_terminal)
     if not console.is_interactive:
         out = console.file
-        out.write("plan: " + (", ".join(f"{k} {v}" for k, v in counts.items() if v) or "no change") + "\n")
+        if counts is not None:
+            out.write("plan: " + (", ".join(f"{k} {v}" for k, v in counts.items() if v) or "no change") + "\n")
         for row in rows[:limit]:
             out.write(f"  {row.get('change', '')} {row.get('object', '')} {row.get('name', '')}"
                       + (f"  {row['detail']}" if row.get("detail") else "") + "\n")
-        if len(rows) > limit:
-            out.write(f"  and {len(rows) - limit} more changes\n")
+        if more:
+            out.write(f"  and {more} more changes (all of them: the plan-changes artifact)\n")
         out.flush()
         return
-    table = Table(title="Plan", title_justify="left", show_edge=False)
-    table.add_column("change")
-    table.add_column("count", justify="right")
-    for key, value in counts.items():
-        table.add_row(key.replace("_", " "), f"[bold]{value}[/]" if value else "[dim]0[/]")
-    console.print(table)
+    if counts is not None:
+        table = Table(title="Plan", title_justify="left", show_edge=False)
+        table.add_column("change")
+        table.add_column("count", justify="right")
+        for key, value in counts.items():
+            table.add_row(key.replace("_", " "), f"[bold]{value}[/]" if value else "[dim]0[/]")
+        console.print(table)
     if rows:
-        changes = Table(show_edge=False)
+        changes = Table(title=None if counts is not None else "Planned changes", title_justify="left", show_edge=False)
         for column in ("object", "change", "name", "detail"):
             changes.add_column(column)
         for row in rows[:limit]:
             changes.add_row(*(escape(str(row.get(column, ""))) for column in ("object", "change", "name", "detail")))
         console.print(changes)
-        if len(rows) > limit:
-            console.print(f"and {len(rows) - limit} more changes (all of them: the plan-changes artifact)")
+    if more:
+        console.print(f"and {more} more changes (all of them: the plan-changes artifact)")
 
 
 # == check list =====================================================================================
@@ -249,11 +254,9 @@ def print_checklist(report, stream: IO[str] | None = None, force_terminal: bool 
         console.print(f"{marker}  {escape(result.item.ljust(width))}  {escape(result.detail)}")
         if result.fix:
             console.print(f"{'':4}  {'':{width}}  fix: {escape(result.fix)}")
-    counts = report.counts()
-    from guardsync.onboarding import Status
-
-    verdict = (f"{len(report.results)} checks: {counts[Status.PASS]} passed, {counts[Status.FAIL]} failed, "
-               f"{counts[Status.SKIP]} not checked")
+    counts = {status.value: count for status, count in report.counts().items()}  # by name: onboarding sits above
+    verdict = (f"{len(report.results)} checks: {counts['PASS']} passed, {counts['FAIL']} failed, "
+               f"{counts['SKIP']} not checked")
     if report.passed:
         console.print(f"{verdict}. Ready: next, guardsync plan --config {escape(report.source)}")
     else:

@@ -10,6 +10,9 @@ COUNT_KEYS = [
     "members_added", "members_removed",
 ]
 IDENTIFIER_FIELD = {"upn": "userPrincipalName", "email": "mail"}
+# The run's log record of the summary carries this attribute (logger `extra`): the command line,
+# which prints the summary itself, keeps that record off the terminal (the run's log keeps it).
+SUMMARY_LOG_MARK = "guardsync_summary"
 
 
 @dataclass
@@ -31,6 +34,8 @@ class RunSummary:
     handovers: list[str] = field(default_factory=list)  # identifiers passed from one Entra user to another
     requests: dict[str, int] = field(default_factory=dict)
     message: str = ""
+    plan_changes: list[dict] = field(default_factory=list)  # dry runs: the first changes, as plan-changes rows
+    planned_changes: int = 0  # dry runs: how many rows the whole plan has
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +80,61 @@ class RunSummary:
         if self.message:
             out.append(f"  {self.message}")
         return out
+
+    def markdown(self) -> str:
+        """The `summary` artifact: what stopped the run first (block reason, failures), then tables."""
+        verb = "would be " if self.mode == "dry-run" else ""
+        out = [f"# Summary: {self.mode} {self.status}", "",
+               f"Run `{self.run_id}`; identifier: {self.identifier} ({IDENTIFIER_FIELD.get(self.identifier, '?')}), "
+               "SSO must use the same.", ""]
+        if self.status == "blocked":
+            out += ["## Blocked: nothing was written by the blocked load or any after it", "", _cell(self.message), ""]
+        elif self.status == "failed" and self.message and not self.failures:
+            out += ["## Failed", "", _cell(self.message), ""]
+        if self.failures:
+            out += [f"## Failed writes: {len(self.failures)}", ""]
+            out += markdown_table(("#", "write"), [(n, line) for n, line in enumerate(self.failures[:100], 1)])
+            if len(self.failures) > 100:
+                out.append(f"and {len(self.failures) - 100} more")
+            out.append("")
+        objects = list(dict.fromkeys(key.partition("_")[0] for key in COUNT_KEYS))  # users, groups, members
+        changes = list(dict.fromkeys(key.partition("_")[2] for key in COUNT_KEYS))  # created, updated, ...
+        rows = [[kind] + [self.counts.get(f"{kind}_{change}", 0) if f"{kind}_{change}" in COUNT_KEYS else ""
+                          for change in changes] for kind in objects]
+        out += [f"## Changes{' (dry run: would be made)' if verb else ''}", ""] + markdown_table(["object"] + changes, rows) + [""]
+        out += ["## Users excluded", ""] + _counts_table("reason", self.excluded) + [""]
+        out += ["## Users quarantined (frozen this run)", ""] + _counts_table("rule", self.quarantined) + [""]
+        if self.quarantined_examples:
+            out += ["Quarantined: " + "; ".join(_cell(example) for example in self.quarantined_examples), ""]
+        notes = [
+            ("new groups need product access in Atlassian administration", ", ".join(self.new_groups)),
+            ("renamed groups were re-created: grant product access again to", ", ".join(self.renamed_groups)),
+            ("restored after changes by hand in Atlassian", "; ".join(self.drift)),
+            ("identifiers handed over from one Entra user to another", "; ".join(self.handovers)),
+            ("last full read of Entra", self.last_full_read or ""),
+            ("requests", _by_key(self.requests) if self.requests else ""),
+            ("note", self.message if self.status not in ("blocked", "failed") else ""),
+        ]
+        notes = [(label, value) for label, value in notes if value]
+        if notes:
+            out += ["## Notes", ""] + markdown_table(("about", "details"), notes)
+        return "\n".join(out).rstrip() + "\n"
+
+
+def _counts_table(label: str, counts: dict[str, int]) -> list[str]:
+    rows = [(key, value) for key, value in sorted(counts.items()) if value]
+    return markdown_table((label, "users"), rows) if rows else ["none"]
+
+
+def _cell(value) -> str:
+    """A value inside a markdown table cell or line: no line break, no column break."""
+    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header, rows) -> list[str]:
+    """A markdown table's lines (cells escaped) for artifacts."""
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
 
 
 def _by_key(counts: dict[str, int]) -> str:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import urlsplit
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
@@ -27,6 +27,7 @@ from guardsync.progress import chain, progress_reporter
 from guardsync.plan import Plan
 from tasks.common import PER_RUN, transient_only
 
+_UNTHROTTLED_SAID: set[tuple[str, str]] = set()  # (flow run id, limit name): "no limit" said for this run
 TERMINAL_PROGRESS = progress_reporter(sys.stderr)  # bars on a terminal, a plain line every 10% elsewhere
 
 LOAD_OPTIONS = dict(cache_policy=PER_RUN, persist_result=True, retries=2, retry_delay_seconds=30,
@@ -45,8 +46,13 @@ def _configured_limit(name: str) -> int | None:
         with get_client(sync_client=True) as client:
             found = client.read_global_concurrency_limit_by_name(name)
     except ObjectNotFound:
-        logger.info("no global concurrency limit %r: SCIM writes are not throttled across runs "
-                    "(create it with `prefect gcl create %s --limit N`)", name, name)
+        # Optional (it matters when several directories share one SCIM API): said once a run, at debug
+        # level, so runs that need no limit (one directory, the demo) stay quiet. The README says how to see it.
+        said = (str(runtime.flow_run.id), name)
+        if said not in _UNTHROTTLED_SAID:
+            _UNTHROTTLED_SAID.add(said)
+            logger.debug("no global concurrency limit %r: SCIM writes are not throttled across runs "
+                         "(create it with `prefect gcl create %s --limit N`)", name, name)
         return None
     except Exception as exc:  # the Prefect API hiccuped: the SCIM client's own 429 handling still protects the API
         logger.warning("could not read global concurrency limit %r (%s); loading without it", name, type(exc).__name__)

@@ -9,7 +9,10 @@ from prefect.artifacts import create_markdown_artifact
 from guardsync.observe import Observation, observe
 from guardsync.plan import AppliedState
 from guardsync.scim import ScimClient
+from guardsync.summary import markdown_table
 from tasks.common import PER_RUN, transient_only
+
+MAX_ROWS = 500  # attribute edits the drift artifact lists; the summary counts them all
 
 
 @task(name="observe", cache_policy=PER_RUN, persist_result=True, retries=2, retry_delay_seconds=30,
@@ -24,7 +27,10 @@ def observe_atlassian(scim: ScimClient, recorded: AppliedState) -> Observation:
         lines = observation.drift.lines()
         for line in lines:
             logger.warning("drift: %s; this run restores it", line)
-        create_markdown_artifact(
-            key="drift", description="Managed objects changed by hand, restored by this run",
-            markdown="# Drift in Atlassian\n\n" + "\n".join(f"- {line}" for line in lines or ["no managed object was changed by hand"]))
+        markdown = "# Drift in Atlassian\n\n" + "\n".join(f"- {line}" for line in lines or ["no managed object was changed by hand"])
+        if rows := observation.drift.edit_rows():  # which attribute was edited by hand, and how
+            markdown += "\n\n## Attributes edited by hand (restored to what guardsync wrote)\n\n" + "\n".join(
+                markdown_table(list(rows[0]), [list(row.values()) for row in rows[:MAX_ROWS]]))
+        create_markdown_artifact(key="drift", description="Managed objects changed by hand, restored by this run",
+                                 markdown=markdown)
     return observation

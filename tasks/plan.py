@@ -6,6 +6,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from guardsync.config import SyncSettings
+from guardsync.diff import plan_row_count, plan_rows
 from guardsync.guards import empty_scope, managed_active_users, too_many_deprovisions
 from guardsync.observe import Observation
 from guardsync.plan import AppliedState, Plan, make_plan
@@ -22,7 +23,7 @@ def plan_changes(validated: Validated, recorded: AppliedState, observation: Obse
     plan = make_plan(validated.users, validated.groups, recorded, validated.frozen_users, validated.frozen_groups,
                      observation)
     applied = observation.applied if observation is not None else recorded
-    publish_plan(plan, validated, AppliedState({**recorded.users, **applied.users}))
+    publish_plan(plan, validated, recorded, observation)
     active_in_scope = sum(1 for user in validated.users.values() if user.active)
     first_run = not recorded.users and not recorded.groups
     managed_active = managed_active_users(applied, plan, first_run)
@@ -34,34 +35,11 @@ def plan_changes(validated: Validated, recorded: AppliedState, observation: Obse
     return plan
 
 
-def publish_plan(plan: Plan, validated: Validated, applied: AppliedState) -> None:
+def publish_plan(plan: Plan, validated: Validated, recorded: AppliedState, observation: Observation | None) -> None:
     counts = plan.counts()
     lines = ["# Plan", "", "| change | count |", "|---|---|"] + [f"| {k} | {v} |" for k, v in counts.items()]
     create_markdown_artifact(key="plan", markdown="\n".join(lines), description="What this run changes in Atlassian")
-    names = {uid: user.user_name for uid, user in validated.users.items()}
-    names.update({uid: user.record.user_name for uid, user in applied.users.items()})
-    rows = [{"object": "user", "change": user_change_label(c), "name": c.user.user_name,
-             "detail": f"account of Entra user {c.handed_from}" if c.handed_from else ""} for c in plan.users]
-    rows += [{"object": "group", "change": c.kind, "name": c.display_name, "detail": ""} for c in plan.groups]
-    rows += [{"object": "user", "change": "gone", "name": names.get(u, u), "detail": "deleted by hand in Atlassian; not re-created"}
-             for u in plan.forget_users]
-    for group_id, scim_ids in plan.foreign.items():
-        group = validated.groups.get(group_id)
-        rows.append({"object": "members", "change": "remove", "name": group.display_name if group else group_id,
-                     "detail": f"-{len(scim_ids)} accounts guardsync does not manage"})
-    for change in plan.members:
-        group = validated.groups.get(change.group_id)
-        label = group.display_name if group else change.group_id
-        rows.append({"object": "members", "change": "add/remove", "name": label,
-                     "detail": f"+{len(change.add)} -{len(change.remove)}: "
-                               + ", ".join([f"+{names.get(u, u)}" for u in change.add[:5]] + [f"-{names.get(u, u)}" for u in change.remove[:5]])})
+    rows = plan_rows(plan, validated, recorded, observation, limit=MAX_ROWS)
     if rows:
-        create_table_artifact(key="plan-changes", table=rows[:MAX_ROWS],
-                              description=f"First {min(len(rows), MAX_ROWS)} of {len(rows)} planned changes")
-
-
-def user_change_label(change) -> str:
-    """'adopt', 'adopt+deactivate', 'update (hand-over)', ...: what the plan-changes row says."""
-    if change.adopted and change.kind != "adopt":
-        return f"adopt+{change.kind}"
-    return f"{change.kind} (hand-over)" if change.handed_from else change.kind
+        create_table_artifact(key="plan-changes", table=rows,
+                              description=f"First {len(rows)} of {plan_row_count(plan)} planned changes")

@@ -278,6 +278,6 @@ def test_each_run_leaves_its_artifacts(sandbox, state_url, prefect_server):
         )
     by_key = {a.key: a for a in artifacts if a.key}
     assert {"summary", "plan", "plan-changes", "gate-results", "load-users", "load-groups", "load-memberships"} <= set(by_key)
-    assert "users created" in by_key["summary"].data
+    assert "| object | created | updated |" in by_key["summary"].data and "| users |" in by_key["summary"].data
     secret = sandbox.tenant.client_secret
     assert all(secret not in str(a.data) and sandbox.api_key not in str(a.data) for a in artifacts)
