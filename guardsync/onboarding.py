@@ -735,6 +735,15 @@ def render_config(answers: InitAnswers) -> str:
         f"# write_concurrency = {fields['write_concurrency'].default}       # parallel SCIM writes",
         f"# full_read_every_hours = {fields['full_read_every_hours'].default:g}  # delta sync: a full read at least this often",
         "",
+        "# Optional: product access for synced groups, through the Organizations REST API (README, rollout step 8).",
+        "# Without it guardsync changes no product access, and each run's summary lists the groups that need it.",
+        "# [access]",
+        '# org_id = "ORG_ID"                        # from the Atlassian Administration URL: admin.atlassian.com/o/ORG_ID',
+        '# api_key = "env:ATLASSIAN_ORG_API_KEY"    # an organization API key (Settings > API keys), not the SCIM key',
+        "# max_revocations = 0                      # grants one run may take away; more blocks the run",
+        "# [access.groups]                          # synced group (display name or Entra object id) = its products",
+        '# "Engineering All" = ["jira-software", "confluence"]',
+        "",
     ]
     return "\n".join(lines)
 
