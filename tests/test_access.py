@@ -250,3 +250,22 @@ def test_check_fails_the_access_line_with_its_fix(breaks, says, fix, sandbox, st
     assert status == 1, out
     assert {name for name, (state, _, _) in items.items() if state == "FAIL"} == {"access"}, out
     assert says in items["access"][1] and fix in items["access"][2], out
+
+
+def test_the_plan_changes_artifact_lists_grants_and_seats_per_product(sandbox, state_url, prefect_server):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    from tests.test_secrets import run_flow
+
+    flow_run_id, state, exc = run_flow(sandbox.settings(state_url, MAPPING))
+    assert state.is_completed(), exc
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=["plan-changes", "plan"])))
+    latest = {a.key: a for a in sorted(artifacts, key=lambda a: a.created)}  # plan-access publishes them again, with access
+    rows = latest["plan-changes"].data if isinstance(latest["plan-changes"].data, list) else __import__("json").loads(latest["plan-changes"].data)
+    access_rows = {(r["object"], r["change"], r["name"], r["detail"]) for r in rows if r["object"] in ("access", "seats")}
+    assert ("access", "grant", "Support All", JSM_SUPPORT) in access_rows
+    assert any(r[0] == "seats" and r[2] == JIRA and r[3].startswith("+") for r in access_rows), access_rows
+    assert "Product access" in latest["plan"].data and "access_granted | 4" in latest["plan"].data
