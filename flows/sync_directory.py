@@ -1,7 +1,8 @@
 """The sync-directory flow: Entra ID -> gates -> Atlassian SCIM, one thin composition of stage tasks.
 
 extract -> flatten -> scope -> validate (users, groups, memberships gates) -> plan (+ guards)
-  -> load users -> load groups -> load memberships -> summary
+  -> [access: plan-access (+ gate, guards)] -> load users -> load groups -> load memberships
+  -> [access: load access] -> summary
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import opaque
 
+from guardsync.access_load import AccessLoader
+from guardsync.admin import AdminClient, directory_id_of
 from guardsync.config import Settings, resolve_secret
 from guardsync.diff import plan_row_count, plan_rows
 from guardsync.errors import GuardsyncBlocked, GuardsyncError
@@ -24,6 +27,7 @@ from guardsync.load import Loader
 from guardsync.scim import ScimClient
 from guardsync.state import StateStore
 from guardsync.summary import SUMMARY_LOG_MARK, RunSummary
+from tasks.access import load_access, plan_access
 from tasks.extract import Extracted, extract
 from tasks.flatten import flatten
 from tasks.load import TERMINAL_PROGRESS, load_groups, load_memberships, load_users
@@ -78,6 +82,15 @@ def connect(settings: Settings, dry_run: bool) -> tuple[GraphClient, ScimClient,
     return graph, scim, StateStore(state_url, read_only=dry_run)  # a dry run writes nothing anywhere
 
 
+def connect_admin(settings: Settings, dry_run: bool) -> AdminClient | None:
+    """The Organizations API client, only with [access]: without it no request goes there at all."""
+    access = settings.access
+    if access is None:
+        return None
+    return AdminClient(access.admin_url, access.org_id, directory_id_of(settings.atlassian.scim_url),
+                       resolve(access.api_key, "access.api_key"), dry_run=dry_run)
+
+
 @flow(name="sync-directory", persist_result=True, log_prints=True)
 def sync_directory(
     settings: Settings,
@@ -89,6 +102,7 @@ def sync_directory(
     run_id = str(runtime.flow_run.id)
     mode = "dry-run" if dry_run else "sync"
     graph, scim, store = connect(settings, dry_run)
+    admin = connect_admin(settings, dry_run)
     summary = RunSummary(run_id=run_id, mode=mode, status="running", identifier=settings.sync.identifier)
     if not dry_run:
         store.acquire_lock(run_id)  # one run per directory at a time; DirectoryBusy otherwise
@@ -112,8 +126,10 @@ def sync_directory(
         else:
             if not dry_run:
                 store.settle(None)  # until this run completes
-            reconcile(summary, extracted, settings, graph, scim, store, dry_run, allow_mass_deactivation)
+            reconcile(summary, extracted, settings, graph, scim, store, dry_run, allow_mass_deactivation, admin)
         summary.requests = {"graph": sum(graph.requests_made.values()), "scim": sum(scim.requests_made.values())}
+        if admin is not None:
+            summary.requests["organizations"] = sum(admin.requests_made.values())
         summary.status = "completed" if not summary.failures else "failed"
         if summary.status == "completed" and not dry_run:
             store.settle(settled)  # the next run with no change in Entra can stop after the read
@@ -135,7 +151,7 @@ def sync_directory(
 
 
 def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, graph: GraphClient, scim: ScimClient,
-              store: StateStore, dry_run: bool, allow_mass_deactivation: bool) -> None:
+              store: StateStore, dry_run: bool, allow_mass_deactivation: bool, admin: AdminClient | None = None) -> None:
     """Scope, gate, plan and (unless dry_run) load one snapshot; fills the summary as it goes."""
     snapshot, run_id = extracted.snapshot, summary.run_id
     scoped = scope_users(snapshot, flatten(snapshot), settings.sync)
@@ -158,8 +174,13 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
     plan = plan_changes(opaque(validated), opaque(recorded), opaque(observation), settings.sync, allow_mass_deactivation)
     summary.excluded["disabled_never_synced"] = plan.not_created_disabled
     summary.handovers = [handover.line() for handover in plan.handovers]
+    access_plan = None
+    if admin is not None:  # before any write: unknown products, the access gate and guards stop the run here
+        access_plan = plan_access(admin, settings.access, opaque(validated), opaque(recorded), opaque(observation),
+                                  opaque(plan), store.load_grants())
+        summary.access = access_plan.lines(granting=bool(access_plan.grants))
     if dry_run:
-        summary.counts = plan.counts()
+        summary.counts = plan.counts() | (access_plan.counts() if access_plan is not None else {})
         summary.plan_changes = plan_rows(plan, validated, recorded, observation, limit=DRY_RUN_ROWS)
         summary.planned_changes = plan_row_count(plan)
     else:
@@ -167,15 +188,25 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
         if observation is not None:
             store.set_observation_pending(True)
         loader = Loader(scim, store, run_id, settings.sync.write_concurrency)
-        for result in (load_users(loader, opaque(plan)), load_groups(loader, opaque(plan)),
-                       load_memberships(loader, opaque(plan))):
+        access_loader = AccessLoader(admin, store, run_id, access_plan) if access_plan is not None else None
+        if access_loader is not None:  # a renamed group's new group gets its products before the old one goes
+            loader.before_rename_delete = access_loader.grant_renamed
+        stages = [lambda: load_users(loader, opaque(plan)), lambda: load_groups(loader, opaque(plan)),
+                  lambda: load_memberships(loader, opaque(plan))]
+        if access_loader is not None:
+            stages.append(lambda: load_access(access_loader))
+        for stage in stages:
+            result = stage()
             for key, value in result["counts"].items():
                 summary.counts[key] = summary.counts.get(key, 0) + value
             summary.failures += result["failures"]
         if observation is not None and not summary.failures:
             store.set_observation_pending(False)
-    summary.new_groups = sorted(validated.groups[c.group_id].display_name for c in plan.groups if c.kind == "create")
-    summary.renamed_groups = sorted(c.display_name for c in plan.groups if c.kind == "rename")
+    with_products = access_plan.configured if access_plan is not None else frozenset()
+    summary.new_groups = sorted(validated.groups[c.group_id].display_name for c in plan.groups
+                                if c.kind == "create" and c.group_id not in with_products)
+    summary.renamed_groups = sorted(c.display_name for c in plan.groups
+                                    if c.kind == "rename" and c.group_id not in with_products)
 
 
 def publish_summary(summary: RunSummary) -> None:

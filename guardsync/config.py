@@ -121,10 +121,43 @@ class SyncSettings(_Section):
         return int(active_managed * float(value.rstrip("%")) / 100)
 
 
+PRODUCT_REF = re.compile(r"^[a-z][a-z0-9-]*(@[A-Za-z0-9.-]+)?$")
+
+
+class AccessSettings(_Section):
+    """Product access of synced groups, through the Organizations REST API (see DESIGN.md "Product access")."""
+
+    org_id: str = Field(min_length=1)
+    api_key: str  # an organization API key, not the SCIM key
+    admin_url: str = "https://api.atlassian.com"
+    max_revocations: int = Field(0, ge=0)  # grants one run may take away; more blocks it
+    groups: dict[str, list[str]] = {}  # synced group (display name or Entra id) = product keys
+
+    _ref = field_validator("api_key")(_check_secret_ref)
+
+    @field_validator("admin_url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        if not value.startswith("https://"):
+            raise ValueError("must be an https:// URL, e.g. https://api.atlassian.com (TLS is always verified)")
+        return value.rstrip("/")
+
+    @field_validator("groups")
+    @classmethod
+    def _products(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for group, products in value.items():
+            bad = [p for p in products if not PRODUCT_REF.match(p)]
+            if bad:
+                raise ValueError(f"{group!r}: {bad[0]!r} is not a product key; write it like \"jira-software\" or "
+                                 "\"confluence@example.atlassian.net\" (key@site-host)")
+        return value
+
+
 class Settings(_Section):
     entra: EntraSettings
     atlassian: AtlassianSettings
     sync: SyncSettings = SyncSettings()
+    access: AccessSettings | None = None  # optional: without it no product access changes
 
 
 def load_settings(path: str | Path) -> Settings:
@@ -171,9 +204,12 @@ def _known_keys(section: list[str]) -> list[str]:
     model: type[BaseModel] = Settings
     for part in section:
         field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        annotation = field.annotation if field is not None else None
+        if annotation is not None and not isinstance(annotation, type):  # Optional[Model]: the model
+            annotation = next((a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
-        model = field.annotation
+        model = annotation
     return list(model.model_fields)
 
 
@@ -203,7 +239,10 @@ def resolve_secret(reference: str, key: str, prefect_lookup: SecretLookup | None
 
 def preflight(settings: Settings) -> None:
     """Problems found without any network, before a flow run starts: missing variables and files."""
-    for key, reference in (("entra.client_secret", settings.entra.client_secret), ("atlassian.api_key", settings.atlassian.api_key)):
+    references = [("entra.client_secret", settings.entra.client_secret), ("atlassian.api_key", settings.atlassian.api_key)]
+    if settings.access is not None:
+        references.append(("access.api_key", settings.access.api_key))
+    for key, reference in references:
         if reference and reference.startswith("env:"):
             resolve_secret(reference, key)
     certificate = settings.entra.certificate_path

@@ -1,8 +1,8 @@
 """`guardsync demo`: the whole job on the built-in sandbox, no credentials, no network.
 
 A generated tenant (two domains, nested groups, a few bad records) behind a local
-Graph emulator, a local Atlassian SCIM server, and three runs of the real flow:
-a pilot of one group, the full sync, then a sync after the tenant changes.
+Graph emulator, a local Atlassian SCIM server and Organizations API, and three runs of the real flow:
+a pilot of one group, the full sync with product access, then a sync after the tenant changes.
 """
 
 from __future__ import annotations
@@ -59,23 +59,28 @@ def _run_steps(run_flow: Callable[[Settings], int], users: int, work: Path, star
     sandbox = Sandbox(tenant, atlassian_domains=set(DOMAINS)).start()
     sandbox.export()
     try:
+        access = demo_access(tenant)
         steps = [
-            ("1. Pilot: sync only the group 'Pilot'", {"groups": ["Pilot"]}, None),
-            ("2. Full sync: all users and all groups", {}, None),
-            ("3. The tenant changes, and the next scheduled run catches up", {}, change_tenant),
+            ("1. Pilot: sync only the group 'Pilot'", {"groups": ["Pilot"]}, None, None),
+            ("2. Full sync: all users and all groups, and product access ([access])", {}, access, None),
+            ("3. The tenant changes, and the next scheduled run catches up", {}, access, change_tenant),
         ]
-        for title, sync, before in steps:
+        for title, sync, products, before in steps:
             if before:
                 print(f"\n   Changes in Entra: {before(tenant)}")
             config_file = work / "guardsync.toml"
-            config_file.write_text(to_toml(sandbox.config(f"sqlite:///{state}", **sync)), encoding="utf-8")
+            config_file.write_text(to_toml(sandbox.config(f"sqlite:///{state}", products, **sync)), encoding="utf-8")
             print(f"\n== {title}  (guardsync sync --config {config_file})")
             status = run_flow(load_settings(config_file))
             if status != 0:
                 print(f"demo stopped: the run exited {status}")
                 return status
             print(f"   Atlassian now holds {len(sandbox.scim.users())} users and {len(sandbox.scim.groups())} groups; "
-                  f"requests so far: Graph {sandbox.graph.total()}, SCIM {sandbox.scim.total()}")
+                  f"requests so far: Graph {sandbox.graph.total()}, SCIM {sandbox.scim.total()}, "
+                  f"Organizations API {sandbox.org.total()}")
+            if products:
+                held = "; ".join(f"{group}: {', '.join(sorted(p))}" for group, p in sorted(sandbox.org.grants().items()))
+                print(f"   Product access in Atlassian: {held or 'none'}")
     finally:
         sandbox.stop()
     print(f"\nDemo finished in {time.monotonic() - started:.0f} s. Configuration and state: {work}")
@@ -141,6 +146,15 @@ def wait_for_interrupt() -> None:
         print("\nStopping the Prefect server.")
 
 
+def demo_access(tenant: Tenant) -> dict[str, list[str]]:
+    """[access.groups] of the demo: two groups by name, and by object id the group step 3 renames (an id
+    keeps naming it after the rename; its re-created group gets the products before the old one goes)."""
+    renamed = next(gid for gid, g in tenant.groups.items() if g["displayName"] not in ("Pilot",))
+    return {"Engineering All": ["jira-software", "confluence"],
+            "Support All": ["jira-servicemanagement@support-contoso.atlassian.net", "confluence"],
+            renamed: ["jira-software"]}
+
+
 def change_tenant(tenant: Tenant) -> str:
     """A day of directory life: joiners, a leaver, a rename, a disabled account, a reorganised group."""
     rng_users = sorted(uid for uid, u in tenant.users.items()
@@ -172,6 +186,6 @@ def where_to_look(config_file: Path) -> str:
              "now: to look at the runs in the UI, run `guardsync demo --ui` (or `make demo-ui`), which keeps a "
              "local server up until Ctrl-C")
     return (f"Where to look: {place}. Each run has the task runs extract, flatten, scope, "
-            f"validate, plan, load-users, load-groups, load-memberships, and the artifacts 'summary', 'plan', "
+            f"validate, plan, plan-access, load-users, load-groups, load-memberships, load-access, and the artifacts 'summary', 'plan', "
             f"'plan-changes', 'gate-results' and 'load-*' (progress). History of this demo: "
             f"guardsync history --config {config_file}")

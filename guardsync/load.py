@@ -65,6 +65,9 @@ class Loader:
         self.concurrency = concurrency
         self.report = LoadReport()
         self.on_progress = on_progress or (lambda stage, done, total: None)
+        # Called with a renamed group's Entra id once its re-created group holds the members and before the
+        # old group is deleted: product access moves to the new group first ([access], AccessLoader.grant_renamed).
+        self.before_rename_delete: Callable[[str], None] | None = None
         # Applied in Atlassian, not yet in the store: (operation, scim id, user), (group id, added, removed).
         self._users_to_record: list[tuple[str, str, DesiredUser]] = []
         self._members_to_record: list[tuple[str, list[str], list[str]]] = []
@@ -249,6 +252,8 @@ class Loader:
             target = members_of.get(change.group_id, frozenset())
             members = self._make_members_exact(scim_id, target, current, applied.users)
         if change.kind == "rename":
+            if self.before_rename_delete is not None:
+                self.before_rename_delete(change.group_id)
             self._delete_group(before.scim_id)
         # "adopt_existing": found at write time (409), its members made exact here, not in load_members
         self.store.save_group(self.run_id, "adopt_existing" if adopted else change.kind, change.group_id, scim_id,

@@ -180,6 +180,11 @@ def check_settings(settings: Settings, source: str = "configuration",
         report.results.append(_guarded("atlassian", lambda: (_check_scim(settings, resolved["atlassian"]), None))[0])
     else:
         report.results.append(_skip("atlassian", "the SCIM API key (see secrets)"))
+    if settings.access is not None:  # one more line, only with [access]
+        if "access" in resolved:
+            report.results.append(_guarded("access", lambda: (_check_access(settings, resolved["access"]), None))[0])
+        else:
+            report.results.append(_skip("access", "the organization API key (see secrets)"))
     if "state" in resolved:
         tenant_id = tenant.tenant_id if tenant is not None else None
         report.results.append(_guarded("state", lambda: (_check_state(resolved["state"], tenant_id, settings), None))[0])
@@ -239,6 +244,10 @@ def _check_secrets(settings: Settings, prefect_lookup) -> tuple[CheckResult, dic
     api_key = value(settings.atlassian.api_key, "atlassian.api_key")
     if api_key is not None:
         resolved["atlassian"] = api_key
+    if settings.access is not None:
+        org_key = value(settings.access.api_key, "access.api_key")
+        if org_key is not None:
+            resolved["access"] = org_key
     state = settings.sync.state
     if state.startswith(("env:", "prefect:")):
         state = value(state, "sync.state")
@@ -442,6 +451,44 @@ def _check_scim(settings: Settings, api_key: str) -> CheckResult:
                      "https://api.atlassian.com/scim/directory/DIRECTORY_ID")
     total = page.get("totalResults", "?") if isinstance(page, dict) else "?"
     return _pass("atlassian", f"{url} answers and accepts the API key; the directory holds {total} users")
+
+
+# -- product access (Organizations REST API) ------------------------------------------------------
+
+
+def _check_access(settings: Settings, api_key: str) -> CheckResult:
+    """The organization key is accepted, the org id is right, the SCIM directory is the org's, every product resolves."""
+    from guardsync.access import resolve_products
+    from guardsync.admin import AdminClient, directory_id_of
+
+    access = settings.access
+    directory = directory_id_of(settings.atlassian.scim_url)
+    admin = AdminClient(access.admin_url, access.org_id, directory, api_key, dry_run=True,  # dry-run: reads only
+                        max_retry_seconds=CHECK_RETRY_SECONDS)
+    try:
+        organization = admin.organization()
+    except AuthError as exc:
+        return _fail("access", str(exc), "in Atlassian Administration > Settings > API keys, create an organization "
+                     f"API key and store it where access.api_key points ({access.api_key})")
+    except NotFound as exc:
+        return _fail("access", f"the organization API key does not reach organization {access.org_id} ({exc})",
+                     "copy the organization id from the Atlassian Administration URL (admin.atlassian.com/o/ORG_ID) "
+                     "into [access] org_id, and use a key of that organization")
+    name = (organization.get("attributes") or {}).get("name") or access.org_id
+    if directory not in admin.directory_ids():
+        return _fail("access", f"the SCIM directory {directory} (from atlassian.scim_url) is not a directory of "
+                     f"organization {name} ({access.org_id})", "use the organization that holds the SCIM directory, or "
+                     "the SCIM URL of a directory of this organization")
+    workspaces = admin.workspaces()
+    references = sorted({p for products in access.groups.values() for p in products})
+    try:
+        resolved = resolve_products(references, workspaces)
+    except ConfigError as exc:
+        return _fail("access", str(exc), "correct the product in [access.groups]: a product key the organization has, "
+                     "as key@site-host where it has the product on several sites")
+    products = ", ".join(f"{ref} = {w.label}" for ref, w in resolved.items()) or "none configured yet"
+    return _pass("access", f"organization {name} ({access.org_id}) accepts the organization API key; directory "
+                 f"{directory} is one of its directories; products: {products}")
 
 
 # -- state store ---------------------------------------------------------------------------------
@@ -681,6 +728,15 @@ def render_config(answers: InitAnswers) -> str:
         f"# max_deactivations = {_toml(fields['max_deactivations'].default)}   # a count, or a percentage of the active users guardsync manages",
         f"# write_concurrency = {fields['write_concurrency'].default}       # parallel SCIM writes",
         f"# full_read_every_hours = {fields['full_read_every_hours'].default:g}  # delta sync: a full read at least this often",
+        "",
+        "# Optional: product access for synced groups, through the Organizations REST API (README, rollout step 8).",
+        "# Without it guardsync changes no product access, and each run's summary lists the groups that need it.",
+        "# [access]",
+        '# org_id = "ORG_ID"                        # from the Atlassian Administration URL: admin.atlassian.com/o/ORG_ID',
+        '# api_key = "env:ATLASSIAN_ORG_API_KEY"    # an organization API key (Settings > API keys), not the SCIM key',
+        "# max_revocations = 0                      # grants one run may take away; more blocks the run",
+        "# [access.groups]                          # synced group (display name or Entra object id) = its products",
+        '# "Engineering All" = ["jira-software", "confluence"]',
         "",
     ]
     return "\n".join(lines)

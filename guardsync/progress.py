@@ -179,6 +179,8 @@ def print_summary_table(summary: RunSummary, stream: IO[str] | None = None, forc
         console.print("quarantined: " + escape("; ".join(summary.quarantined_examples)))
     console.print(f"identifier: [bold]{summary.identifier}[/] ({IDENTIFIER_FIELD.get(summary.identifier, '?')}); "
                   "SSO must use the same")
+    for line in summary.access_lines():  # [access]: grants, per product seats, the email notice
+        console.print(escape(line.strip()))
     if summary.new_groups:
         console.print("new groups need product access in Atlassian administration: " + escape(", ".join(summary.new_groups[:20]))
                       + (f" and {len(summary.new_groups) - 20} more" if len(summary.new_groups) > 20 else ""))

@@ -109,6 +109,13 @@ mirror = Table(  # the last Entra snapshot and Graph delta links: a delta run me
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+access_grants = Table(  # product grants guardsync made (never a hand-made one): only these may be revoked
+    "access_grants", metadata,
+    Column("group_id", String(64), primary_key=True),  # Entra group id
+    Column("workspace_id", String(255), primary_key=True),
+    Column("product", Text, nullable=False),  # key@site-host, for people
+)
+
 IN_LIST_LIMIT = 10_000  # ids per IN (...): SQLite takes at most 32,766 parameters a statement
 LOCK_LEASE = timedelta(hours=2)  # a holder on another host that vanished frees the directory after this
 
@@ -332,6 +339,36 @@ class StateStore:
     @staticmethod
     def _audit(conn, run_id, operation, object_type, object_id, name, outcome, detail=None) -> None:
         conn.execute(insert(audit).values(**_audit_row(run_id, operation, object_type, object_id, name, outcome, detail)))
+
+    # -- product access ([access]) ------------------------------------------------------------
+    def load_grants(self) -> set[tuple[str, str]]:
+        """(Entra group id, workspace id) of every grant guardsync made and has not revoked."""
+        if not inspect(self.engine).has_table("access_grants"):
+            return set()  # a dry run over a store from before [access] existed (read-only: not created)
+        with self.engine.connect() as conn:
+            return {(row.group_id, row.workspace_id) for row in conn.execute(select(access_grants))}
+
+    def save_grant(self, run_id: str, operation: str, group_id: str, group_name: str, workspace_id: str,
+                   product: str, recorded: bool = True) -> None:
+        """A grant ("grant") or revocation ("revoke") Atlassian applied, with its audit row; an unrecorded
+        grant (a hand-made one carried to a renamed group) is audited but never becomes guardsync's."""
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(delete(access_grants).where(access_grants.c.group_id == group_id,
+                                                     access_grants.c.workspace_id == workspace_id))
+            if operation == "grant" and recorded:
+                conn.execute(insert(access_grants).values(group_id=group_id, workspace_id=workspace_id, product=product))
+            self._audit(conn, run_id, operation, "group", group_id, group_name, "ok", f"{product} ({workspace_id})")
+
+    def forget_grants(self, run_id: str, gone: list[tuple[str, str]]) -> None:
+        """Drop records of grants that are gone without a revocation (their group was deleted, or a person removed them)."""
+        if not gone:
+            return
+        with self._lock, self.engine.begin() as conn:
+            for group_id, workspace_id in gone:
+                conn.execute(delete(access_grants).where(access_grants.c.group_id == group_id,
+                                                         access_grants.c.workspace_id == workspace_id))
+            conn.execute(insert(audit), [_audit_row(run_id, "forget_grant", "group", group_id, None, "ok", workspace_id)
+                                         for group_id, workspace_id in gone])
 
     # -- the Entra mirror (delta sync) ----------------------------------------------------
     def load_mirror(self) -> tuple[Snapshot | None, dict, datetime | None]:

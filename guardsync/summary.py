@@ -9,6 +9,7 @@ COUNT_KEYS = [
     "groups_created", "groups_renamed", "groups_deleted", "groups_adopted",
     "members_added", "members_removed",
 ]
+ACCESS_KEYS = ["access_granted", "access_revoked"]  # with [access] only
 IDENTIFIER_FIELD = {"upn": "userPrincipalName", "email": "mail"}
 # The run's log record of the summary carries this attribute (logger `extra`): the command line,
 # which prints the summary itself, keeps that record off the terminal (the run's log keeps it).
@@ -32,6 +33,7 @@ class RunSummary:
     last_full_read: str | None = None  # when Entra was last read in full (delta runs merge into it)
     drift: list[str] = field(default_factory=list)  # managed objects changed by hand in Atlassian, restored
     handovers: list[str] = field(default_factory=list)  # identifiers passed from one Entra user to another
+    access: list[str] | None = None  # with [access]: per product grants +/- and users gaining/losing it
     requests: dict[str, int] = field(default_factory=dict)
     message: str = ""
     plan_changes: list[dict] = field(default_factory=list)  # dry runs: the first changes, as plan-changes rows
@@ -39,6 +41,20 @@ class RunSummary:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def access_lines(self) -> list[str]:
+        """With [access]: the grants made, per product the grants +/- and synced users gaining/losing it, and
+        on a granting run the notice that Atlassian may email them; nothing without [access]."""
+        if self.access is None:
+            return []
+        verb = "would be " if self.mode == "dry-run" else ""
+        a = {key: self.counts.get(key, 0) for key in ACCESS_KEYS}
+        out = [f"  product access {verb}granted {a['access_granted']}, revoked {a['access_revoked']}"]
+        out += [f"    {line}" for line in self.access if not line.startswith("Atlassian may")]
+        if any(line.startswith("Atlassian may") for line in self.access):
+            out.append("    " + ("Atlassian may email the users who gain a product when this runs for real" if verb
+                                 else "Atlassian may email the users who gained a product"))
+        return out
 
     def lines(self) -> list[str]:
         c = {key: self.counts.get(key, 0) for key in COUNT_KEYS}
@@ -51,6 +67,7 @@ class RunSummary:
             f"  groups {verb}created {c['groups_created']}, renamed {c['groups_renamed']}, deleted "
             f"{c['groups_deleted']}, adopted {c['groups_adopted']}",
             f"  members {verb}added {c['members_added']}, removed {c['members_removed']}",
+            *self.access_lines(),
             "  users excluded: " + _by_key(self.excluded),
             "  users quarantined: " + _by_key(self.quarantined),
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from guardsync.access import AccessPlan
 from guardsync.config import SyncSettings
 from guardsync.diff import plan_row_count, plan_rows
 from guardsync.guards import empty_scope, managed_active_users, too_many_deprovisions
@@ -35,11 +36,21 @@ def plan_changes(validated: Validated, recorded: AppliedState, observation: Obse
     return plan
 
 
-def publish_plan(plan: Plan, validated: Validated, recorded: AppliedState, observation: Observation | None) -> None:
-    counts = plan.counts()
+def publish_plan(plan: Plan, validated: Validated, recorded: AppliedState, observation: Observation | None,
+                 access: AccessPlan | None = None) -> None:
+    """The `plan` and `plan-changes` artifacts; with [access], published again by plan-access with the product access."""
+    counts = plan.counts() | (access.counts() if access is not None else {})
     lines = ["# Plan", "", "| change | count |", "|---|---|"] + [f"| {k} | {v} |" for k, v in counts.items()]
+    if access is not None:
+        lines += ["", "## Product access", ""] + [f"- {line}" for line in access.lines(granting=bool(access.grants))]
     create_markdown_artifact(key="plan", markdown="\n".join(lines), description="What this run changes in Atlassian")
     rows = plan_rows(plan, validated, recorded, observation, limit=MAX_ROWS)
+    if access is not None:
+        rows += [{"object": "access", "change": change, "name": grant.group_name, "detail": grant.product}
+                 for change, grants in (("grant", access.grants), ("revoke", access.revokes)) for grant in grants]
+        rows += [{"object": "seats", "change": "gain/lose", "name": product,
+                  "detail": f"+{seats.gain} -{seats.lose} synced users (grants +{seats.grants} -{seats.revokes})"}
+                 for product, seats in sorted(access.seats.items())]
     if rows:
         create_table_artifact(key="plan-changes", table=rows,
                               description=f"First {len(rows)} of {plan_row_count(plan)} planned changes")

@@ -19,7 +19,12 @@ def test_demo_runs_the_three_syncs_and_prints_their_summaries(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     summaries = [line for line in done.stdout.splitlines() if line.startswith("Summary of run")]
     assert len(summaries) == 3 and all("(sync, completed)" in line for line in summaries)
-    assert "users created" in done.stdout and "renamed groups were re-created" in done.stdout
+    assert "users created" in done.stdout and "groups created" in done.stdout
+    # Product access: granted on the full sync, and the group renamed in step 3 keeps its product.
+    assert "product access granted 5" in done.stdout and "Atlassian may email the users who gained a product" in done.stdout
+    last = [line for line in done.stdout.splitlines() if line.strip().startswith("Product access in Atlassian:")][-1]
+    assert "(renamed): jira-software@contoso.atlassian.net" in last, last
+    assert "renamed groups were re-created" not in done.stdout  # nothing left to grant again by hand
     assert "Where to look: in the Prefect UI" in done.stdout and "guardsync demo --ui" in done.stdout
     assert (tmp_path / "demo" / "state.db").exists()
 

@@ -30,13 +30,14 @@ from guardsync.config import parse_settings
 from guardsync.errors import AuthError, ConfigError
 from guardsync.sandbox.http import SandboxCA
 from guardsync.sandbox.scim_server import AtlassianScimServer
-from guardsync.sandbox.stack import API_KEY_ENV, SECRET_ENV
+from guardsync.sandbox.stack import API_KEY_ENV, ORG_KEY_ENV, SECRET_ENV
 from tests.test_config import cli_env, error_lines, run_cli, scim_writes, write_config
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 SOURCE_DIRS = ("guardsync", "flows", "tasks")
 WRONG_SECRET = "Wr0ng~SecretValue.planted-for-the-leak-test"
 WRONG_KEY = "ATSCIM-wrong-key-planted-for-the-leak-test"
+WRONG_ORG_KEY = "ATORG-wrong-org-key-planted-for-the-leak-test"
 
 
 # -- the planted secrets ----------------------------------------------------------------------
@@ -78,7 +79,8 @@ class Secrets:
 
     def values(self) -> dict[str, str]:
         named = {"entra client secret": self.sandbox.tenant.client_secret, "scim api key": self.sandbox.api_key,
-                 "wrong secret": WRONG_SECRET, "wrong key": WRONG_KEY}
+                 "organization api key": self.sandbox.org_api_key,
+                 "wrong secret": WRONG_SECRET, "wrong key": WRONG_KEY, "wrong organization key": WRONG_ORG_KEY}
         if self.key_pem:
             named.update({f"private key part {i}": part for i, part in enumerate(key_fragments(self.key_pem))})
         for i, token in enumerate(list(self.sandbox.graph._tokens)):  # every access token issued so far
@@ -259,7 +261,38 @@ def test_failing_credentials_leak_nothing(wrong, certificate_settings, secrets_s
     assert secrets_sandbox.scim.users() == [] and secrets_sandbox.scim.groups() == []
 
 
+ACCESS = {"Engineering All": ["jira-software", "confluence"], "Pilot": ["jira-servicemanagement@contoso.atlassian.net"]}
+
+
+def test_a_run_with_product_access_leaks_no_organization_key(secrets_sandbox, tmp_path, debug_logs, prefect_server):
+    secrets = Secrets(secrets_sandbox)
+    flow_run_id, state, exc = run_flow(secrets_sandbox.settings(f"sqlite:///{tmp_path / 'state.db'}", ACCESS))
+    assert state.is_completed(), exc
+    assert secrets_sandbox.org.grants() and secrets_sandbox.org.writes() >= 3  # a real run that granted products
+    secrets.assert_absent("log records", log_text(debug_logs))
+    secrets.assert_absent("Prefect logs, artifacts and parameters", prefect_records(flow_run_id))
+    secrets.assert_absent("Prefect database and result storage", prefect_storage())
+    dump = state_store_dump(tmp_path / "state.db")
+    assert "access_grants:" in dump  # the grants table was searched too
+    secrets.assert_absent("state store", dump)
+
+
+def test_a_refused_organization_key_leaks_nothing(secrets_sandbox, tmp_path, debug_logs, monkeypatch, prefect_server):
+    secrets = Secrets(secrets_sandbox)
+    monkeypatch.setenv(ORG_KEY_ENV, WRONG_ORG_KEY)
+    flow_run_id, state, exc = run_flow(secrets_sandbox.settings(f"sqlite:///{tmp_path / 'state.db'}", ACCESS))
+    assert state.is_failed() and isinstance(exc, AuthError) and "[access] api_key (401)" in str(exc), repr(exc)
+    secrets.assert_absent("exception", exception_text(exc))
+    secrets.assert_absent("log records", log_text(debug_logs))
+    secrets.assert_absent("Prefect logs, artifacts and parameters", prefect_records(flow_run_id))
+    assert secrets_sandbox.scim.users() == [] and secrets_sandbox.org.grants() == {}
+
+
 def test_the_clients_hold_no_secret_in_their_repr(secrets_sandbox):
+    from guardsync.admin import AdminClient
+
+    admin = AdminClient(secrets_sandbox.org.base_url, secrets_sandbox.org.org_id, "d", secrets_sandbox.org_api_key)
+    assert secrets_sandbox.org_api_key not in repr(admin) + repr(vars(admin)) + repr(vars(admin._session))
     from guardsync.graph import GraphClient
     from guardsync.scim import ScimClient
 
@@ -275,10 +308,14 @@ def test_the_clients_hold_no_secret_in_their_repr(secrets_sandbox):
 # -- the command line ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["certificate ok", "wrong secret", "wrong key"])
+@pytest.mark.parametrize("case", ["certificate ok", "wrong secret", "wrong key", "access ok", "wrong organization key"])
 def test_the_command_line_prints_no_secret_even_at_debug(case, certificate_settings, secrets_sandbox, tmp_path, prefect_server):
     config, secrets = certificate_settings
     extra = {"PREFECT_LOGGING_LEVEL": "DEBUG", "PREFECT_LOGGING_ROOT_LEVEL": "DEBUG"}
+    if case in ("access ok", "wrong organization key"):
+        config["access"] = secrets_sandbox.config("unused", ACCESS)["access"]
+    if case == "wrong organization key":
+        extra[ORG_KEY_ENV] = WRONG_ORG_KEY
     if case == "wrong secret":
         config = secrets_sandbox.config(f"sqlite:///{tmp_path / 'state.db'}")
         extra[SECRET_ENV] = WRONG_SECRET
@@ -287,9 +324,11 @@ def test_the_command_line_prints_no_secret_even_at_debug(case, certificate_setti
     home = tmp_path / "prefect-home"
     result = run_cli(["sync", "--config", str(write_config(tmp_path / "guardsync.toml", config))],
                      cli_env(secrets_sandbox, home, **extra))
-    assert result.returncode == (0 if case == "certificate ok" else 1), result.stderr[-3000:]
-    if case == "certificate ok":
+    assert result.returncode == (0 if case in ("certificate ok", "access ok") else 1), result.stderr[-3000:]
+    if case in ("certificate ok", "access ok"):
         assert "users created" in result.stdout
+    if case == "access ok":
+        assert "product access granted 3" in result.stdout
     else:
         assert len(error_lines(result.stderr)) == 1
     assert "DEBUG" in result.stderr  # the child really logged at DEBUG

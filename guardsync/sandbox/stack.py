@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from guardsync.config import Settings, parse_settings
 from guardsync.sandbox.graph_emulator import GraphEmulator
 from guardsync.sandbox.http import SandboxCA
+from guardsync.sandbox.org_api import OrgApiServer
 from guardsync.sandbox.scim_server import AtlassianScimServer
 from guardsync.sandbox.tenant import Tenant
 
 SECRET_ENV = "GUARDSYNC_SANDBOX_CLIENT_SECRET"
 API_KEY_ENV = "GUARDSYNC_SANDBOX_SCIM_API_KEY"
+ORG_KEY_ENV = "GUARDSYNC_SANDBOX_ORG_API_KEY"
 
 
 @dataclass
@@ -27,19 +29,23 @@ class Sandbox:
     atlassian_domains: set[str]
     latency: float = 0.0
     api_key: str = field(default_factory=lambda: "ATSCIM-" + secrets.token_urlsafe(24))
+    org_api_key: str = field(default_factory=lambda: "ATORG-" + secrets.token_urlsafe(24))
     ca: SandboxCA = field(init=False)
     graph: GraphEmulator = field(init=False)
     scim: AtlassianScimServer = field(init=False)
+    org: OrgApiServer = field(init=False)  # the Organizations REST API (product access), over the SCIM server's groups
 
     def start(self) -> "Sandbox":
         self.ca = SandboxCA()
         self.graph = GraphEmulator(self.tenant, self.ca, latency=self.latency).start()
         self.scim = AtlassianScimServer(self.ca, self.api_key, self.atlassian_domains, latency=self.latency).start()
+        self.org = OrgApiServer(self.ca, self.org_api_key, self.scim, latency=self.latency).start()
         return self
 
     def stop(self) -> None:
         self.graph.stop()
         self.scim.stop()
+        self.org.stop()
 
     def environment(self) -> dict[str, str]:
         """What a guardsync process needs to reach the sandbox: the CA to trust and the two secrets."""
@@ -47,14 +53,16 @@ class Sandbox:
             "REQUESTS_CA_BUNDLE": str(self.ca.ca_file),
             SECRET_ENV: self.tenant.client_secret,
             API_KEY_ENV: self.api_key,
+            ORG_KEY_ENV: self.org_api_key,
         }
 
     def export(self) -> None:
         os.environ.update(self.environment())
 
-    def config(self, state: str, **sync) -> dict:
-        """A configuration (as the TOML file would hold it) pointing at this sandbox."""
-        return {
+    def config(self, state: str, access: dict[str, list[str]] | None = None, **sync) -> dict:
+        """A configuration (as the TOML file would hold it) pointing at this sandbox; `access`, when given,
+        is [access.groups] (with the organization of the sandbox's Organizations API)."""
+        config = {
             "entra": {
                 "tenant_id": self.tenant.tenant_id,
                 "client_id": self.tenant.client_id,
@@ -65,9 +73,13 @@ class Sandbox:
             "atlassian": {"scim_url": self.scim.scim_url, "api_key": f"env:{API_KEY_ENV}"},
             "sync": {"state": state, **sync},
         }
+        if access is not None:
+            config["access"] = {"org_id": self.org.org_id, "api_key": f"env:{ORG_KEY_ENV}",
+                                "admin_url": self.org.base_url, "groups": access}
+        return config
 
-    def settings(self, state: str, **sync) -> Settings:
-        return parse_settings(self.config(state, **sync), source="sandbox")
+    def settings(self, state: str, access: dict[str, list[str]] | None = None, **sync) -> Settings:
+        return parse_settings(self.config(state, access, **sync), source="sandbox")
 
 
 def to_toml(config: dict) -> str:
@@ -75,9 +87,15 @@ def to_toml(config: dict) -> str:
     lines = []
     for section, values in config.items():
         lines.append(f"[{section}]")
+        tables = {key: value for key, value in values.items() if isinstance(value, dict)}
         for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            if key not in tables:
+                lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
+        for key, table in tables.items():  # [access.groups]: quoted keys (group names hold spaces)
+            lines.append(f"[{section}.{key}]")
+            lines += [f"{_toml_value(name)} = {_toml_value(value)}" for name, value in table.items()]
+            lines.append("")
     return "\n".join(lines)
 
 
