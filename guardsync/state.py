@@ -15,11 +15,13 @@ import socket
 import threading
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
+from importlib.resources import files
 
 from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -35,8 +37,12 @@ from sqlalchemy import (
     select,
     update,
 )
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from guardsync.errors import ConfigError, GuardsyncBlocked, GuardsyncError
 import pandas as pd
@@ -90,6 +96,7 @@ audit = Table(
     Column("object_name", Text),
     Column("outcome", String(16), nullable=False),
     Column("detail", Text),
+    Index("audit_by_run", "run_id", "operation", "outcome"),  # a resumed load asks for its run's writes
 )
 
 
@@ -142,6 +149,65 @@ def _refuse_writes(engine: Engine) -> None:
         cursor.close()
 
 
+MIGRATIONS = files("guardsync") / "migrations"  # package data: a wheel install has them too
+
+
+def _alembic_config() -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def schema_head() -> str:
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def schema_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Bring the store to the schema this guardsync expects (Alembic's head), in one transaction.
+
+    An empty database gets the whole schema; a store made before migrations existed is adopted
+    (revision 0001 creates only what it lacks); a store at the head is left alone. A store
+    migrated by a newer guardsync is refused rather than written with an older shape.
+    """
+    config = _alembic_config()
+    script = ScriptDirectory.from_config(config)
+    current = schema_revision(engine)
+    if current == script.get_current_head():
+        return
+    if current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
+        raise ConfigError(f"[sync] state: the store's schema is at revision {current}, made by a newer guardsync; "
+                          "upgrade guardsync on this machine (a store is never migrated backwards)")
+    for attempt in range(3):
+        try:
+            with engine.begin() as conn:
+                config.attributes["connection"] = conn
+                alembic_command.upgrade(config, "head")
+            return
+        except OperationalError:  # SQLite: another process created the schema at the same moment
+            if engine.dialect.name != "sqlite" or attempt == 2:
+                raise
+
+
+def _keep_private(engine: Engine) -> None:
+    """A SQLite store holds the tenant's names and addresses: readable by its owner only (its -wal
+    and -shm files take the same mode)."""
+    if engine.dialect.name != "sqlite" or not engine.url.database or engine.url.database == ":memory:":
+        return
+    path = engine.url.database
+    try:
+        if not os.path.exists(path):
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        elif os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        pass  # a missing directory, another user's file: opening it says what is wrong
+
+
 class StateStore:
     """Applied state, bindings, runs and audit, behind one small API."""
 
@@ -160,10 +226,11 @@ class StateStore:
                 metadata.create_all(self.engine)
             elif self.engine.dialect.name == "sqlite":
                 _sqlite_pragmas(self.engine)
-            if read_only:
+            if read_only:  # a store behind the schema's head is read as it is: a dry run migrates nothing
                 _refuse_writes(self.engine)
             else:
-                metadata.create_all(self.engine)
+                _keep_private(self.engine)
+                upgrade_schema(self.engine)
         except SQLAlchemyError as exc:
             raise ConfigError(f"[sync] state: cannot open {_safe_url(url)} ({type(exc).__name__}); check the database is reachable and the URL") from None
 
