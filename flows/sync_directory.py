@@ -17,9 +17,9 @@ from prefect.utilities.annotations import opaque
 from guardsync.config import Settings, resolve_secret
 from guardsync.errors import GuardsyncBlocked, GuardsyncError
 from guardsync.gates import warm_up_in_background
-from guardsync.models import content_digest
 from guardsync.graph import DeltaLinks, GraphClient
 from guardsync.load import Loader
+from guardsync.run import DirectoryRun, settled_digest
 from guardsync.scim import ScimClient
 from guardsync.state import StateStore
 from guardsync.summary import RunSummary
@@ -84,37 +84,30 @@ def sync_directory(
     allow_mass_deactivation: bool = False,
 ) -> dict:
     """One run: read Entra ID, gate, plan, and (unless dry_run) apply to Atlassian."""
-    run_id = str(runtime.flow_run.id)
-    mode = "dry-run" if dry_run else "sync"
     graph, scim, store = connect(settings, dry_run)
-    summary = RunSummary(run_id=run_id, mode=mode, status="running", identifier=settings.sync.identifier)
-    if not dry_run:
-        store.acquire_lock(run_id)  # one run per directory at a time; DirectoryBusy otherwise
-        store.start_run(run_id, mode)
+    run = DirectoryRun(store, str(runtime.flow_run.id), dry_run)
+    summary = RunSummary(run_id=run.run_id, mode=run.mode, status="running", identifier=settings.sync.identifier)
     try:
-        previous, links, last_full = store.load_mirror()
-        full_read = full or previous is None or full_read_due(last_full, settings.sync.full_read_every_hours)
+        run.enter()  # one run per directory at a time (DirectoryBusy otherwise); a stale retry stops here
+        mirror = run.mirror
+        full_read = full or mirror.snapshot is None or full_read_due(mirror.last_full_read, settings.sync.full_read_every_hours)
         if full_read:  # a full read waits seconds on Graph, and the gates follow: make GX ready meanwhile
             warm_up_in_background()
-        extracted = extract(graph, None if full_read else previous, None if full_read else DeltaLinks(**links))
-        snapshot = extracted.snapshot
-        store.check_binding(snapshot.tenant_id, settings.atlassian.scim_url)
-        if not dry_run and extracted.changed:
-            store.save_mirror(snapshot, asdict(extracted.links), extracted.full)
-        elif not dry_run and asdict(extracted.links) != links:
-            store.save_links(asdict(extracted.links))
-        summary.last_full_read = (datetime.now(timezone.utc) if extracted.full else last_full).isoformat(timespec="seconds")
-        settled = content_digest({"settings": settings.model_dump(mode="json"), "allow": allow_mass_deactivation})
-        if not dry_run and not extracted.changed and store.is_settled(settled):
+        extracted = extract(graph, None if full_read else mirror.snapshot,
+                            None if full_read else DeltaLinks(**mirror.links), mirror.generation)
+        store.check_binding(extracted.snapshot.tenant_id, settings.atlassian.scim_url)
+        run.keep_mirror(extracted.snapshot, asdict(extracted.links), extracted.full, extracted.changed, extracted.based_on)
+        summary.last_full_read = (datetime.now(timezone.utc) if extracted.full else mirror.last_full_read).isoformat(timespec="seconds")
+        settled = settled_digest(settings.model_dump(mode="json"), allow_mass_deactivation)
+        if not extracted.changed and run.is_settled(settled):
             summary.message = "no change in Entra since the last completed run with these settings: nothing to do"
         else:
-            if not dry_run:
-                store.settle(None)  # until this run completes
+            run.unsettle()  # until this run completes
             reconcile(summary, extracted, settings, graph, scim, store, dry_run, allow_mass_deactivation)
         summary.requests = {"graph": sum(graph.requests_made.values()), "scim": sum(scim.requests_made.values())}
         summary.status = "completed" if not summary.failures else "failed"
-        if summary.status == "completed" and not dry_run:
-            store.settle(settled)  # the next run with no change in Entra can stop after the read
+        if summary.status == "completed":
+            run.settle(settled)
     except GuardsyncBlocked as exc:
         summary.status, summary.message = "blocked", str(exc)
         raise
@@ -123,10 +116,7 @@ def sync_directory(
         raise
     finally:
         publish_summary(summary)
-        if not dry_run:
-            store.finish_run(run_id, summary.status, summary.counts, summary.message or None)
-            store.release_lock(run_id)
-        store.dispose()
+        run.finish(summary.status, summary.counts, summary.message or None)
     if summary.failures:
         raise WritesFailed(summary)
     return summary.as_dict()
