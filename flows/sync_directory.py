@@ -28,6 +28,7 @@ from tasks.flatten import flatten
 from tasks.load import TERMINAL_PROGRESS, load_groups, load_memberships, load_users
 from tasks.observe import observe_atlassian
 from tasks.plan import plan_changes
+from tasks.results import keep_results_private
 from tasks.scope import scope_users
 from tasks.validate import validate_gates
 
@@ -76,7 +77,8 @@ def connect(settings: Settings, dry_run: bool) -> tuple[GraphClient, ScimClient,
     return graph, scim, StateStore(state_url, read_only=dry_run)  # a dry run writes nothing anywhere
 
 
-@flow(name="sync-directory", persist_result=True, log_prints=True)
+# The flow's own result (the summary) is not persisted: a retry needs only its stages' results.
+@flow(name="sync-directory", persist_result=False, log_prints=True)
 def sync_directory(
     settings: Settings,
     dry_run: bool = False,
@@ -84,6 +86,7 @@ def sync_directory(
     allow_mass_deactivation: bool = False,
 ) -> dict:
     """One run: read Entra ID, gate, plan, and (unless dry_run) apply to Atlassian."""
+    keep_results_private(settings.sync.results_keep_days)
     graph, scim, store = connect(settings, dry_run)
     run = DirectoryRun(store, str(runtime.flow_run.id), dry_run)
     summary = RunSummary(run_id=run.run_id, mode=run.mode, status="running", identifier=settings.sync.identifier)

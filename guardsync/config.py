@@ -81,6 +81,7 @@ class SyncSettings(_Section):
     # Extensions of the contract (optional keys):
     write_concurrency: int = Field(4, ge=1, le=32)  # parallel SCIM writes; adapts down on 429
     full_read_every_hours: float = Field(24, gt=0)  # delta sync: force a full read this often
+    results_keep_days: float = Field(7, gt=0)  # Prefect's persisted stage results: a retry window, then deleted
 
     @field_validator("state")
     @classmethod

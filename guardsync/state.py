@@ -583,21 +583,28 @@ def _audit_row(run_id, operation, object_type, object_id, name, outcome, detail=
 
 def _encode_snapshot(snapshot: Snapshot) -> bytes:
     """Compressed JSON (no pickle: the store must never be able to run code)."""
-    document = {
+    return zlib.compress(json.dumps(snapshot_document(snapshot), ensure_ascii=False).encode(), 1)
+
+
+def _decode_snapshot(data: bytes) -> Snapshot:
+    return snapshot_from_document(json.loads(zlib.decompress(data)))
+
+
+def snapshot_document(snapshot: Snapshot) -> dict:
+    """A snapshot as a JSON document (the mirror here, the extract's persisted result in Prefect)."""
+    return {
         "tenant_id": snapshot.tenant_id, "organization": snapshot.organization,
         "verified_domains": snapshot.verified_domains, "initial_domain": snapshot.initial_domain,
-        **{name: _frame_document(getattr(snapshot, name)) for name in ("users", "groups", "edges")},
+        **{name: frame_document(getattr(snapshot, name)) for name in ("users", "groups", "edges")},
     }
-    return zlib.compress(json.dumps(document, ensure_ascii=False).encode(), 1)
 
 
-def _frame_document(frame: pd.DataFrame) -> dict:
+def frame_document(frame: pd.DataFrame) -> dict:
     values = frame.astype(object).where(frame.notna(), None)
     return {"columns": list(frame.columns), "data": values.to_numpy().tolist()}
 
 
-def _decode_snapshot(data: bytes) -> Snapshot:
-    document = json.loads(zlib.decompress(data))
+def snapshot_from_document(document: dict) -> Snapshot:
     frames = {}
     for name in ("users", "groups", "edges"):
         part = document[name]

@@ -10,9 +10,11 @@ from prefect import get_run_logger, task
 from guardsync.delta import apply_changes
 from guardsync.graph import DeltaLinks, GraphClient
 from guardsync.models import Snapshot
-from tasks.common import PER_RUN, transient_only
+from tasks.common import PERSISTED, transient_only
+from tasks.results import persisted
 
 
+@persisted
 @dataclass
 class Extracted:
     snapshot: Snapshot
@@ -22,7 +24,7 @@ class Extracted:
     based_on: int = 0  # the mirror generation it was read from: a kept extract is never saved over a newer one
 
 
-@task(name="extract", cache_policy=PER_RUN, persist_result=True, retries=2, retry_delay_seconds=30,
+@task(name="extract", **PERSISTED, retries=2, retry_delay_seconds=30,
       retry_condition_fn=transient_only)
 def extract(graph: GraphClient, previous: Snapshot | None, links: DeltaLinks | None, based_on: int = 0) -> Extracted:
     """`previous` and `links` None means a full read; `based_on` is the generation of the mirror they came from."""

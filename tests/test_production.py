@@ -8,7 +8,9 @@ should, that one directory never runs twice at once while the two directories ru
 that the loads of all runs together stay under the SCIM API's global concurrency limit, the
 artifacts, that both Atlassian sides hold exactly the users and groups in scope, and that the
 README's automation tells the admins (a webhook on loopback) about the blocked run. Then a run
-that fails in its last load is retried as the UI's Retry button does: it must resume there.
+that fails in its last load is retried as the UI's Retry button does: it must resume there. Last,
+a run that failed is retried after a later run completed: it must stop, and leave the leaver
+that later run deactivated as it is.
 
 It prints the timeline of the runs. Everything is stopped and the databases dropped in the end.
 """
@@ -87,7 +89,7 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_two_directories_on_two_workers_with_a_postgres_server(tmp_path):
     started = time.monotonic()
     tag = uuid.uuid4().hex[:10]
@@ -293,6 +295,40 @@ def test_two_directories_on_two_workers_with_a_postgres_server(tmp_path):
             for text in (blocked_message, failed_message):
                 assert all(sb.api_key not in text and sb.tenant.client_secret not in text for sb in sandboxes.values())
 
+            # -- a retry after a later completed run: its kept extract and plan must not be applied ---------
+            # Run A plans an update of X (a new title: PUT with active true) and fails in load-users. X then
+            # leaves (disabled in Entra) and run B completes: X is deactivated. The operator presses Retry on A.
+            leaver = next(uid for uid in sorted(fabrikam.tenant.users) if upn_of[uid] in expected_upns(fabrikam.tenant))
+            fabrikam.tenant.update_user(leaver, jobTitle="Head of Leaving")
+            fabrikam.scim.inject(Fault("PUT", r"/Users/", status=401, times=1,
+                                       body='{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"401"}'))
+            with get_client(sync_client=True) as client:
+                runs["fabrikam-stale"] = str(client.create_flow_run_from_deployment(
+                    deployments["fabrikam"].id, name="fabrikam-stale").id)
+            stale = _wait_for_final({"fabrikam-stale": runs["fabrikam-stale"]}, timeout=90)["fabrikam-stale"]
+            assert stale.state.type.value == "FAILED" and "AuthError" in stale.state.message, stale.state.message
+            assert _scim_user(fabrikam, upn_of[leaver])["active"] is True
+            fabrikam.tenant.update_user(leaver, accountEnabled=False)
+            with get_client(sync_client=True) as client:
+                runs["fabrikam-later"] = str(client.create_flow_run_from_deployment(
+                    deployments["fabrikam"].id, name="fabrikam-later").id)
+            later = _wait_for_final({"fabrikam-later": runs["fabrikam-later"]}, timeout=90)["fabrikam-later"]
+            assert later.state.type.value == "COMPLETED", later.state.message
+            assert _scim_user(fabrikam, upn_of[leaver])["active"] is False
+            writes_before = _scim_writes(fabrikam)
+            with get_client(sync_client=True) as client:  # Retry from the UI, on run A
+                client.set_flow_run_state(uuid.UUID(runs["fabrikam-stale"]), force=True, state=State(
+                    type=StateType.SCHEDULED, name="AwaitingRetry", message="Retry from the UI"))
+            retried_stale = _wait_for_final({"fabrikam-stale": runs["fabrikam-stale"]}, timeout=90)["fabrikam-stale"]
+            print(f"fabrikam-stale retried: {retried_stale.state_name}: {retried_stale.state.message}")
+            assert retried_stale.state.type.value == "FAILED", retried_stale.state.message
+            assert "StaleRetry" in retried_stale.state.message and runs["fabrikam-later"] in retried_stale.state.message
+            assert "ran again since it started" in retried_stale.state.message
+            assert "start a new run instead of retrying" in retried_stale.state.message
+            assert _scim_user(fabrikam, upn_of[leaver])["active"] is False, "the retry reactivated the leaver"
+            assert _scim_writes(fabrikam) == writes_before, "the stale retry wrote to Atlassian"
+            _assert_directory_in_sync(fabrikam)
+
         print(f"\nserver healthy after {health_seconds:.1f}s; runs triggered at {triggered_seconds:.1f}s, "
               f"all final at {finished_seconds:.1f}s; {len(holds)} SCIM slot holds of {SCIM_SLOTS} on {scim_limit}, "
               f"at most {_most_slots_at_once(holds)} slots at once")
@@ -356,6 +392,14 @@ def _wait_for_messages(webhook: WebhookReceiver, count: int, timeout: float = 30
     texts = [json.loads(message["body"])["text"] for message in webhook.received]
     assert len(texts) == count, texts
     return texts
+
+
+def _scim_user(sandbox: Sandbox, user_name: str) -> dict:
+    return next(user for user in sandbox.scim.users() if user["userName"] == user_name)
+
+
+def _scim_writes(sandbox: Sandbox) -> int:
+    return sum(sandbox.scim.total(method) for method in ("POST", "PUT", "PATCH", "DELETE"))
 
 
 def _graph_reads(sandbox: Sandbox) -> int:
