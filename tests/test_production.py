@@ -264,20 +264,11 @@ def test_two_directories_on_two_workers_with_a_postgres_server(tmp_path):
             newcomer = next(uid for uid in sorted(fabrikam.tenant.users) if upn_of[uid] in expected_upns(fabrikam.tenant)
                             and uid not in transitive_users(fabrikam.tenant, pilot))
             fabrikam.tenant.add_member(pilot, newcomer)  # one membership to add: only load-memberships writes
-            fabrikam.scim.inject(Fault("PATCH", r"/Groups/", status=401, times=1,
-                                       body='{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"401"}'))
-            with get_client(sync_client=True) as client:
-                runs["fabrikam-retried"] = str(client.create_flow_run_from_deployment(
-                    deployments["fabrikam"].id, name="fabrikam-retried").id)
-            failed = _wait_for_final({"fabrikam-retried": runs["fabrikam-retried"]}, timeout=90)["fabrikam-retried"]
+            fabrikam.scim.inject(_refused("PATCH", r"/Groups/"))
+            failed = _run_deployment(deployments["fabrikam"], "fabrikam-retried", runs)
             assert failed.state.type.value == "FAILED" and "AuthError" in failed.state.message, failed.state.message
             graph_reads = _graph_reads(fabrikam)
-            with get_client(sync_client=True) as client:  # what the UI's Retry button sends
-                from prefect.states import State, StateType
-
-                client.set_flow_run_state(uuid.UUID(runs["fabrikam-retried"]), force=True, state=State(
-                    type=StateType.SCHEDULED, name="AwaitingRetry", message="Retry from the UI"))
-            retried = _wait_for_final({"fabrikam-retried": runs["fabrikam-retried"]}, timeout=90)["fabrikam-retried"]
+            retried = _retry_from_the_ui(runs["fabrikam-retried"])
             with get_client(sync_client=True) as client:
                 history = [s.name for s in sorted(client.read_flow_run_states(retried.id), key=lambda s: s.timestamp)]
                 task_states = _task_states(client, retried.id)
@@ -300,26 +291,16 @@ def test_two_directories_on_two_workers_with_a_postgres_server(tmp_path):
             # leaves (disabled in Entra) and run B completes: X is deactivated. The operator presses Retry on A.
             leaver = next(uid for uid in sorted(fabrikam.tenant.users) if upn_of[uid] in expected_upns(fabrikam.tenant))
             fabrikam.tenant.update_user(leaver, jobTitle="Head of Leaving")
-            fabrikam.scim.inject(Fault("PUT", r"/Users/", status=401, times=1,
-                                       body='{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"401"}'))
-            with get_client(sync_client=True) as client:
-                runs["fabrikam-stale"] = str(client.create_flow_run_from_deployment(
-                    deployments["fabrikam"].id, name="fabrikam-stale").id)
-            stale = _wait_for_final({"fabrikam-stale": runs["fabrikam-stale"]}, timeout=90)["fabrikam-stale"]
+            fabrikam.scim.inject(_refused("PUT", r"/Users/"))
+            stale = _run_deployment(deployments["fabrikam"], "fabrikam-stale", runs)
             assert stale.state.type.value == "FAILED" and "AuthError" in stale.state.message, stale.state.message
             assert _scim_user(fabrikam, upn_of[leaver])["active"] is True
             fabrikam.tenant.update_user(leaver, accountEnabled=False)
-            with get_client(sync_client=True) as client:
-                runs["fabrikam-later"] = str(client.create_flow_run_from_deployment(
-                    deployments["fabrikam"].id, name="fabrikam-later").id)
-            later = _wait_for_final({"fabrikam-later": runs["fabrikam-later"]}, timeout=90)["fabrikam-later"]
+            later = _run_deployment(deployments["fabrikam"], "fabrikam-later", runs)
             assert later.state.type.value == "COMPLETED", later.state.message
             assert _scim_user(fabrikam, upn_of[leaver])["active"] is False
             writes_before = _scim_writes(fabrikam)
-            with get_client(sync_client=True) as client:  # Retry from the UI, on run A
-                client.set_flow_run_state(uuid.UUID(runs["fabrikam-stale"]), force=True, state=State(
-                    type=StateType.SCHEDULED, name="AwaitingRetry", message="Retry from the UI"))
-            retried_stale = _wait_for_final({"fabrikam-stale": runs["fabrikam-stale"]}, timeout=90)["fabrikam-stale"]
+            retried_stale = _retry_from_the_ui(runs["fabrikam-stale"])
             print(f"fabrikam-stale retried: {retried_stale.state_name}: {retried_stale.state.message}")
             assert retried_stale.state.type.value == "FAILED", retried_stale.state.message
             assert "StaleRetry" in retried_stale.state.message and runs["fabrikam-later"] in retried_stale.state.message
@@ -392,6 +373,32 @@ def _wait_for_messages(webhook: WebhookReceiver, count: int, timeout: float = 30
     texts = [json.loads(message["body"])["text"] for message in webhook.received]
     assert len(texts) == count, texts
     return texts
+
+
+def _refused(method: str, path: str) -> Fault:
+    """Atlassian refuses the key once (401): the load fails for good, a retry is the operator's call."""
+    return Fault(method, path, status=401, times=1,
+                 body='{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"401"}')
+
+
+def _run_deployment(deployment, name: str, runs: dict[str, str]):
+    """One run of the deployment, named `name` (recorded in runs), waited for to its end."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        runs[name] = str(client.create_flow_run_from_deployment(deployment.id, name=name).id)
+    return _wait_for_final({name: runs[name]}, timeout=90)[name]
+
+
+def _retry_from_the_ui(run_id: str):
+    """What the UI's Retry button sends; the run waited for to its new end."""
+    from prefect import get_client
+    from prefect.states import State, StateType
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(uuid.UUID(run_id), force=True, state=State(
+            type=StateType.SCHEDULED, name="AwaitingRetry", message="Retry from the UI"))
+    return _wait_for_final({"retried": run_id}, timeout=90)["retried"]
 
 
 def _scim_user(sandbox: Sandbox, user_name: str) -> dict:
