@@ -46,6 +46,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
+from guardsync.config import redacted_url
 from guardsync.errors import ConfigError, GuardsyncBlocked, GuardsyncError
 import pandas as pd
 
@@ -249,7 +250,7 @@ class StateStore:
         try:
             self.engine = create_engine(url, future=True)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
-            raise ConfigError(f"[sync] state: cannot use {_safe_url(url)} ({type(exc).__name__}); give a SQLAlchemy URL such as sqlite:///guardsync-state.db") from None
+            raise ConfigError(f"[sync] state: cannot use {redacted_url(url)} ({type(exc).__name__}); give a SQLAlchemy URL such as sqlite:///guardsync-state.db") from None
         self._lock = threading.Lock()  # loader threads share one store; writes are serialised
         try:
             if read_only and not self._exists():
@@ -264,7 +265,7 @@ class StateStore:
                 _keep_private(self.engine)
                 upgrade_schema(self.engine)
         except SQLAlchemyError as exc:
-            raise ConfigError(f"[sync] state: cannot open {_safe_url(url)} ({type(exc).__name__}); check the database is reachable and the URL") from None
+            raise ConfigError(f"[sync] state: cannot open {redacted_url(url)} ({type(exc).__name__}); check the database is reachable and the URL") from None
 
     def _exists(self) -> bool:
         """Does the store hold guardsync's tables? Asked without creating anything (SQLite would create the file)."""
@@ -641,12 +642,3 @@ def _process_alive(pid: int) -> bool:
         return True
     return True
 
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "the configured URL"

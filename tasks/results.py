@@ -8,12 +8,10 @@ name from a fixed table: a document naming anything else is refused.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import os
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,15 +95,16 @@ def decode(value: Any) -> Any:
 
 
 class ResultSerializer(Serializer):
-    """Typed JSON of guardsync's stage results, compressed (base64: Prefect embeds it in a JSON record)."""
+    """Typed JSON of guardsync's stage results, as plain text: what a result holds can be read (and
+    searched for what must not be there) with any tool."""
 
     type: Literal["guardsync-json"] = "guardsync-json"
 
     def dumps(self, obj: Any) -> bytes:
-        return base64.b64encode(zlib.compress(json.dumps(encode(obj), ensure_ascii=False, separators=(",", ":")).encode(), 1))
+        return json.dumps(encode(obj), ensure_ascii=False, separators=(",", ":")).encode()
 
     def loads(self, blob: bytes) -> Any:
-        return decode(json.loads(zlib.decompress(base64.b64decode(blob, validate=True))))
+        return decode(json.loads(blob))
 
 
 SERIALIZER = ResultSerializer()

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import pickle
 import stat
 import time
-import zlib
 
 import pytest
 
@@ -67,6 +65,6 @@ def test_stage_results_round_trip():
 def test_a_result_naming_another_type_or_a_pickle_is_refused():
     forged = {"__type__": "Popen", "fields": {"args": ["touch", "/tmp/pwned"]}}
     with pytest.raises(UnknownResultType, match="'Popen', which is not a guardsync stage result"):
-        SERIALIZER.loads(base64.b64encode(zlib.compress(json.dumps(forged).encode())))
+        SERIALIZER.loads(json.dumps(forged).encode())
     with pytest.raises(Exception):
         SERIALIZER.loads(pickle.dumps(os.system))
