@@ -7,6 +7,7 @@ extract -> flatten -> scope -> validate (users, groups, memberships gates) -> pl
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 
@@ -60,7 +61,8 @@ def resolve(reference: str | None, key: str) -> str | None:
 
 def connect(settings: Settings, dry_run: bool) -> tuple[GraphClient, ScimClient, StateStore]:
     """Build the run's clients; secrets are resolved here, in memory, never passed as parameters."""
-    entra, atlassian = settings.entra, settings.atlassian
+    entra, atlassian, sync = settings.entra, settings.atlassian, settings.sync
+    budget = dict(max_retry_seconds=sync.retry_budget_seconds, read_timeout=sync.request_timeout_seconds)
     graph = GraphClient(
         tenant_id=entra.tenant_id,
         client_id=entra.client_id,
@@ -68,9 +70,10 @@ def connect(settings: Settings, dry_run: bool) -> tuple[GraphClient, ScimClient,
         certificate_path=entra.certificate_path,
         authority_host=entra.authority_host,
         graph_url=entra.graph_url,
+        **budget,
     )
     graph.on_progress = TERMINAL_PROGRESS
-    scim = ScimClient(atlassian.scim_url, resolve(atlassian.api_key, "atlassian.api_key"), dry_run=dry_run)
+    scim = ScimClient(atlassian.scim_url, resolve(atlassian.api_key, "atlassian.api_key"), dry_run=dry_run, **budget)
     state_url = settings.sync.state
     if state_url.startswith(("env:", "prefect:")):
         state_url = resolve(state_url, "sync.state")
@@ -116,6 +119,8 @@ def sync_directory(
         raise
     except Exception as exc:
         summary.status, summary.message = "failed", str(exc) if isinstance(exc, GuardsyncError) else type(exc).__name__
+        with suppress(AttributeError, TypeError):
+            exc.flow_run_id = run.run_id  # the command line says where the details are
         raise
     finally:
         publish_summary(summary)

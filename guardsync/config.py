@@ -110,6 +110,10 @@ class SyncSettings(_Section):
     write_concurrency: int = Field(4, ge=1, le=32)  # parallel SCIM writes; adapts down on 429
     full_read_every_hours: float = Field(24, gt=0)  # delta sync: force a full read this often
     results_keep_days: float = Field(7, gt=0)  # Prefect's persisted stage results: a retry window, then deleted
+    # How long one Graph or SCIM request may be retried, Retry-After waits included (Graph asks for up to a few
+    # minutes when it throttles); a longer wait fails the run with a message that says so.
+    retry_budget_seconds: float = Field(900, gt=0, le=6 * 3600)
+    request_timeout_seconds: float = Field(60, gt=0, le=600)  # a silent server must not hang a run
 
     @field_validator("state")
     @classmethod
