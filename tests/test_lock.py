@@ -53,11 +53,11 @@ def mp():
     return context.Event, context.Queue
 
 
-def test_two_workers_starting_one_directory_at_once_one_holds_it(postgres_url, mp):
-    StateStore(postgres_url).dispose()  # the schema exists; the race is about the lock
+def test_two_workers_starting_one_directory_at_once_one_holds_it(fresh_postgres, mp):
+    StateStore(fresh_postgres).dispose()  # the schema exists; the race is about the lock
     Event, Queue = mp
     start, results, entered = Event(), Queue(), [Event(), Event()]  # kept: a child unpickles them after start()
-    workers = [_spawn(postgres_url, f"run-{n}", start, entered[n - 1], results) for n in (1, 2)]
+    workers = [_spawn(fresh_postgres, f"run-{n}", start, entered[n - 1], results) for n in (1, 2)]
     start.set()
     outcomes = dict(results.get(timeout=60) for _ in workers)
     for worker in workers:
@@ -66,16 +66,16 @@ def test_two_workers_starting_one_directory_at_once_one_holds_it(postgres_url, m
     holder = next(run for run, o in outcomes.items() if o == "holds")
     loser = next(o for o in outcomes.values() if o != "holds")
     assert holder in loser and "wait for it to finish" in loser
-    assert _lock_rows(postgres_url) == []  # the holder released it when it finished
+    assert _lock_rows(fresh_postgres) == []  # the holder released it when it finished
 
 
-def test_a_live_holder_renews_its_lease_and_a_killed_one_elsewhere_is_waited_out(postgres_url, mp):
+def test_a_live_holder_renews_its_lease_and_a_killed_one_elsewhere_is_waited_out(fresh_postgres, mp):
     Event, Queue = mp
     start, entered, results = Event(), Event(), Queue()
-    holder = _spawn(postgres_url, "holder", start, entered, results, pid_space="another-host", hold_seconds=600)
+    holder = _spawn(fresh_postgres, "holder", start, entered, results, pid_space="another-host", hold_seconds=600)
     start.set()
     assert entered.wait(60)
-    store = StateStore(postgres_url)
+    store = StateStore(fresh_postgres)
     try:
         time.sleep(LEASE.total_seconds() * 2)  # twice its lease: alive, it renewed it
         with pytest.raises(DirectoryBusy, match="another run \\(holder"):
@@ -92,30 +92,30 @@ def test_a_live_holder_renews_its_lease_and_a_killed_one_elsewhere_is_waited_out
             except DirectoryBusy:
                 assert time.monotonic() < deadline, "the dead holder's lease never ran out"
                 time.sleep(0.2)
-        assert [row.run_id for row in _lock_rows(postgres_url)] == ["contender"]
+        assert [row.run_id for row in _lock_rows(fresh_postgres)] == ["contender"]
     finally:
         store.dispose()
 
 
-def test_a_killed_holder_on_this_machine_is_taken_over_at_once(postgres_url, mp):
+def test_a_killed_holder_on_this_machine_is_taken_over_at_once(fresh_postgres, mp):
     Event, Queue = mp
     start, entered, results = Event(), Event(), Queue()
-    holder = _spawn(postgres_url, "holder", start, entered, results, hold_seconds=600)
+    holder = _spawn(fresh_postgres, "holder", start, entered, results, hold_seconds=600)
     start.set()
     assert entered.wait(60)
     os.kill(holder.pid, signal.SIGKILL)
     holder.join(10)
-    store = StateStore(postgres_url)
+    store = StateStore(fresh_postgres)
     try:
         store.acquire_lock("contender", timedelta(minutes=10))  # its pid is gone from this pid space
-        assert [row.run_id for row in _lock_rows(postgres_url)] == ["contender"]
+        assert [row.run_id for row in _lock_rows(fresh_postgres)] == ["contender"]
     finally:
         store.dispose()
 
 
-def test_a_container_sharing_this_hostname_keeps_its_lock(postgres_url):
+def test_a_container_sharing_this_hostname_keeps_its_lock(fresh_postgres):
     """Its pid means nothing here: that no process of this machine has it does not make the holder dead."""
-    store = StateStore(postgres_url)
+    store = StateStore(fresh_postgres)
     dead_here = 4_000_000  # above any pid_max: no process of this machine has it
     with store.engine.begin() as conn:
         conn.execute(locks.insert().values(name="directory", holder=f"{socket.gethostname()}:{dead_here}:othercontainer:1a2b",

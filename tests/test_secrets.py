@@ -432,19 +432,19 @@ def test_a_password_in_a_state_url_query_is_refused(secrets_sandbox, url):
     assert PLANTED_PASSWORD not in message + repr(caught.value)
 
 
-def test_a_query_password_from_a_secret_reference_is_never_printed(secrets_sandbox, postgres_url, tmp_path, monkeypatch,
+def test_a_query_password_from_a_secret_reference_is_never_printed(secrets_sandbox, fresh_postgres, tmp_path, monkeypatch,
                                                                     capsys):
     """Through env:, the URL is allowed; wherever it is printed (check, an error opening it) its password is not."""
     from guardsync.cli import main
     from guardsync.state import StateStore
 
-    unreachable = postgres_url.replace("127.0.0.1:5432", "127.0.0.1:1") + f"?password={PLANTED_PASSWORD}"
+    unreachable = fresh_postgres.replace("127.0.0.1:5432", "127.0.0.1:1") + f"?password={PLANTED_PASSWORD}"
     with pytest.raises(ConfigError) as caught:
         StateStore(unreachable)
     assert "cannot open" in str(caught.value) and "password=***" in str(caught.value)
     assert PLANTED_PASSWORD not in exception_text(caught.value)
 
-    monkeypatch.setenv("GUARDSYNC_TEST_STATE_URL", f"{postgres_url}?password={PLANTED_PASSWORD}")
+    monkeypatch.setenv("GUARDSYNC_TEST_STATE_URL", f"{fresh_postgres}?password={PLANTED_PASSWORD}")
     config = write_config(tmp_path / "g.toml", secrets_sandbox.config("env:GUARDSYNC_TEST_STATE_URL"))
     main(["check", "--config", str(config)])
     out, err = capsys.readouterr()
