@@ -175,3 +175,30 @@ def test_an_edited_gate_or_a_new_guardsync_is_applied_even_when_entra_did_not_ch
     monkeypatch.setattr(guardsync.run, "guardsync_version", lambda: "99.0.0")
     status, summary = sync(settings)
     assert status == 0 and not summary.message, "a new guardsync version must reconcile once"
+
+
+def test_an_extract_kept_from_before_never_goes_back_over_a_newer_mirror(tmp_path):
+    """A retried run's cached extract was read from generation N; once a later run saved N+1, saving it is refused."""
+    import pandas as pd
+
+    from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, Snapshot
+    from guardsync.state import StateStore
+
+    def snapshot(title: str) -> Snapshot:
+        users = pd.DataFrame([["u1", "ada@contoso.com", "ada@contoso.com", "Ada", "Ada", "L", title, True, "Member"]],
+                             columns=USER_COLUMNS)
+        return Snapshot("t1", "Contoso", users, pd.DataFrame(columns=GROUP_COLUMNS), pd.DataFrame(columns=EDGE_COLUMNS),
+                        ["contoso.com"], None)
+
+    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        start = store.load_mirror().generation
+        assert store.save_mirror(snapshot("old"), {"users": "link-A"}, True, based_on=start)  # run A's extract
+        newer = store.load_mirror().generation
+        assert store.save_mirror(snapshot("new"), {"users": "link-B"}, False, based_on=newer)  # run B, later
+        assert not store.save_mirror(snapshot("old"), {"users": "link-A"}, True, based_on=newer - 1)  # A's retry
+        assert not store.save_links({"users": "link-A"}, based_on=newer - 1)
+        mirror = store.load_mirror()
+        assert mirror.links == {"users": "link-B"} and mirror.snapshot.users["jobTitle"].tolist() == ["new"]
+    finally:
+        store.dispose()

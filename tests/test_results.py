@@ -48,9 +48,10 @@ def test_a_run_persists_typed_json_in_private_files_without_secrets(sandbox, sta
         assert sandbox.tenant.client_secret not in text and sandbox.api_key not in text
         tasks_kept.add(type(payload).__name__)
     assert serializers == {"guardsync-json"}  # never pickle
-    # extract, plan and the three loads; flatten, scope and the gates are recomputed by a retry, never kept
-    assert tasks_kept == {"Extracted", "Plan", "dict"}, tasks_kept
-    assert len(files) == 5
+    # extract, observe (a first run reads Atlassian), plan and the three loads; flatten, scope and the gates
+    # are recomputed by a retry, never kept
+    assert tasks_kept == {"Extracted", "Observation", "Plan", "dict"}, tasks_kept
+    assert len(files) == 6
     assert stat.S_IMODE(os.stat(state_url.removeprefix("sqlite:///")).st_mode) == 0o600
 
 
