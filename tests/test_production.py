@@ -89,7 +89,7 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat()
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(600)
 def test_two_directories_on_two_workers_with_a_postgres_server(tmp_path):
     started = time.monotonic()
     tag = uuid.uuid4().hex[:10]
