@@ -8,6 +8,7 @@ extract -> flatten -> scope -> validate (users, groups, memberships gates) -> pl
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 
@@ -21,9 +22,9 @@ from guardsync.config import Settings, resolve_secret
 from guardsync.diff import plan_row_count, plan_rows
 from guardsync.errors import GuardsyncBlocked, GuardsyncError
 from guardsync.gates import warm_up_in_background
-from guardsync.models import content_digest
 from guardsync.graph import DeltaLinks, GraphClient
 from guardsync.load import Loader
+from guardsync.run import DirectoryRun, settled_digest
 from guardsync.scim import ScimClient
 from guardsync.state import StateStore
 from guardsync.summary import SUMMARY_LOG_MARK, RunSummary
@@ -33,6 +34,7 @@ from tasks.flatten import flatten
 from tasks.load import TERMINAL_PROGRESS, load_groups, load_memberships, load_users
 from tasks.observe import observe_atlassian
 from tasks.plan import plan_changes
+from tasks.results import keep_results_private
 from tasks.scope import scope_users
 from tasks.validate import validate_gates
 
@@ -65,7 +67,8 @@ def resolve(reference: str | None, key: str) -> str | None:
 
 def connect(settings: Settings, dry_run: bool) -> tuple[GraphClient, ScimClient, StateStore]:
     """Build the run's clients; secrets are resolved here, in memory, never passed as parameters."""
-    entra, atlassian = settings.entra, settings.atlassian
+    entra, atlassian, sync = settings.entra, settings.atlassian, settings.sync
+    budget = dict(max_retry_seconds=sync.retry_budget_seconds, read_timeout=sync.request_timeout_seconds)
     graph = GraphClient(
         tenant_id=entra.tenant_id,
         client_id=entra.client_id,
@@ -73,9 +76,10 @@ def connect(settings: Settings, dry_run: bool) -> tuple[GraphClient, ScimClient,
         certificate_path=entra.certificate_path,
         authority_host=entra.authority_host,
         graph_url=entra.graph_url,
+        **budget,
     )
     graph.on_progress = TERMINAL_PROGRESS
-    scim = ScimClient(atlassian.scim_url, resolve(atlassian.api_key, "atlassian.api_key"), dry_run=dry_run)
+    scim = ScimClient(atlassian.scim_url, resolve(atlassian.api_key, "atlassian.api_key"), dry_run=dry_run, **budget)
     state_url = settings.sync.state
     if state_url.startswith(("env:", "prefect:")):
         state_url = resolve(state_url, "sync.state")
@@ -91,7 +95,8 @@ def connect_admin(settings: Settings, dry_run: bool) -> AdminClient | None:
                        resolve(access.api_key, "access.api_key"), dry_run=dry_run)
 
 
-@flow(name="sync-directory", persist_result=True, log_prints=True)
+# The flow's own result (the summary) is not persisted: a retry needs only its stages' results.
+@flow(name="sync-directory", persist_result=False, log_prints=True)
 def sync_directory(
     settings: Settings,
     dry_run: bool = False,
@@ -99,52 +104,45 @@ def sync_directory(
     allow_mass_deactivation: bool = False,
 ) -> dict:
     """One run: read Entra ID, gate, plan, and (unless dry_run) apply to Atlassian."""
-    run_id = str(runtime.flow_run.id)
-    mode = "dry-run" if dry_run else "sync"
+    keep_results_private(settings.sync.results_keep_days)
     graph, scim, store = connect(settings, dry_run)
     admin = connect_admin(settings, dry_run)
-    summary = RunSummary(run_id=run_id, mode=mode, status="running", identifier=settings.sync.identifier)
-    if not dry_run:
-        store.acquire_lock(run_id)  # one run per directory at a time; DirectoryBusy otherwise
-        store.start_run(run_id, mode)
+    run = DirectoryRun(store, str(runtime.flow_run.id), dry_run)
+    summary = RunSummary(run_id=run.run_id, mode=run.mode, status="running", identifier=settings.sync.identifier)
     try:
-        previous, links, last_full = store.load_mirror()
-        full_read = full or previous is None or full_read_due(last_full, settings.sync.full_read_every_hours)
+        run.enter()  # one run per directory at a time (DirectoryBusy otherwise); a stale retry stops here
+        mirror = run.mirror
+        full_read = full or mirror.snapshot is None or full_read_due(mirror.last_full_read, settings.sync.full_read_every_hours)
         if full_read:  # a full read waits seconds on Graph, and the gates follow: make GX ready meanwhile
             warm_up_in_background()
-        extracted = extract(graph, None if full_read else previous, None if full_read else DeltaLinks(**links))
-        snapshot = extracted.snapshot
-        store.check_binding(snapshot.tenant_id, settings.atlassian.scim_url)
-        if not dry_run and extracted.changed:
-            store.save_mirror(snapshot, asdict(extracted.links), extracted.full)
-        elif not dry_run and asdict(extracted.links) != links:
-            store.save_links(asdict(extracted.links))
-        summary.last_full_read = (datetime.now(timezone.utc) if extracted.full else last_full).isoformat(timespec="seconds")
-        settled = content_digest({"settings": settings.model_dump(mode="json"), "allow": allow_mass_deactivation})
-        if not dry_run and not extracted.changed and store.is_settled(settled):
+        extracted = extract(graph, None if full_read else mirror.snapshot,
+                            None if full_read else DeltaLinks(**mirror.links), mirror.generation)
+        store.check_binding(extracted.snapshot.tenant_id, settings.atlassian.scim_url)
+        run.keep_mirror(extracted.snapshot, asdict(extracted.links), extracted.full, extracted.changed, extracted.based_on)
+        summary.last_full_read = (datetime.now(timezone.utc) if extracted.full else mirror.last_full_read).isoformat(timespec="seconds")
+        settled = settled_digest(settings.model_dump(mode="json"), allow_mass_deactivation)
+        if not extracted.changed and run.is_settled(settled):
             summary.message = "no change in Entra since the last completed run with these settings: nothing to do"
         else:
-            if not dry_run:
-                store.settle(None)  # until this run completes
+            run.unsettle()  # until this run completes
             reconcile(summary, extracted, settings, graph, scim, store, dry_run, allow_mass_deactivation, admin)
         summary.requests = {"graph": sum(graph.requests_made.values()), "scim": sum(scim.requests_made.values())}
         if admin is not None:
             summary.requests["organizations"] = sum(admin.requests_made.values())
         summary.status = "completed" if not summary.failures else "failed"
-        if summary.status == "completed" and not dry_run:
-            store.settle(settled)  # the next run with no change in Entra can stop after the read
+        if summary.status == "completed":
+            run.settle(settled)
     except GuardsyncBlocked as exc:
         summary.status, summary.message = "blocked", str(exc)
         raise
     except Exception as exc:
         summary.status, summary.message = "failed", str(exc) if isinstance(exc, GuardsyncError) else type(exc).__name__
+        with suppress(AttributeError, TypeError):
+            exc.flow_run_id = run.run_id  # the command line says where the details are
         raise
     finally:
         publish_summary(summary)
-        if not dry_run:
-            store.finish_run(run_id, summary.status, summary.counts, summary.message or None)
-            store.release_lock(run_id)
-        store.dispose()
+        run.finish(summary.status, summary.counts, summary.message or None)
     if summary.failures:
         raise WritesFailed(summary)
     return summary.as_dict()

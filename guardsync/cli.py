@@ -24,6 +24,9 @@ for _name, _value in (
     os.environ.setdefault(_name, _value)
 
 import logging  # noqa: E402
+import traceback  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from guardsync.config import Settings, load_settings, preflight  # noqa: E402
 from guardsync.errors import GuardsyncError  # noqa: E402
@@ -49,11 +52,38 @@ def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, a
     except GuardsyncError as exc:
         print(f"guardsync: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # a bug or an outage nobody mapped: one line, the details in the error log
+        return report_unexpected(exc, getattr(exc, "flow_run_id", None))
     summary = RunSummary(**result)
     if summary.mode == "dry-run":
         print_plan_table(None, summary.plan_changes, out, total=summary.planned_changes)  # the summary has the counts
     print_summary_table(summary, out)
     return 0
+
+
+def error_log() -> Path:
+    """Where unexpected errors' tracebacks go: GUARDSYNC_ERROR_LOG, else ~/.guardsync/errors.log."""
+    return Path(os.environ.get("GUARDSYNC_ERROR_LOG") or Path.home() / ".guardsync" / "errors.log").expanduser()
+
+
+def report_unexpected(exc: BaseException, flow_run_id: str | None = None) -> int:
+    """One line on the terminal naming the error and where its details are; the traceback goes to the error log."""
+    cause = f"{type(exc).__module__.split('.')[0]}.{type(exc).__name__}"
+    where = [f"the logs of Prefect flow run {flow_run_id}"] if flow_run_id else []
+    try:
+        log = error_log()
+        log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", encoding="utf-8") as file:
+            file.write(f"--- {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
+                       f"{f' flow run {flow_run_id}' if flow_run_id else ''}\n")
+            file.write("".join(traceback.format_exception(exc)))
+        where.insert(0, str(log))
+    except OSError:
+        pass
+    details = " and in ".join(where) if where else "the Prefect server's logs"
+    print(f"guardsync: unexpected error {cause}; its details are in {details}; if it persists, report it with them",
+          file=sys.stderr)
+    return 1
 
 
 def skip_final_collection() -> None:
@@ -74,11 +104,12 @@ class _SummaryPrintedByUs(logging.Filter):
 
 
 class _NoTracebackForExpectedErrors(logging.Filter):
-    """On the terminal, a guardsync error is its one line; the traceback is only noise there."""
+    """On the terminal, an error is its one line; the traceback is only noise there (the Prefect run's logs
+    have it, and guardsync's error log for an unexpected one)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], GuardsyncError):
-            record.exc_info, record.exc_text = None, None  # the API log handler has already sent it
+        if record.exc_info:  # the API log handler has already sent it; unexpected ones go to the error log too
+            record.exc_info, record.exc_text = None, None
         return True
 
 
@@ -239,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     except GuardsyncError as exc:
         print(f"guardsync: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print("guardsync: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        return report_unexpected(exc)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,41 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Callable, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from guardsync.errors import ConfigError
 
 SECRET_REF = re.compile(r"^(env|prefect):[A-Za-z0-9_.\-/]+$")
+# Query parameters of a database URL that carry a secret (libpq's password, sslpassword; drivers' pwd, token...)
+SECRET_QUERY_KEY = re.compile(r"pass|pwd|secret|token", re.IGNORECASE)
+
+
+def url_has_secret(url: str) -> bool:
+    """A password in the URL's userinfo, or a query parameter such as ?password=."""
+    try:
+        parts = urlsplit(url)
+        return bool(parts.password) or any(SECRET_QUERY_KEY.search(key) for key, _ in parse_qsl(parts.query))
+    except ValueError:
+        return False
+
+
+def redacted_url(url: str) -> str:
+    """The URL as it may be printed: its password and secret query values replaced by ***."""
+    if not url_has_secret(url):
+        return url
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, host = netloc.rpartition("@")
+            netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+        query = "&".join(f"{key}=***" if SECRET_QUERY_KEY.search(key) else f"{key}={value}"
+                         for key, value in parse_qsl(parts.query, keep_blank_values=True))
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:
+        return "the configured URL"
 
 
 class _Section(BaseModel):
@@ -81,6 +109,11 @@ class SyncSettings(_Section):
     # Extensions of the contract (optional keys):
     write_concurrency: int = Field(4, ge=1, le=32)  # parallel SCIM writes; adapts down on 429
     full_read_every_hours: float = Field(24, gt=0)  # delta sync: force a full read this often
+    results_keep_days: float = Field(7, gt=0)  # Prefect's persisted stage results: a retry window, then deleted
+    # How long one Graph or SCIM request may be retried, Retry-After waits included (Graph asks for up to a few
+    # minutes when it throttles); a longer wait fails the run with a message that says so.
+    retry_budget_seconds: float = Field(900, gt=0, le=6 * 3600)
+    request_timeout_seconds: float = Field(60, gt=0, le=600)  # a silent server must not hang a run
 
     @field_validator("state")
     @classmethod
@@ -88,13 +121,10 @@ class SyncSettings(_Section):
         # The settings are the flow's parameters: Prefect stores them and shows them in its UI.
         if value.startswith(("env:", "prefect:")):
             return _check_secret_ref(value)
-        try:
-            password = urlsplit(value).password
-        except ValueError:
-            password = None
-        if password:
+        if url_has_secret(value):
             raise ValueError(
-                "the URL holds a password, which Prefect would store and show as a flow parameter; put the URL in "
+                "the URL holds a password (in user:password@ or a query parameter such as ?password=), which "
+                "Prefect would store and show as a flow parameter; put the URL in "
                 "an environment variable and set state = \"env:VARIABLE\" (or prefect:SECRET_BLOCK), or leave the "
                 "password out and let libpq read PGPASSWORD or ~/.pgpass"
             )

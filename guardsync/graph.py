@@ -175,6 +175,7 @@ class GraphClient:
         authority_host: str = DEFAULT_AUTHORITY_HOST,
         graph_url: str = DEFAULT_GRAPH_URL,
         max_retry_seconds: float = 120.0,
+        read_timeout: float | None = None,
         member_read_concurrency: int = 4,
     ):
         if (client_secret is None) == (certificate_path is None):
@@ -183,7 +184,8 @@ class GraphClient:
         self.client_id = client_id
         self.authority_host = authority_host.rstrip("/")
         self.graph_url = graph_url.rstrip("/")
-        self.max_retry_seconds = max_retry_seconds
+        self.max_retry_seconds = max_retry_seconds  # how long one request may be retried ([sync] retry_budget_seconds)
+        self.timeout = (TIMEOUT[0], read_timeout) if read_timeout else TIMEOUT
         self.member_read_concurrency = max(1, member_read_concurrency)
         self.requests_made: Counter[str] = Counter()  # "GET /v1.0/users" -> requests sent, retries included
         # (stage, items read, items expected): the total grows by a page while more pages follow
@@ -360,7 +362,7 @@ class GraphClient:
     ) -> requests.Response | requests.RequestException:
         headers = {**(extra_headers or {}), "Authorization": f"Bearer {token}", "Accept": "application/json"}
         try:
-            return self._graph_http.get(url, params=params, headers=headers, timeout=TIMEOUT)
+            return self._graph_http.get(url, params=params, headers=headers, timeout=self.timeout)
         except requests.RequestException as exc:
             return exc
 
@@ -396,9 +398,11 @@ class GraphClient:
         """Sleep before the next try, or give up with TransientError when that would overrun the budget."""
         wait = retry.retry_after if retry.retry_after is not None else random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
         if time.monotonic() + wait > deadline:
+            asked = f", and it asked to wait {wait:g} s more" if retry.retry_after is not None else ""
             raise TransientError(
-                f"{what} kept failing for up to {self.max_retry_seconds:g} s of retries (last: {retry.reason}): "
-                "Microsoft Graph or Entra is throttling or unavailable; run again later",
+                f"{what} kept failing within the retry budget of {self.max_retry_seconds:g} s ([sync] "
+                f"retry_budget_seconds; last: {retry.reason}{asked}): Microsoft Graph or Entra is throttling or "
+                "unavailable; run again later, or raise the budget",
                 retry_after=retry.retry_after,
             )
         log.warning("%s: %s; retrying in %.1f s", what, retry.reason, wait)

@@ -27,7 +27,8 @@ from urllib.parse import quote
 import jwt
 import pandas as pd
 
-from guardsync.config import SECRET_REF, Settings, SyncSettings, load_settings, parse_settings, resolve_secret
+from guardsync.config import (SECRET_REF, Settings, SyncSettings, load_settings, parse_settings, redacted_url,
+                              resolve_secret)
 from guardsync.errors import AuthError, ConfigError, GuardsyncBlocked, GuardsyncError, NotFound, TransientError
 from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, Snapshot
 
@@ -507,7 +508,7 @@ def _check_state(url: str, tenant_id: str | None, settings: Settings) -> CheckRe
     except ArgumentError:
         return _fail("state", "[sync] state is not a SQLAlchemy URL",
                      "give one such as sqlite:///guardsync-state.db or postgresql+psycopg://user@host/db")
-    shown = parsed.render_as_string(hide_password=True)
+    shown = redacted_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database in ("", ":memory:") or database.startswith("file::memory:"):

@@ -87,14 +87,16 @@ def user_resource(user: DesiredUser) -> dict:
 class ScimClient:
     """Users and groups of one Atlassian SCIM directory. Thread-safe (one session per thread)."""
 
-    def __init__(self, scim_url: str, api_key: str, *, dry_run: bool = False, max_retry_seconds: float = 120.0):
+    def __init__(self, scim_url: str, api_key: str, *, dry_run: bool = False, max_retry_seconds: float = 120.0,
+                 read_timeout: float | None = None):
         self.scim_url = scim_url.rstrip("/")
         # Requests in flight at once (set by the loader), held only while a request is out: a
         # thread waiting out a Retry-After does not hold one.
         self.limit: AdaptiveLimit | None = None
         self._reached = False  # has any answer come back yet
         self.dry_run = dry_run
-        self.max_retry_seconds = max_retry_seconds
+        self.max_retry_seconds = max_retry_seconds  # how long one request may be retried ([sync] retry_budget_seconds)
+        self.timeout = (TIMEOUT[0], read_timeout) if read_timeout else TIMEOUT
         self.requests_made: Counter[str] = Counter()  # endpoint_key -> HTTP requests sent, retries included
         self._counter_lock = threading.Lock()
         self._local = threading.local()
@@ -211,8 +213,8 @@ class ScimClient:
             if time.monotonic() + delay > deadline:
                 raise TransientError(
                     f"Atlassian SCIM {method} {path} failed {attempt + 1} time(s), last with {failure}; "
-                    f"waiting {delay:.0f}s more would exceed the {self.max_retry_seconds:.0f}s retry budget; "
-                    "try again later",
+                    f"waiting {delay:.0f}s more would exceed the retry budget of {self.max_retry_seconds:.0f}s "
+                    "([sync] retry_budget_seconds); try again later, or raise the budget",
                     retry_after=delay,
                 )
             if failure.startswith("429") and self.limit is not None:
@@ -231,7 +233,7 @@ class ScimClient:
         self._count(method, path)
         try:
             response = self._session().request(  # its _SlotAdapter holds an in-flight slot for the exchange
-                method, self.scim_url + path, params=params, json=body, timeout=TIMEOUT,
+                method, self.scim_url + path, params=params, json=body, timeout=self.timeout,
                 headers=self._authorization(),
             )
         except (requests.ConnectionError, requests.Timeout) as exc:

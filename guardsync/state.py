@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
+import secrets
 import socket
 import threading
+import zlib
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
+from importlib.resources import files
+from typing import NamedTuple
 
 from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -35,9 +39,14 @@ from sqlalchemy import (
     select,
     update,
 )
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
+from guardsync.config import redacted_url
 from guardsync.errors import ConfigError, GuardsyncBlocked, GuardsyncError
 import pandas as pd
 
@@ -90,6 +99,7 @@ audit = Table(
     Column("object_name", Text),
     Column("outcome", String(16), nullable=False),
     Column("detail", Text),
+    Index("audit_by_run", "run_id", "operation", "outcome"),  # a resumed load asks for its run's writes
 )
 
 
@@ -116,8 +126,39 @@ access_grants = Table(  # product grants guardsync made (never a hand-made one):
     Column("product", Text, nullable=False),  # key@site-host, for people
 )
 
+
+class Mirror(NamedTuple):
+    """The Entra side as the last run left it: a delta run merges into it."""
+
+    snapshot: Snapshot | None
+    links: dict
+    last_full_read: datetime | None
+    generation: int  # moves on with every save: a save over a generation it did not read from is refused
+
+
 IN_LIST_LIMIT = 10_000  # ids per IN (...): SQLite takes at most 32,766 parameters a statement
-LOCK_LEASE = timedelta(hours=2)  # a holder on another host that vanished frees the directory after this
+LOCK_LEASE = timedelta(minutes=10)  # renewed while the run lives; a vanished holder elsewhere frees it after this
+
+
+def _pid_space() -> str:
+    """Which process-id space this process lives in: the machine's boot and its PID namespace. Two containers
+    sharing a hostname differ in the namespace, two hosts in the boot id; only within one space is a pid a
+    process (of this space) to ask after."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            return f"{boot.read().strip()[:8]}.{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return "unknown"  # not Linux: a killed holder is waited out to the end of its lease
+
+
+PID_SPACE = _pid_space()
+_HOLDERS: dict[int, str] = {}
+
+
+def lock_holder() -> str:
+    """This process's identity as a lock holder: host and pid for people, the pid space for the liveness
+    check, and a random token, so no other process (a forked child included) is ever taken for this one."""
+    return _HOLDERS.setdefault(os.getpid(), f"{socket.gethostname()[:120]}:{os.getpid()}:{PID_SPACE}:{secrets.token_hex(8)}")
 
 
 class DirectoryBusy(GuardsyncError):
@@ -149,6 +190,65 @@ def _refuse_writes(engine: Engine) -> None:
         cursor.close()
 
 
+MIGRATIONS = files("guardsync") / "migrations"  # package data: a wheel install has them too
+
+
+def _alembic_config() -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def schema_head() -> str:
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def schema_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Bring the store to the schema this guardsync expects (Alembic's head), in one transaction.
+
+    An empty database gets the whole schema; a store made before migrations existed is adopted
+    (revision 0001 creates only what it lacks); a store at the head is left alone. A store
+    migrated by a newer guardsync is refused rather than written with an older shape.
+    """
+    config = _alembic_config()
+    script = ScriptDirectory.from_config(config)
+    current = schema_revision(engine)
+    if current == script.get_current_head():
+        return
+    if current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
+        raise ConfigError(f"[sync] state: the store's schema is at revision {current}, made by a newer guardsync; "
+                          "upgrade guardsync on this machine (a store is never migrated backwards)")
+    for attempt in range(3):
+        try:
+            with engine.begin() as conn:
+                config.attributes["connection"] = conn
+                alembic_command.upgrade(config, "head")
+            return
+        except OperationalError:  # SQLite: another process created the schema at the same moment
+            if engine.dialect.name != "sqlite" or attempt == 2:
+                raise
+
+
+def _keep_private(engine: Engine) -> None:
+    """A SQLite store holds the tenant's names and addresses: readable by its owner only (its -wal
+    and -shm files take the same mode)."""
+    if engine.dialect.name != "sqlite" or not engine.url.database or engine.url.database == ":memory:":
+        return
+    path = engine.url.database
+    try:
+        if not os.path.exists(path):
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        elif os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        pass  # a missing directory, another user's file: opening it says what is wrong
+
+
 class StateStore:
     """Applied state, bindings, runs and audit, behind one small API."""
 
@@ -158,7 +258,7 @@ class StateStore:
         try:
             self.engine = create_engine(url, future=True)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
-            raise ConfigError(f"[sync] state: cannot use {_safe_url(url)} ({type(exc).__name__}); give a SQLAlchemy URL such as sqlite:///guardsync-state.db") from None
+            raise ConfigError(f"[sync] state: cannot use {redacted_url(url)} ({type(exc).__name__}); give a SQLAlchemy URL such as sqlite:///guardsync-state.db") from None
         self._lock = threading.Lock()  # loader threads share one store; writes are serialised
         try:
             if read_only and not self._exists():
@@ -167,12 +267,13 @@ class StateStore:
                 metadata.create_all(self.engine)
             elif self.engine.dialect.name == "sqlite":
                 _sqlite_pragmas(self.engine)
-            if read_only:
+            if read_only:  # a store behind the schema's head is read as it is: a dry run migrates nothing
                 _refuse_writes(self.engine)
             else:
-                metadata.create_all(self.engine)
+                _keep_private(self.engine)
+                upgrade_schema(self.engine)
         except SQLAlchemyError as exc:
-            raise ConfigError(f"[sync] state: cannot open {_safe_url(url)} ({type(exc).__name__}); check the database is reachable and the URL") from None
+            raise ConfigError(f"[sync] state: cannot open {redacted_url(url)} ({type(exc).__name__}); check the database is reachable and the URL") from None
 
     def _exists(self) -> bool:
         """Does the store hold guardsync's tables? Asked without creating anything (SQLite would create the file)."""
@@ -371,32 +472,43 @@ class StateStore:
                                          for group_id, workspace_id in gone])
 
     # -- the Entra mirror (delta sync) ----------------------------------------------------
-    def load_mirror(self) -> tuple[Snapshot | None, dict, datetime | None]:
-        """(last snapshot, delta links, time of the last full read); (None, {}, None) when empty."""
+    def load_mirror(self) -> Mirror:
+        """The last snapshot, its delta links, the time of the last full read and the mirror's generation."""
         with self.engine.connect() as conn:
             rows = {row.key: row.data for row in conn.execute(select(mirror))}
-        if "snapshot" not in rows:
-            return None, {}, None
-        meta = json.loads(rows["meta"])
-        return _decode_snapshot(rows["snapshot"]), meta.get("links", {}), _last_full_read(meta)
+        meta = json.loads(rows["meta"]) if "meta" in rows else {}
+        snapshot = _decode_snapshot(rows["snapshot"]) if "snapshot" in rows else None
+        return Mirror(snapshot, meta.get("links", {}) if snapshot else {}, _last_full_read(meta), meta.get("generation", 0))
 
-    def save_mirror(self, snapshot: Snapshot, links: dict, full_read: bool) -> None:
-        """Keep the merged snapshot and the new delta links together, in one transaction."""
+    def save_mirror(self, snapshot: Snapshot, links: dict, full_read: bool, based_on: int) -> bool:
+        """Keep the merged snapshot and the new delta links together, in one transaction; the mirror's
+        generation moves on. Only over the generation the snapshot was read from (`based_on`): an extract
+        a retried run kept from before never goes back over a newer one (False: nothing saved)."""
         with self._lock, self.engine.begin() as conn:
-            last_full = None if full_read else _last_full_read(self._mirror_meta(conn))
-            meta = {"links": links, "last_full_read": (now() if full_read else last_full or now()).isoformat()}
+            meta = self._mirror_meta(conn)
+            if meta.get("generation", 0) != based_on:
+                return False
+            last_full = None if full_read else _last_full_read(meta)
+            meta = {"links": links, "last_full_read": (now() if full_read else last_full or now()).isoformat(),
+                    "generation": based_on + 1}
             conn.execute(delete(mirror))
             conn.execute(delete(binding).where(binding.c.key == "settled"))  # news from Entra: not applied yet
             conn.execute(insert(mirror), [
                 {"key": "snapshot", "data": _encode_snapshot(snapshot), "updated_at": now()},
                 {"key": "meta", "data": json.dumps(meta).encode(), "updated_at": now()},
             ])
+            return True
 
-    def save_links(self, links: dict) -> None:
-        """New delta links for an unchanged snapshot (Graph hands out new links every round)."""
+    def save_links(self, links: dict, based_on: int) -> bool:
+        """New delta links for an unchanged snapshot (Graph hands out new links every round); as save_mirror,
+        only over the generation they were read from."""
         with self._lock, self.engine.begin() as conn:
-            meta = {**self._mirror_meta(conn), "links": links}
+            meta = self._mirror_meta(conn)
+            if meta.get("generation", 0) != based_on:
+                return False
+            meta = {**meta, "links": links, "generation": based_on + 1}
             conn.execute(update(mirror).where(mirror.c.key == "meta").values(data=json.dumps(meta).encode(), updated_at=now()))
+            return True
 
     @staticmethod
     def _mirror_meta(conn) -> dict:
@@ -407,11 +519,12 @@ class StateStore:
     def acquire_lock(self, run_id: str, lease: timedelta = LOCK_LEASE) -> None:
         """Take the directory lock, or raise DirectoryBusy naming the run that holds it.
 
-        A lock is taken over when it is this same run (a Prefect retry), when its holder was a
-        process on this host that no longer exists (killed), or when its lease has expired.
+        A lock is taken over when it is this same run (a Prefect retry), when its lease expired
+        (its holder stopped renewing it), or when its holder was a process of this machine's own
+        process space that no longer exists (killed). A process on another host, or in another
+        container that shares this hostname, is only ever waited out to the end of its lease.
         """
-        me = f"{socket.gethostname()}:{os.getpid()}"
-        row = dict(name="directory", holder=me, run_id=run_id, acquired_at=now(), expires_at=now() + lease)
+        row = dict(name="directory", holder=lock_holder(), run_id=run_id, acquired_at=now(), expires_at=now() + lease)
         held = None
         with self._lock:
             for _attempt in range(2):
@@ -437,19 +550,36 @@ class StateStore:
                         return
         since = f", since {held.acquired_at:%Y-%m-%d %H:%M:%S} UTC" if held else ""
         raise DirectoryBusy(
-            f"another run ({held.run_id if held else 'unknown'}, process {held.holder if held else '?'}{since}) is "
-            f"syncing this directory; wait for it to finish (runs of one directory never interleave)"
+            f"another run ({held.run_id if held else 'unknown'}, process {_shown_holder(held.holder) if held else '?'}{since}) "
+            f"is syncing this directory; wait for it to finish (runs of one directory never interleave)"
         )
+
+    def renew_lock(self, run_id: str, lease: timedelta = LOCK_LEASE) -> bool:
+        """Extend this process's hold of the lock for `run_id`; False when it is no longer ours."""
+        with self._lock, self.engine.begin() as conn:
+            return conn.execute(
+                update(locks).where(locks.c.name == "directory", locks.c.holder == lock_holder(), locks.c.run_id == run_id)
+                .values(expires_at=now() + lease)
+            ).rowcount == 1
 
     def release_lock(self, run_id: str) -> None:
         with self._lock, self.engine.begin() as conn:
-            conn.execute(delete(locks).where(locks.c.name == "directory", locks.c.run_id == run_id))
+            conn.execute(delete(locks).where(locks.c.name == "directory", locks.c.run_id == run_id,
+                                             locks.c.holder == lock_holder()))
 
     # -- runs and history -------------------------------------------------------------
-    def start_run(self, run_id: str, mode: str) -> None:
+    def start_run(self, run_id: str, mode: str) -> dict | None:
+        """Record the run as running. A Prefect retry reuses the run id and keeps its first start; then the
+        answer is the latest other run of the directory that started after it (None when there is none)."""
         with self._lock, self.engine.begin() as conn:
-            conn.execute(delete(runs).where(runs.c.run_id == run_id))  # a Prefect retry reuses the run id
-            conn.execute(insert(runs).values(run_id=run_id, started_at=now(), mode=mode, status="running"))
+            first = conn.execute(select(runs.c.started_at).where(runs.c.run_id == run_id)).scalar()
+            if first is None:
+                conn.execute(insert(runs).values(run_id=run_id, started_at=now(), mode=mode, status="running"))
+                return None
+            conn.execute(update(runs).where(runs.c.run_id == run_id).values(status="running", finished_at=None))
+            later = conn.execute(select(runs).where(runs.c.run_id != run_id, runs.c.mode == mode, runs.c.started_at > first)
+                                 .order_by(runs.c.started_at.desc()).limit(1)).one_or_none()
+            return dict(later._mapping) if later else None
 
     def finish_run(self, run_id: str, status: str, counts: dict | None = None, message: str | None = None) -> None:
         with self._lock, self.engine.begin() as conn:
@@ -495,21 +625,28 @@ def _audit_row(run_id, operation, object_type, object_id, name, outcome, detail=
 
 def _encode_snapshot(snapshot: Snapshot) -> bytes:
     """Compressed JSON (no pickle: the store must never be able to run code)."""
-    document = {
+    return zlib.compress(json.dumps(snapshot_document(snapshot), ensure_ascii=False).encode(), 1)
+
+
+def _decode_snapshot(data: bytes) -> Snapshot:
+    return snapshot_from_document(json.loads(zlib.decompress(data)))
+
+
+def snapshot_document(snapshot: Snapshot) -> dict:
+    """A snapshot as a JSON document (the mirror here, the extract's persisted result in Prefect)."""
+    return {
         "tenant_id": snapshot.tenant_id, "organization": snapshot.organization,
         "verified_domains": snapshot.verified_domains, "initial_domain": snapshot.initial_domain,
-        **{name: _frame_document(getattr(snapshot, name)) for name in ("users", "groups", "edges")},
+        **{name: frame_document(getattr(snapshot, name)) for name in ("users", "groups", "edges")},
     }
-    return zlib.compress(json.dumps(document, ensure_ascii=False).encode(), 1)
 
 
-def _frame_document(frame: pd.DataFrame) -> dict:
+def frame_document(frame: pd.DataFrame) -> dict:
     values = frame.astype(object).where(frame.notna(), None)
     return {"columns": list(frame.columns), "data": values.to_numpy().tolist()}
 
 
-def _decode_snapshot(data: bytes) -> Snapshot:
-    document = json.loads(zlib.decompress(data))
+def snapshot_from_document(document: dict) -> Snapshot:
     frames = {}
     for name in ("users", "groups", "edges"):
         part = document[name]
@@ -525,8 +662,16 @@ def _lock_is_free(held, run_id: str) -> bool:
     expires = held.expires_at if held.expires_at.tzinfo else held.expires_at.replace(tzinfo=timezone.utc)
     if expires < now():
         return True
-    host, _, pid = held.holder.rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid))
+    parts = held.holder.split(":")
+    if len(parts) != 4 or PID_SPACE == "unknown":  # a holder of an older guardsync: its lease decides
+        return False
+    _host, pid, space, _token = parts
+    return space == PID_SPACE and pid.isdigit() and not _process_alive(int(pid))
+
+
+def _shown_holder(holder: str) -> str:
+    """host:pid of a holder, for people."""
+    return ":".join(holder.split(":")[:2])
 
 
 def _process_alive(pid: int) -> bool:
@@ -538,12 +683,3 @@ def _process_alive(pid: int) -> bool:
         return True
     return True
 
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "the configured URL"

@@ -14,14 +14,14 @@ from guardsync.gates import blocked_message, run_gate
 from guardsync.observe import Observation
 from guardsync.plan import AppliedState, Plan
 from guardsync.validate import Validated
-from tasks.common import PER_RUN, transient_only
+from tasks.common import PERSISTED, transient_only
 from tasks.load import LOAD_OPTIONS
 from tasks.plan import publish_plan
 
 ACCESS_GATE_KEYS = ("group_id", "workspace_id")
 
 
-@task(name="plan-access", cache_policy=PER_RUN, persist_result=True, retries=2, retry_delay_seconds=30,
+@task(name="plan-access", **PERSISTED, retries=2, retry_delay_seconds=30,
       retry_condition_fn=transient_only)
 def plan_access(admin: AdminClient, access: AccessSettings, validated: Validated, recorded: AppliedState,
                 observation: Observation | None, plan: Plan, made: set[tuple[str, str]]) -> AccessPlan:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from prefect.cache_policies import RUN_ID, TASK_SOURCE
+from prefect.cache_policies import NO_CACHE, RUN_ID, TASK_SOURCE
 
 from guardsync.errors import TransientError
+from tasks.results import SERIALIZER
 
 # Cached per flow run: a failed run retried in Prefect (same run id) reuses the stages that
-# completed (the extract, the plan) and re-runs only what failed. The next run recomputes.
+# completed (the extract, the drift read, the plan, the loads) and re-runs only what failed.
+# The next run recomputes. Their results are typed JSON (tasks.results), never pickle.
 PER_RUN = TASK_SOURCE + RUN_ID
+PERSISTED = dict(cache_policy=PER_RUN, persist_result=True, result_serializer=SERIALIZER)
+# Stages a retry recomputes in moments from the kept extract (flatten, scope, gates): nothing persisted,
+# so no more of the tenant lies in the result storage than a retry needs.
+RECOMPUTED = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
 def transient_only(task, task_run, state) -> bool:

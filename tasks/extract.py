@@ -10,21 +10,24 @@ from prefect import get_run_logger, task
 from guardsync.delta import apply_changes
 from guardsync.graph import DeltaLinks, GraphClient
 from guardsync.models import Snapshot
-from tasks.common import PER_RUN, transient_only
+from tasks.common import PERSISTED, transient_only
+from tasks.results import persisted
 
 
+@persisted
 @dataclass
 class Extracted:
     snapshot: Snapshot
     links: DeltaLinks
     full: bool  # a complete read: also the moment to check Atlassian for drift
     changed: bool  # a full read, or anything changed since the last run (else the stored snapshot stays as it is)
+    based_on: int = 0  # the mirror generation it was read from: a kept extract is never saved over a newer one
 
 
-@task(name="extract", cache_policy=PER_RUN, persist_result=True, retries=2, retry_delay_seconds=30,
+@task(name="extract", **PERSISTED, retries=2, retry_delay_seconds=30,
       retry_condition_fn=transient_only)
-def extract(graph: GraphClient, previous: Snapshot | None, links: DeltaLinks | None) -> Extracted:
-    """`previous` and `links` None means a full read."""
+def extract(graph: GraphClient, previous: Snapshot | None, links: DeltaLinks | None, based_on: int = 0) -> Extracted:
+    """`previous` and `links` None means a full read; `based_on` is the generation of the mirror they came from."""
     changes = graph.read_changes(links if previous is not None else None)
     snapshot = apply_changes(previous, changes)
     get_run_logger().info(
@@ -35,4 +38,4 @@ def extract(graph: GraphClient, previous: Snapshot | None, links: DeltaLinks | N
         len(changes.groups) + len(changes.removed_groups), len(changes.added_edges) + len(changes.removed_edges),
         sum(graph.requests_made.values()),
     )
-    return Extracted(snapshot, changes.links, changes.full, not changes.is_empty)
+    return Extracted(snapshot, changes.links, changes.full, not changes.is_empty, based_on)

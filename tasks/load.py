@@ -25,12 +25,12 @@ from prefect.exceptions import ObjectNotFound
 from guardsync.load import Loader, LoadReport
 from guardsync.progress import chain, progress_reporter
 from guardsync.plan import Plan
-from tasks.common import PER_RUN, transient_only
+from tasks.common import PERSISTED, transient_only
 
 _UNTHROTTLED_SAID: set[tuple[str, str]] = set()  # (flow run id, limit name): "no limit" said for this run
 TERMINAL_PROGRESS = progress_reporter(sys.stderr)  # bars on a terminal, a plain line every 10% elsewhere
 
-LOAD_OPTIONS = dict(cache_policy=PER_RUN, persist_result=True, retries=2, retry_delay_seconds=30,
+LOAD_OPTIONS = dict(**PERSISTED, retries=2, retry_delay_seconds=30,
                     retry_condition_fn=transient_only)
 
 

@@ -10,12 +10,12 @@ from guardsync.observe import Observation, observe
 from guardsync.plan import AppliedState
 from guardsync.scim import ScimClient
 from guardsync.summary import markdown_table
-from tasks.common import PER_RUN, transient_only
+from tasks.common import PERSISTED, transient_only
 
 MAX_ROWS = 500  # attribute edits the drift artifact lists; the summary counts them all
 
 
-@task(name="observe", cache_policy=PER_RUN, persist_result=True, retries=2, retry_delay_seconds=30,
+@task(name="observe", **PERSISTED, retries=2, retry_delay_seconds=30,
       retry_condition_fn=transient_only)
 def observe_atlassian(scim: ScimClient, recorded: AppliedState) -> Observation:
     observation = observe(recorded, list(scim.iter_users()), list(scim.iter_groups()))

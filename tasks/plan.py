@@ -12,12 +12,12 @@ from guardsync.guards import empty_scope, managed_active_users, too_many_deprovi
 from guardsync.observe import Observation
 from guardsync.plan import AppliedState, Plan, make_plan
 from guardsync.validate import Validated
-from tasks.common import PER_RUN
+from tasks.common import PERSISTED
 
 MAX_ROWS = 500  # the artifact table shows the first changes; the counts cover all of them
 
 
-@task(name="plan", cache_policy=PER_RUN, persist_result=True)
+@task(name="plan", **PERSISTED)
 def plan_changes(validated: Validated, recorded: AppliedState, observation: Observation | None, sync: SyncSettings,
                  allow_mass_deactivation: bool) -> Plan:
     """`recorded` is the state store's record; `observation` (first runs, full reads) what Atlassian holds."""

@@ -8,10 +8,10 @@ from prefect import get_run_logger, task
 from guardsync.config import SyncSettings
 from guardsync.models import Snapshot
 from guardsync.scope import Scoped, scope
-from tasks.common import PER_RUN
+from tasks.common import RECOMPUTED
 
 
-@task(name="scope", cache_policy=PER_RUN, persist_result=True)
+@task(name="scope", **RECOMPUTED)
 def scope_users(snapshot: Snapshot, memberships: pd.DataFrame, sync: SyncSettings) -> Scoped:
     scoped = scope(snapshot, memberships, sync)
     get_run_logger().info(

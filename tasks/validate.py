@@ -9,10 +9,10 @@ from guardsync.config import SyncSettings
 from guardsync.errors import GuardsyncBlocked
 from guardsync.scope import Scoped
 from guardsync.validate import Validated, validate
-from tasks.common import PER_RUN
+from tasks.common import RECOMPUTED
 
 
-@task(name="validate", cache_policy=PER_RUN, persist_result=True)
+@task(name="validate", **RECOMPUTED)
 def validate_gates(scoped: Scoped, sync: SyncSettings) -> Validated:
     validated = validate(scoped, sync.max_group_size)
     rows = [

@@ -139,6 +139,7 @@ def fast_retries(monkeypatch):
 
     monkeypatch.setitem(GraphClient.__init__.__kwdefaults__, "max_retry_seconds", 1.5)
     monkeypatch.setitem(ScimClient.__init__.__kwdefaults__, "max_retry_seconds", 1.5)
+    _tune_clients(monkeypatch, max_retry_seconds=1.5)  # the flow passes [sync] retry_budget_seconds
     for name in ("extract", "read_drift", "load_users", "load_groups", "load_memberships"):
         if hasattr(flow_module, name):
             monkeypatch.setattr(flow_module, name, getattr(flow_module, name).with_options(retry_delay_seconds=0))
@@ -167,6 +168,23 @@ def short_timeouts(monkeypatch):
 
     monkeypatch.setattr(guardsync.graph, "TIMEOUT", (5, 0.5))
     monkeypatch.setattr(guardsync.scim, "TIMEOUT", (5.0, 0.5))
+    _tune_clients(monkeypatch, timeout=(5.0, 0.5))  # the flow passes [sync] request_timeout_seconds
+
+
+def _tune_clients(monkeypatch, **attributes) -> None:
+    """Set attributes of the clients the flow builds from the settings."""
+    import flows.sync_directory as flow_module
+
+    built = flow_module.connect
+
+    def connect(settings, dry_run):
+        graph, scim, store = built(settings, dry_run)
+        for client in (graph, scim):
+            for name, value in attributes.items():
+                setattr(client, name, value)
+        return graph, scim, store
+
+    monkeypatch.setattr(flow_module, "connect", connect)
 
 
 def scim_error(status: int, detail: str, scim_type: str | None = None) -> str:

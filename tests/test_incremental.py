@@ -143,3 +143,62 @@ def test_full_flag_and_periodic_full_read(sandbox, state_url, sync):
     status, summary = sync(sandbox.settings(state_url, full_read_every_hours=0.0001))  # due again already
     assert status == 0 and sandbox.scim.total("GET") > 0 and summary.last_full_read >= first_full
     assert scim_writes(sandbox) == 0
+
+
+def test_an_edited_gate_or_a_new_guardsync_is_applied_even_when_entra_did_not_change(make_sandbox, state_url, sync,
+                                                                                      tmp_path, monkeypatch):
+    """The README has operators change a gate by editing expectations/*.json: the next run must apply it,
+    not stop after the read because Entra did not change. So must a run of an upgraded guardsync."""
+    import json
+    import shutil
+
+    import guardsync.run
+    from guardsync.gates import DEFAULT_EXPECTATIONS_DIR
+
+    suites = tmp_path / "expectations"
+    shutil.copytree(DEFAULT_EXPECTATIONS_DIR, suites)
+    monkeypatch.setenv("GUARDSYNC_EXPECTATIONS", str(suites))
+    sandbox = make_sandbox(users=200, groups=12)
+    settings = sandbox.settings(state_url)
+    assert sync(settings)[0] == 0
+    status, summary = sync(settings)
+    assert status == 0 and summary.message.startswith("no change in Entra"), summary  # settled
+
+    users = json.loads((suites / "users.json").read_text())
+    users["meta"]["description"] += " Edited by the admins."
+    (suites / "users.json").write_text(json.dumps(users))
+    status, summary = sync(settings)
+    assert status == 0 and not summary.message, "an edited gate must be applied, not skipped over"
+    assert summary.excluded, "scope and the gates ran"
+    assert sync(settings)[1].message.startswith("no change in Entra")  # settled again under the edited gate
+
+    monkeypatch.setattr(guardsync.run, "guardsync_version", lambda: "99.0.0")
+    status, summary = sync(settings)
+    assert status == 0 and not summary.message, "a new guardsync version must reconcile once"
+
+
+def test_an_extract_kept_from_before_never_goes_back_over_a_newer_mirror(tmp_path):
+    """A retried run's cached extract was read from generation N; once a later run saved N+1, saving it is refused."""
+    import pandas as pd
+
+    from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, Snapshot
+    from guardsync.state import StateStore
+
+    def snapshot(title: str) -> Snapshot:
+        users = pd.DataFrame([["u1", "ada@contoso.com", "ada@contoso.com", "Ada", "Ada", "L", title, True, "Member"]],
+                             columns=USER_COLUMNS)
+        return Snapshot("t1", "Contoso", users, pd.DataFrame(columns=GROUP_COLUMNS), pd.DataFrame(columns=EDGE_COLUMNS),
+                        ["contoso.com"], None)
+
+    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        start = store.load_mirror().generation
+        assert store.save_mirror(snapshot("old"), {"users": "link-A"}, True, based_on=start)  # run A's extract
+        newer = store.load_mirror().generation
+        assert store.save_mirror(snapshot("new"), {"users": "link-B"}, False, based_on=newer)  # run B, later
+        assert not store.save_mirror(snapshot("old"), {"users": "link-A"}, True, based_on=newer - 1)  # A's retry
+        assert not store.save_links({"users": "link-A"}, based_on=newer - 1)
+        mirror = store.load_mirror()
+        assert mirror.links == {"users": "link-B"} and mirror.snapshot.users["jobTitle"].tolist() == ["new"]
+    finally:
+        store.dispose()

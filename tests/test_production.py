@@ -8,7 +8,9 @@ should, that one directory never runs twice at once while the two directories ru
 that the loads of all runs together stay under the SCIM API's global concurrency limit, the
 artifacts, that both Atlassian sides hold exactly the users and groups in scope, and that the
 README's automation tells the admins (a webhook on loopback) about the blocked run. Then a run
-that fails in its last load is retried as the UI's Retry button does: it must resume there.
+that fails in its last load is retried as the UI's Retry button does: it must resume there. Last,
+a run that failed is retried after a later run completed: it must stop, and leave the leaver
+that later run deactivated as it is.
 
 It prints the timeline of the runs. Everything is stopped and the databases dropped in the end.
 """
@@ -44,7 +46,7 @@ from tests.production.stack import (
     secret_name,
     wait_healthy,
 )
-from tests.test_flow import expected_upns, group_id, groups_by_name, transitive_users, user_names
+from tests.test_flow import expected_upns, group_id, groups_by_name, transitive_users
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +89,7 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_two_directories_on_two_workers_with_a_postgres_server(tmp_path):
     started = time.monotonic()
     tag = uuid.uuid4().hex[:10]
@@ -262,20 +264,11 @@ def test_two_directories_on_two_workers_with_a_postgres_server(tmp_path):
             newcomer = next(uid for uid in sorted(fabrikam.tenant.users) if upn_of[uid] in expected_upns(fabrikam.tenant)
                             and uid not in transitive_users(fabrikam.tenant, pilot))
             fabrikam.tenant.add_member(pilot, newcomer)  # one membership to add: only load-memberships writes
-            fabrikam.scim.inject(Fault("PATCH", r"/Groups/", status=401, times=1,
-                                       body='{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"401"}'))
-            with get_client(sync_client=True) as client:
-                runs["fabrikam-retried"] = str(client.create_flow_run_from_deployment(
-                    deployments["fabrikam"].id, name="fabrikam-retried").id)
-            failed = _wait_for_final({"fabrikam-retried": runs["fabrikam-retried"]}, timeout=90)["fabrikam-retried"]
+            fabrikam.scim.inject(_refused("PATCH", r"/Groups/"))
+            failed = _run_deployment(deployments["fabrikam"], "fabrikam-retried", runs)
             assert failed.state.type.value == "FAILED" and "AuthError" in failed.state.message, failed.state.message
             graph_reads = _graph_reads(fabrikam)
-            with get_client(sync_client=True) as client:  # what the UI's Retry button sends
-                from prefect.states import State, StateType
-
-                client.set_flow_run_state(uuid.UUID(runs["fabrikam-retried"]), force=True, state=State(
-                    type=StateType.SCHEDULED, name="AwaitingRetry", message="Retry from the UI"))
-            retried = _wait_for_final({"fabrikam-retried": runs["fabrikam-retried"]}, timeout=90)["fabrikam-retried"]
+            retried = _retry_from_the_ui(runs["fabrikam-retried"])
             with get_client(sync_client=True) as client:
                 history = [s.name for s in sorted(client.read_flow_run_states(retried.id), key=lambda s: s.timestamp)]
                 task_states = _task_states(client, retried.id)
@@ -292,6 +285,30 @@ def test_two_directories_on_two_workers_with_a_postgres_server(tmp_path):
             assert "fabrikam-retried" in failed_message and "AuthError" in failed_message and "Retry the run" in failed_message
             for text in (blocked_message, failed_message):
                 assert all(sb.api_key not in text and sb.tenant.client_secret not in text for sb in sandboxes.values())
+
+            # -- a retry after a later completed run: its kept extract and plan must not be applied ---------
+            # Run A plans an update of X (a new title: PUT with active true) and fails in load-users. X then
+            # leaves (disabled in Entra) and run B completes: X is deactivated. The operator presses Retry on A.
+            leaver = next(uid for uid in sorted(fabrikam.tenant.users) if upn_of[uid] in expected_upns(fabrikam.tenant))
+            fabrikam.tenant.update_user(leaver, jobTitle="Head of Leaving")
+            fabrikam.scim.inject(_refused("PUT", r"/Users/"))
+            stale = _run_deployment(deployments["fabrikam"], "fabrikam-stale", runs)
+            assert stale.state.type.value == "FAILED" and "AuthError" in stale.state.message, stale.state.message
+            assert _scim_user(fabrikam, upn_of[leaver])["active"] is True
+            fabrikam.tenant.update_user(leaver, accountEnabled=False)
+            later = _run_deployment(deployments["fabrikam"], "fabrikam-later", runs)
+            assert later.state.type.value == "COMPLETED", later.state.message
+            assert _scim_user(fabrikam, upn_of[leaver])["active"] is False
+            writes_before = _scim_writes(fabrikam)
+            retried_stale = _retry_from_the_ui(runs["fabrikam-stale"])
+            print(f"fabrikam-stale retried: {retried_stale.state_name}: {retried_stale.state.message}")
+            assert retried_stale.state.type.value == "FAILED", retried_stale.state.message
+            assert "StaleRetry" in retried_stale.state.message and runs["fabrikam-later"] in retried_stale.state.message
+            assert "ran again since it started" in retried_stale.state.message
+            assert "start a new run instead of retrying" in retried_stale.state.message
+            assert _scim_user(fabrikam, upn_of[leaver])["active"] is False, "the retry reactivated the leaver"
+            assert _scim_writes(fabrikam) == writes_before, "the stale retry wrote to Atlassian"
+            _assert_directory_in_sync(fabrikam)
 
         print(f"\nserver healthy after {health_seconds:.1f}s; runs triggered at {triggered_seconds:.1f}s, "
               f"all final at {finished_seconds:.1f}s; {len(holds)} SCIM slot holds of {SCIM_SLOTS} on {scim_limit}, "
@@ -356,6 +373,40 @@ def _wait_for_messages(webhook: WebhookReceiver, count: int, timeout: float = 30
     texts = [json.loads(message["body"])["text"] for message in webhook.received]
     assert len(texts) == count, texts
     return texts
+
+
+def _refused(method: str, path: str) -> Fault:
+    """Atlassian refuses the key once (401): the load fails for good, a retry is the operator's call."""
+    return Fault(method, path, status=401, times=1,
+                 body='{"schemas":["urn:ietf:params:scim:api:messages:2.0:Error"],"status":"401"}')
+
+
+def _run_deployment(deployment, name: str, runs: dict[str, str]):
+    """One run of the deployment, named `name` (recorded in runs), waited for to its end."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        runs[name] = str(client.create_flow_run_from_deployment(deployment.id, name=name).id)
+    return _wait_for_final({name: runs[name]}, timeout=90)[name]
+
+
+def _retry_from_the_ui(run_id: str):
+    """What the UI's Retry button sends; the run waited for to its new end."""
+    from prefect import get_client
+    from prefect.states import State, StateType
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(uuid.UUID(run_id), force=True, state=State(
+            type=StateType.SCHEDULED, name="AwaitingRetry", message="Retry from the UI"))
+    return _wait_for_final({"retried": run_id}, timeout=90)["retried"]
+
+
+def _scim_user(sandbox: Sandbox, user_name: str) -> dict:
+    return next(user for user in sandbox.scim.users() if user["userName"] == user_name)
+
+
+def _scim_writes(sandbox: Sandbox) -> int:
+    return sum(sandbox.scim.total(method) for method in ("POST", "PUT", "PATCH", "DELETE"))
 
 
 def _graph_reads(sandbox: Sandbox) -> int:
@@ -451,7 +502,7 @@ def _most_slots_at_once(holds, tolerance: float = 0.25) -> int:
 def _assert_directory_in_sync(sandbox: Sandbox) -> None:
     tenant = sandbox.tenant
     in_scope = expected_upns(tenant)
-    assert user_names(sandbox) == in_scope
+    assert {user["userName"] for user in sandbox.scim.users() if user["active"]} == in_scope  # leavers: deactivated
     atlassian = groups_by_name(sandbox)
     assert set(atlassian) == {g["displayName"] for g in tenant.groups.values()}
     for gid, group in tenant.groups.items():

@@ -457,3 +457,35 @@ def test_a_state_url_with_a_password_through_env_leaks_nothing(secrets_sandbox, 
         with admin.connect() as connection:
             connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.dispose()
+
+
+@pytest.mark.parametrize("url", [
+    f"postgresql+psycopg://guardsync@127.0.0.1:5432/guardsync_x?password={PLANTED_PASSWORD}",
+    f"postgresql+psycopg://guardsync@127.0.0.1:5432/guardsync_x?sslmode=require&sslpassword={PLANTED_PASSWORD}",
+], ids=["password", "sslpassword"])
+def test_a_password_in_a_state_url_query_is_refused(secrets_sandbox, url):
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(secrets_sandbox.config(url))
+    message = str(caught.value)
+    assert "[sync] state" in message and "?password=" in message and "env:VARIABLE" in message
+    assert PLANTED_PASSWORD not in message + repr(caught.value)
+
+
+def test_a_query_password_from_a_secret_reference_is_never_printed(secrets_sandbox, fresh_postgres, tmp_path, monkeypatch,
+                                                                    capsys):
+    """Through env:, the URL is allowed; wherever it is printed (check, an error opening it) its password is not."""
+    from guardsync.cli import main
+    from guardsync.state import StateStore
+
+    unreachable = fresh_postgres.replace("127.0.0.1:5432", "127.0.0.1:1") + f"?password={PLANTED_PASSWORD}"
+    with pytest.raises(ConfigError) as caught:
+        StateStore(unreachable)
+    assert "cannot open" in str(caught.value) and "password=***" in str(caught.value)
+    assert PLANTED_PASSWORD not in exception_text(caught.value)
+
+    monkeypatch.setenv("GUARDSYNC_TEST_STATE_URL", f"{fresh_postgres}?password={PLANTED_PASSWORD}")
+    config = write_config(tmp_path / "g.toml", secrets_sandbox.config("env:GUARDSYNC_TEST_STATE_URL"))
+    main(["check", "--config", str(config)])
+    out, err = capsys.readouterr()
+    assert "password=***" in out, out
+    assert PLANTED_PASSWORD not in out + err
