@@ -17,7 +17,7 @@ from prefect.utilities.annotations import opaque
 from guardsync.config import Settings, resolve_secret
 from guardsync.errors import GuardsyncBlocked, GuardsyncError
 from guardsync.gates import warm_up_in_background
-from guardsync.models import content_digest
+from guardsync.models import content_digest, user_columns
 from guardsync.graph import DeltaLinks, GraphClient
 from guardsync.load import Loader
 from guardsync.scim import ScimClient
@@ -93,10 +93,12 @@ def sync_directory(
         store.start_run(run_id, mode)
     try:
         previous, links, last_full = store.load_mirror()
-        full_read = full or previous is None or full_read_due(last_full, settings.sync.full_read_every_hours)
+        needed = user_columns(settings.attributes.sources())
+        full_read = (full or previous is None or full_read_due(last_full, settings.sync.full_read_every_hours)
+                     or not set(needed) <= set(previous.users.columns))  # newly mapped: the mirror lacks it
         if full_read:  # a full read waits seconds on Graph, and the gates follow: make GX ready meanwhile
             warm_up_in_background()
-        extracted = extract(graph, None if full_read else previous, None if full_read else DeltaLinks(**links))
+        extracted = extract(graph, None if full_read else previous, None if full_read else DeltaLinks(**links), needed)
         snapshot = extracted.snapshot
         store.check_binding(snapshot.tenant_id, settings.atlassian.scim_url)
         if not dry_run and extracted.changed:
@@ -136,10 +138,11 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
               store: StateStore, dry_run: bool, allow_mass_deactivation: bool) -> None:
     """Scope, gate, plan and (unless dry_run) load one snapshot; fills the summary as it goes."""
     snapshot, run_id = extracted.snapshot, summary.run_id
-    scoped = scope_users(snapshot, flatten(snapshot), settings.sync)
+    scoped = scope_users(snapshot, flatten(snapshot), settings.sync, settings.attributes)
     summary.excluded = dict(scoped.excluded)
     validated = validate_gates(scoped, settings.sync)
     summary.quarantined = validated.quarantined_by_rule()
+    summary.values_left_out = dict(validated.values_left_out)
     summary.quarantined_examples = [
         f"{row.identifier or '(none)'} [{row.id}] ({row.rule})" for row in validated.quarantined.head(20).itertuples()
     ]

@@ -29,6 +29,7 @@ class RunSummary:
     last_full_read: str | None = None  # when Entra was last read in full (delta runs merge into it)
     drift: list[str] = field(default_factory=list)  # managed objects changed by hand in Atlassian, restored
     handovers: list[str] = field(default_factory=list)  # identifiers passed from one Entra user to another
+    values_left_out: dict[str, int] = field(default_factory=dict)  # attribute -> users sent without a refused value
     requests: dict[str, int] = field(default_factory=dict)
     message: str = ""
 
@@ -49,6 +50,9 @@ class RunSummary:
             "  users excluded: " + _by_key(self.excluded),
             "  users quarantined: " + _by_key(self.quarantined),
         ]
+        if self.values_left_out:
+            out.append("  values left out (Atlassian would refuse them; the users still sync): "
+                       + _by_key(self.values_left_out))
         if self.quarantined_examples:
             more = sum(self.quarantined.values()) - len(self.quarantined_examples)
             out.append("    " + "; ".join(self.quarantined_examples) + (f"; and {more} more" if more > 0 else ""))

@@ -76,7 +76,8 @@ def to_toml(config: dict) -> str:
     for section, values in config.items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            bare = key.replace("_", "").replace("-", "").isalnum()
+            lines.append(f"{key if bare else _toml_value(key)} = {_toml_value(value)}")  # "phoneNumbers.work" quoted
         lines.append("")
     return "\n".join(lines)
 
