@@ -560,7 +560,7 @@ _REMOVED = object()  # a membership's last change was its removal
 def _changes(full: bool, users: list[dict], groups: list[dict], links: DeltaLinks, tenant: dict) -> GraphChanges:
     """Net one round of delta items: the last word on each object and membership wins, so a
     replayed change, or a big group spread over several pages, comes out once."""
-    changed_users, removed_users = _net_users(users, tenant["user_columns"])
+    changed_users, removed_users = _net_users(users, tenant.get("user_columns") or USER_COLUMNS)
     changed_groups, removed_groups, edges = _net_groups(groups)
     gone = set(removed_groups)
     return GraphChanges(
