@@ -348,10 +348,10 @@ def _add_profiles(tenant: Tenant, rng: random.Random, bad_records: bool) -> None
         user[cost_center] = f"CC-{rng.randint(100, 999)}" if rng.random() < 0.7 else None
         user[time_zone] = rng.choice(TIME_ZONES)
     if bad_records:  # refused values on users who otherwise sync
-        keep = [u for u in tenant.users.values() if u["userType"] == "Member" and u["accountEnabled"]]
-        for user, language in zip(keep[:2], ("English", "en_US")):
+        plain = [u for u in tenant.users.values() if u["userType"] == "Member" and u["accountEnabled"]][10:13]
+        for user, language in zip(plain, ("English", "en_US")):  # not the first users: those have case twins
             user["preferredLanguage"] = language
-        keep[2][time_zone] = "CET+1"
+        plain[2][time_zone] = "CET+1"
 
 
 def _empty_tenant(rng: random.Random, domains: list[str], bad_records: bool) -> Tenant:
