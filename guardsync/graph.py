@@ -136,7 +136,7 @@ class GraphChanges:
     initial_domain: str | None
     tenant_id: str
     organization: str
-    user_columns: list[str] = None  # the users frame's columns these user dicts carry (USER_COLUMNS + mapped sources)
+    user_columns: list[str] | None = None  # the users frame's columns these user dicts carry (USER_COLUMNS + mapped sources)
 
     @property
     def is_empty(self) -> bool:

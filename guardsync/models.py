@@ -76,7 +76,7 @@ class Snapshot:
 
     tenant_id: str
     organization: str
-    users: pd.DataFrame  # USER_COLUMNS
+    users: pd.DataFrame  # user_columns(mapped sources): USER_COLUMNS, then one text column per other source
     groups: pd.DataFrame  # GROUP_COLUMNS
     edges: pd.DataFrame  # EDGE_COLUMNS; member_type: user, group, device, servicePrincipal, orgContact
     verified_domains: list[str]

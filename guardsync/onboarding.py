@@ -740,6 +740,13 @@ def render_config(answers: InitAnswers) -> str:
         f"# write_concurrency = {fields['write_concurrency'].default}       # parallel SCIM writes",
         f"# full_read_every_hours = {fields['full_read_every_hours'].default:g}  # delta sync: a full read at least this often",
         "",
+        "# Optional: Atlassian attribute = Entra user property. Left out, guardsync sends what Atlassian's own",
+        "# Entra sync sends (names, title, preferredLanguage, work and mobile phone, department); \"\" sends nothing.",
+        "# [attributes]",
+        '# organization = "companyName"',
+        '# nickName = "onPremisesExtensionAttributes.extensionAttribute3"',
+        '# "phoneNumbers.mobile" = ""',
+        "",
     ]
     return "\n".join(lines)
 

@@ -243,6 +243,8 @@ def test_upgrade_from_a_store_without_attributes_writes_each_user_with_new_value
     properties. The first run reads Entra in full and writes each user whose new attributes are not
     all empty, once; the next writes nothing."""
     sandbox = make_sandbox(users=150, groups=10)
+    for uid in list(sandbox.tenant.users)[:5]:  # users without any of the new values: not written
+        sandbox.tenant.update_user(uid, preferredLanguage=None, businessPhones=[], mobilePhone=None, department=None)
     before_upgrade = {"preferredLanguage": "", "phoneNumbers.work": "", "phoneNumbers.mobile": "", "department": ""}
     assert sync(settings_with(sandbox, state_url, **before_upgrade))[0] == 0
     store = StateStore(state_url)
