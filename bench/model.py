@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass, field
 
 from guardsync.sandbox.tenant import Tenant
@@ -28,7 +29,11 @@ GRAPH_FIXED = {  # requests any run makes once, whatever the tenant size
     "GET /v1.0/domains": 1,
 }
 
-UserRecord = tuple  # (userName, displayName, givenName, familyName, title, active)
+# (userName, displayName, givenName, familyName, title, active, then the rest of Atlassian's own Entra sync
+# (the default [attributes]): preferredLanguage, work phone (the first businessPhones), mobile phone, department)
+UserRecord = tuple
+ACTIVE = 5  # where `active` is in a UserRecord
+LANGUAGE_TAG = re.compile(r"^[A-Za-z]{2,3}(?:-[A-Za-z]{4})?(?:-(?:[A-Za-z]{2}|[0-9]{3}))?(?:-(?:[A-Za-z0-9]{5,8}|[0-9][A-Za-z0-9]{3}))*\Z")
 
 
 @dataclass
@@ -49,15 +54,20 @@ class Applied:
 
 def desired_state(tenant: Tenant) -> Desired:
     with tenant.lock:
-        users = {
-            uid: (u["userPrincipalName"], u.get("displayName") or "", u.get("givenName") or "",
-                  u.get("surname") or "", u.get("jobTitle") or "", u.get("accountEnabled") is True)
-            for uid, u in tenant.users.items()
-        }
-        enabled = {uid for uid, record in users.items() if record[5]}
+        users = {uid: _record(u) for uid, u in tenant.users.items()}
+        enabled = {uid for uid, record in users.items() if record[ACTIVE]}
         groups = {gid: (g["displayName"], frozenset(_transitive_users(tenant, gid) & enabled))
                   for gid, g in tenant.groups.items()}
     return Desired(users, groups)
+
+
+def _record(u: dict) -> UserRecord:
+    """What Atlassian should hold of a user: empty values are not sent, nor a language that is no tag."""
+    language = u.get("preferredLanguage") or ""
+    return (u["userPrincipalName"], u.get("displayName") or "", u.get("givenName") or "", u.get("surname") or "",
+            u.get("jobTitle") or "", u.get("accountEnabled") is True,
+            language if LANGUAGE_TAG.search(language) else "", (u.get("businessPhones") or [""])[0] or "",
+            u.get("mobilePhone") or "", u.get("department") or "")
 
 
 def _transitive_users(tenant: Tenant, root: str) -> set[str]:
@@ -183,21 +193,21 @@ def scim_minimum(applied: Applied, desired: Desired, existing: Applied | None = 
             users[uid] = record
             w.users_changed_ids.add(uid)
         elif before is None:
-            if record[5]:  # a disabled user who never reached Atlassian is not created
+            if record[ACTIVE]:  # a disabled user who never reached Atlassian is not created
                 w.users_created += 1
                 users[uid] = record
                 w.users_changed_ids.add(uid)
         elif before != record:
-            if before[5] and not record[5]:
+            if before[ACTIVE] and not record[ACTIVE]:
                 w.users_deactivated += 1
             else:
                 w.users_updated += 1
             users[uid] = record
             w.users_changed_ids.add(uid)
     for uid, before in applied.users.items():
-        if uid not in desired.users and before[5]:  # deleted in Entra: deactivated, never deleted
+        if uid not in desired.users and before[ACTIVE]:  # deleted in Entra: deactivated, never deleted
             w.users_deactivated += 1
-            users[uid] = before[:5] + (False,)
+            users[uid] = before[:ACTIVE] + (False,) + before[ACTIVE + 1:]
             w.users_changed_ids.add(uid)
     groups = {}
     for gid, (name, members) in desired.groups.items():

@@ -34,6 +34,16 @@ from guardsync.sandbox.tenant import Tenant, generate_tenant
 DOMAINS = ("contoso.com", "fabrikam.com")
 
 
+def _attributes(user) -> tuple:
+    """A stored scim2 user's attributes in the order of model.UserRecord's tail."""
+    from scim2_models import EnterpriseUser
+
+    phones = {p.type: p.value for p in reversed(user.phone_numbers or [])}
+    enterprise = user[EnterpriseUser]
+    return (user.preferred_language or "", phones.get("work") or "", phones.get("mobile") or "",
+            (enterprise.department if enterprise is not None else None) or "")
+
+
 class Server:
     """A started Sandbox and what its runs should do; each command is a method (tests call them directly)."""
 
@@ -101,6 +111,8 @@ class Server:
                 problems.append(f"user {record[0]} missing")
             elif user.user_name != record[0] or bool(user.active) != record[5] or (user.title or "") != record[4]:
                 problems.append(f"user {record[0]} differs (userName {user.user_name}, active {user.active})")
+            elif _attributes(user) != record[6:]:
+                problems.append(f"user {record[0]} differs in its attributes ({_attributes(user)} != {record[6:]})")
         if len(users) != len(self.applied.users):
             problems.append(f"{len(users)} users in Atlassian, {len(self.applied.users)} expected")
         groups = {g.display_name: g for g in stored_groups}
@@ -125,7 +137,7 @@ class Server:
         desired = model.desired_state(self.tenant)
         stale = set(rng.sample(sorted(desired.users), int(len(desired.users) * command.get("stale", 0.1))))
         users = []
-        for uid, (upn, display, given, family, title, active) in desired.users.items():
+        for uid, (upn, display, given, family, title, active, *_attributes) in desired.users.items():
             user = {"userName": upn, "emails": [{"value": upn, "type": "work", "primary": True}], "active": active,
                     "displayName": display, "name": {"givenName": given, "familyName": family}}
             if title or uid in stale:

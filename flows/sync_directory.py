@@ -22,6 +22,7 @@ from guardsync.config import Settings, resolve_secret
 from guardsync.diff import plan_row_count, plan_rows
 from guardsync.errors import GuardsyncBlocked, GuardsyncError
 from guardsync.gates import warm_up_in_background
+from guardsync.models import user_columns
 from guardsync.graph import DeltaLinks, GraphClient
 from guardsync.load import Loader
 from guardsync.run import DirectoryRun, settled_digest
@@ -112,11 +113,14 @@ def sync_directory(
     try:
         run.enter()  # one run per directory at a time (DirectoryBusy otherwise); a stale retry stops here
         mirror = run.mirror
-        full_read = full or mirror.snapshot is None or full_read_due(mirror.last_full_read, settings.sync.full_read_every_hours)
+        needed = user_columns(settings.attributes.sources())
+        full_read = (full or mirror.snapshot is None
+                     or full_read_due(mirror.last_full_read, settings.sync.full_read_every_hours)
+                     or not set(needed) <= set(mirror.snapshot.users.columns))  # newly mapped: the mirror lacks it
         if full_read:  # a full read waits seconds on Graph, and the gates follow: make GX ready meanwhile
             warm_up_in_background()
         extracted = extract(graph, None if full_read else mirror.snapshot,
-                            None if full_read else DeltaLinks(**mirror.links), mirror.generation)
+                            None if full_read else DeltaLinks(**mirror.links), mirror.generation, needed)
         store.check_binding(extracted.snapshot.tenant_id, settings.atlassian.scim_url)
         run.keep_mirror(extracted.snapshot, asdict(extracted.links), extracted.full, extracted.changed, extracted.based_on)
         summary.last_full_read = (datetime.now(timezone.utc) if extracted.full else mirror.last_full_read).isoformat(timespec="seconds")
@@ -152,10 +156,11 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
               store: StateStore, dry_run: bool, allow_mass_deactivation: bool, admin: AdminClient | None = None) -> None:
     """Scope, gate, plan and (unless dry_run) load one snapshot; fills the summary as it goes."""
     snapshot, run_id = extracted.snapshot, summary.run_id
-    scoped = scope_users(snapshot, flatten(snapshot), settings.sync)
+    scoped = scope_users(snapshot, flatten(snapshot), settings.sync, settings.attributes)
     summary.excluded = dict(scoped.excluded)
     validated = validate_gates(scoped, settings.sync)
     summary.quarantined = validated.quarantined_by_rule()
+    summary.values_left_out = dict(validated.values_left_out)
     summary.quarantined_examples = [
         f"{row.identifier or '(none)'} [{row.id}] ({row.rule})" for row in validated.quarantined.head(20).itertuples()
     ]

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from guardsync.errors import ConfigError
+from guardsync.models import ATTRIBUTES
 
 SECRET_REF = re.compile(r"^(env|prefect):[A-Za-z0-9_.\-/]+$")
 # Query parameters of a database URL that carry a secret (libpq's password, sslpassword; drivers' pwd, token...)
@@ -183,10 +184,92 @@ class AccessSettings(_Section):
         return value
 
 
+# A source: a Graph user property as $select names it, an on-premises extension attribute, or a
+# directory extension (extension_<appId without dashes>_<name>). Whether Graph knows it is `check`'s job.
+SOURCE = re.compile(
+    r"^(?:[A-Za-z][A-Za-z0-9]*|onPremisesExtensionAttributes\.extensionAttribute(?:[1-9]|1[0-5])"
+    r"|extension_[0-9A-Fa-f]{32}_[A-Za-z0-9_]+)$"
+)
+# Graph returns these only when reading one user (GET /users/{id}), never in a list or a delta round
+# (learn.microsoft.com/graph/api/user-list, "Optional query parameters").
+SINGLE_USER_ONLY = frozenset({
+    "aboutMe", "birthday", "hireDate", "interests", "mailboxSettings", "mySite", "pastProjects",
+    "preferredName", "responsibilities", "schools", "skills",
+})
+
+
+class AttributeSettings(_Section):
+    """[attributes]: Atlassian attribute = Entra user property; "" sends nothing for it.
+
+    The defaults are Atlassian's own Entra sync. Keys are spelled as SCIM does (aliases), so
+    `"phoneNumbers.mobile" = ""` and a nested `[attributes.phoneNumbers]` table both work.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_alias=True, validate_by_name=True,
+                              serialize_by_alias=True)
+
+    display_name: str = Field("displayName", alias="displayName")
+    given_name: str = Field("givenName", alias="name.givenName")
+    family_name: str = Field("surname", alias="name.familyName")
+    title: str = Field("jobTitle", alias="title")
+    preferred_language: str = Field("preferredLanguage", alias="preferredLanguage")
+    phone_work: str = Field("businessPhones", alias="phoneNumbers.work")
+    phone_mobile: str = Field("mobilePhone", alias="phoneNumbers.mobile")
+    department: str = Field("department", alias="department")
+    organization: str = Field("", alias="organization")
+    timezone: str = Field("", alias="timezone")
+    nick_name: str = Field("", alias="nickName")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dotted_keys(cls, raw):
+        """TOML reads `phoneNumbers.mobile = ""` (unquoted) as a table: make it the dotted key."""
+        if not isinstance(raw, dict):
+            return raw
+        flat = {}
+        for key, value in raw.items():
+            if isinstance(value, dict):
+                flat.update({f"{key}.{sub}": inner for sub, inner in value.items()})
+            else:
+                flat[key] = value
+        return flat
+
+    @field_validator("*")
+    @classmethod
+    def _source(cls, value: str, info) -> str:
+        value = value.strip()
+        if value == "":
+            if info.field_name == "display_name":
+                raise ValueError("displayName cannot be turned off (Atlassian shows it everywhere); map it to a "
+                                 "Graph user property, or leave it out for the default displayName")
+            return value
+        if not SOURCE.match(value):
+            raise ValueError(
+                f"{value!r} is not an Entra source: give a Graph user property as $select names it (companyName), "
+                "onPremisesExtensionAttributes.extensionAttribute1..15, or a directory extension "
+                "extension_<appId>_<name>; \"\" turns the attribute off"
+            )
+        if value in SINGLE_USER_ONLY:
+            raise ValueError(f"Microsoft Graph returns {value} only when reading one user, not in the user lists "
+                             "and delta rounds guardsync reads: map another property")
+        return value
+
+    def mapping(self) -> dict[str, str]:
+        """DesiredUser field -> Entra source, for the attributes that are on."""
+        return {a.field: getattr(self, a.field) for a in ATTRIBUTES if getattr(self, a.field)}
+
+    def sources(self) -> set[str]:
+        return set(self.mapping().values())
+
+    def key_of(self, field: str) -> str:
+        return next(a.key for a in ATTRIBUTES if a.field == field)
+
+
 class Settings(_Section):
     entra: EntraSettings
     atlassian: AtlassianSettings
     sync: SyncSettings = SyncSettings()
+    attributes: AttributeSettings = AttributeSettings()
     access: AccessSettings | None = None  # optional: without it no product access changes
 
 
@@ -240,7 +323,7 @@ def _known_keys(section: list[str]) -> list[str]:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation
-    return list(model.model_fields)
+    return [field.alias or name for name, field in model.model_fields.items()]
 
 
 SecretLookup = Callable[[str], str]

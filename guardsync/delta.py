@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 def apply_changes(previous: Snapshot | None, changes: GraphChanges) -> Snapshot:
     """The tenant after `changes`: built from them alone when `changes.full`, else merged into `previous`.
 
-    Merge rules: users and groups are upserted key by key (Graph delta may leave out
+    The users frame keeps the columns it has (the ones its delta links select); a full read's
+    has `changes.user_columns`. Merge rules: users and groups are upserted key by key (Graph delta may leave out
     properties that did not change, so only the keys given overwrite); removed users and
     groups are dropped with every membership they take part in, as group or as member;
     memberships are removed, then added (never twice). Tenant facts (id, name, domains)
@@ -36,7 +37,7 @@ def apply_changes(previous: Snapshot | None, changes: GraphChanges) -> Snapshot:
     elif previous is None:
         raise ValueError("incremental Graph changes need the Snapshot their delta links were issued with; read everything instead")
     else:
-        users = _upsert(previous.users, USER_COLUMNS, changes.users, changes.removed_users)
+        users = _upsert(previous.users, list(previous.users.columns), changes.users, changes.removed_users)
         groups = _upsert(previous.groups, GROUP_COLUMNS, changes.groups, changes.removed_groups)
         edges = _merge_edges(previous.edges, changes)
     return Snapshot(
@@ -54,7 +55,7 @@ def apply_changes(previous: Snapshot | None, changes: GraphChanges) -> Snapshot:
 
 
 def _frames(changes: GraphChanges) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    users = _records_frame(_last_by_id(changes.users, set(changes.removed_users)).values(), USER_COLUMNS)
+    users = _records_frame(_last_by_id(changes.users, set(changes.removed_users)).values(), changes.user_columns or USER_COLUMNS)
     groups = _records_frame(_last_by_id(changes.groups, set(changes.removed_groups)).values(), GROUP_COLUMNS)
     gone = set(changes.removed_users) | set(changes.removed_groups)
     added = _unique_edges(changes.added_edges, gone, set(changes.removed_groups), set(changes.removed_edges))

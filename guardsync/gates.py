@@ -11,6 +11,10 @@ expectation does depends on its ``severity``:
   the rest goes on;
 - ``info``: only reported.
 
+A ``warning`` whose ``meta.on_failure`` is ``"drop_value"`` quarantines no row: the
+offending rows keep going, without the value of the expectation's column
+(``GateResult.dropped_values``), e.g. a time zone Atlassian would refuse.
+
 ``meta.rule`` names the rule (snake_case) and ``meta.advice`` tells the operator
 what to do; ``{name}`` in the advice is filled from the run's suite parameters
 (e.g. ``{max_group_size}``). A suite that does not parse, is not shaped like a
@@ -86,6 +90,12 @@ class ExpectationOutcome:
     examples: tuple[str, ...]  # the first 20 offending values, for people
     advice: str
     labels: tuple[str, ...] = ()  # display names of the first 20 offending rows ("" when none), aligned with examples
+    drops_value: bool = False  # meta.on_failure "drop_value": the rows go on without this column's value
+
+    @property
+    def quarantines(self) -> bool:
+        """A failed warning that sets its offending rows aside (not one that only drops a value)."""
+        return self.severity == "warning" and not self.success and not self.drops_value
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,7 @@ class GateResult:
     @property
     def quarantined_ids(self) -> frozenset[str]:
         """Ids of rows offending a failed warning expectation: set these rows aside."""
-        return frozenset(i for o in self.outcomes if o.severity == "warning" and not o.success for i in o.failed_ids)
+        return frozenset(i for o in self.outcomes if o.quarantines for i in o.failed_ids)
 
     @property
     def passed(self) -> bool:
@@ -113,9 +123,17 @@ class GateResult:
         """rule -> ids it quarantines (a row can appear under several rules)."""
         out: dict[str, set[str]] = {}
         for o in self.outcomes:
-            if o.severity == "warning" and not o.success:
+            if o.quarantines:
                 out.setdefault(o.rule, set()).update(o.failed_ids)
         return {rule: frozenset(ids) for rule, ids in out.items()}
+
+    def dropped_values(self) -> dict[str, frozenset[str]]:
+        """column -> ids of rows whose value in it is dropped (failed drop_value warnings)."""
+        out: dict[str, set[str]] = {}
+        for o in self.outcomes:
+            if o.drops_value and o.severity == "warning" and not o.success and o.column:
+                out.setdefault(o.column, set()).update(o.failed_ids)
+        return {column: frozenset(ids) for column, ids in out.items()}
 
 
 # --------------------------------------------------------------------------- suites
@@ -192,6 +210,10 @@ def _check_structure(suite: Any, path: Path) -> None:
         for key in ("rule", "advice"):
             if key in meta and not isinstance(meta[key], str):
                 raise bad(f"{where}: meta.{key} must be a string")
+        if meta.get("on_failure", "drop_value") != "drop_value":
+            raise bad(f"{where}: meta.on_failure can only be \"drop_value\" (or left out)")
+        if meta.get("on_failure") and "column" not in exp.get("kwargs", {}):
+            raise bad(f"{where}: meta.on_failure drop_value needs a column expectation (kwargs.column)")
         if exp.get("severity") not in SEVERITIES:
             raise bad(f"{where}: 'severity' must be one of {', '.join(SEVERITIES)} (got {exp.get('severity')!r})")
 
@@ -465,6 +487,7 @@ def _outcome(suite_name: str, exp: dict, r: Any, rows: _Rows, parameters: dict) 
         examples=examples,
         advice=_fill(meta.get("advice") or "", parameters),
         labels=labels,
+        drops_value=meta.get("on_failure") == "drop_value",
     )
 
 

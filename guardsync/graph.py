@@ -34,7 +34,7 @@ from msal.exceptions import MsalServiceError
 
 from guardsync.errors import ApiError, AuthError, ConfigError, GuardsyncError, NotFound, TransientError
 from guardsync.httpclient import environment_session, never_connected, retry_after
-from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, Snapshot, text_frame
+from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, Snapshot, select_names, text_frame
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,13 @@ ODATA_PREFIX = "#microsoft.graph."
 # Delta queries. Graph does not support $top on user and group delta: the page size is asked
 # for with the OData preference below, and Graph caps it (about 200 objects, 500 member links).
 DELTA_HEADERS = {"Prefer": "odata.maxpagesize=999"}
-USER_DELTA_QUERY = {"$select": ",".join(USER_COLUMNS)}
 GROUP_DELTA_QUERY = {"$select": "displayName,members"}  # members: members@delta on each group
 # An expired or reset delta (or skip) token: 410 Gone, or these error codes (any 4xx). Both mean
 # "read everything again". https://learn.microsoft.com/graph/delta-query-overview (Synchronization
 # reset, Token duration) and https://learn.microsoft.com/graph/errors (code property).
 DELTA_RESET_CODES = {"syncstatenotfound", "resyncrequired"}
+# Graph's 400 for a $select naming a property the type does not have (an [attributes] source).
+UNKNOWN_PROPERTY = re.compile(r"Could not find a property named '([^']+)' on type 'microsoft\.graph\.user'")
 
 # The application permission each read needs (all need admin consent).
 PERMISSIONS = {
@@ -135,6 +136,7 @@ class GraphChanges:
     initial_domain: str | None
     tenant_id: str
     organization: str
+    user_columns: list[str] | None = None  # the users frame's columns these user dicts carry (USER_COLUMNS + mapped sources)
 
     @property
     def is_empty(self) -> bool:
@@ -177,6 +179,7 @@ class GraphClient:
         max_retry_seconds: float = 120.0,
         read_timeout: float | None = None,
         member_read_concurrency: int = 4,
+        user_columns: list[str] | None = None,
     ):
         if (client_secret is None) == (certificate_path is None):
             raise ConfigError("[entra] needs exactly one of client_secret and certificate_path: set one, remove the other")
@@ -187,6 +190,9 @@ class GraphClient:
         self.max_retry_seconds = max_retry_seconds  # how long one request may be retried ([sync] retry_budget_seconds)
         self.timeout = (TIMEOUT[0], read_timeout) if read_timeout else TIMEOUT
         self.member_read_concurrency = max(1, member_read_concurrency)
+        # What a full read selects of each user: USER_COLUMNS and the sources [attributes] maps
+        # (models.user_columns). A delta round reads what its link was issued with (read_changes).
+        self.user_columns = list(user_columns or USER_COLUMNS)
         self.requests_made: Counter[str] = Counter()  # "GET /v1.0/users" -> requests sent, retries included
         # (stage, items read, items expected): the total grows by a page while more pages follow
         self.on_progress: Callable[[str, int, int], None] = lambda stage, done, total: None
@@ -216,10 +222,10 @@ class GraphClient:
     def extract(self) -> Snapshot:
         """Users, groups, direct memberships, domains and organization, as one Snapshot."""
         tenant = self._tenant_facts()
-        users = self.read_all("/users", {"$select": ",".join(USER_COLUMNS), "$top": PAGE_SIZE})
+        users = self.read_all("/users", self._user_query(self.user_columns, PAGE_SIZE))
         groups = self.read_all("/groups", {"$select": "id,displayName", "$top": PAGE_SIZE})
         return Snapshot(
-            users=_users_frame(users),
+            users=_users_frame(users, self.user_columns),
             groups=text_frame({c: [g.get(c) for g in groups] for c in GROUP_COLUMNS}, GROUP_COLUMNS),
             edges=self._edges([g["id"] for g in groups]),
             **tenant,
@@ -237,13 +243,16 @@ class GraphClient:
         )
 
     # -- what changed since the last run ---------------------------------------------
-    def read_changes(self, links: DeltaLinks | None = None) -> GraphChanges:
+    def read_changes(self, links: DeltaLinks | None = None, user_columns: list[str] | None = None) -> GraphChanges:
         """Changes since `links` (one delta round per endpoint); with no links, or expired ones, everything.
 
         A run with no change in Entra costs four Graph requests: organization, domains,
         and one page of each delta query. Store `result.links` for the next run.
+        `user_columns` (default: the client's) are the users frame's columns: a delta link
+        returns what it was issued with, so pass the columns of the snapshot it belongs to.
         """
-        tenant = self._tenant_facts()
+        columns = list(user_columns or self.user_columns)
+        tenant = {**self._tenant_facts(), "user_columns": columns}
         stored = [links.users, links.groups] if links else [None, None]
         if None not in stored and not all(link.startswith(self.graph_url + "/") for link in stored):
             log.warning("stored Graph delta links are not on %s (entra.graph_url changed?): reading everything", self.graph_url)
@@ -258,7 +267,7 @@ class GraphClient:
         for attempt in range(2):  # a link can expire while a long initial round pages through it
             try:
                 with ThreadPoolExecutor(2, thread_name_prefix="graph-full") as pool:  # two independent page chains
-                    users_read = pool.submit(self._all_users_and_link)
+                    users_read = pool.submit(self._all_users_and_link, columns)
                     groups, groups_link = pool.submit(self._delta_round, "/groups/delta", GROUP_DELTA_QUERY).result()
                     users, users_link = users_read.result()
                 return _changes(True, users, groups, DeltaLinks(users_link, groups_link), tenant)
@@ -268,15 +277,23 @@ class GraphClient:
                 log.warning("Graph delta paging expired mid-round (%s): starting the full read again", expired.code or expired.status)
         raise AssertionError("unreachable")
 
-    def _all_users_and_link(self) -> tuple[list[dict], str]:
+    def _all_users_and_link(self, columns: list[str]) -> tuple[list[dict], str]:
         """Every user at 999 a page, and a delta link for the next run.
 
         Delta pages are smaller than plain ones, so a full read lists /users and asks delta
         only for a link "from now" ($deltatoken=latest), taken first: a change made during
         the listing is then replayed by the next run, never missed (replays are harmless).
         """
-        _, link = self._delta_round("/users/delta", {**USER_DELTA_QUERY, "$deltatoken": "latest"})
-        return self.read_all("/users", {"$select": ",".join(USER_COLUMNS), "$top": PAGE_SIZE}), link
+        _, link = self._delta_round("/users/delta", {**self._user_query(columns), "$deltatoken": "latest"})
+        return self.read_all("/users", self._user_query(columns, PAGE_SIZE)), link
+
+    @staticmethod
+    def _user_query(columns: list[str], top: int | None = None) -> dict:
+        """$select of exactly what these columns need (a sub-property through its parent)."""
+        query: dict = {"$select": ",".join(select_names(columns))}
+        if top is not None:
+            query["$top"] = top
+        return query
 
     def _delta_round(self, path_or_link: str, params: dict | None = None) -> tuple[list[dict], str]:
         """Every item of one delta round, following @odata.nextLink to the @odata.deltaLink."""
@@ -389,6 +406,12 @@ class GraphClient:
             )
         if status in (429, 500, 502, 503, 504):
             raise _Retry(f"HTTP {status} {code or ''}".strip(), retry_after(answer))
+        if status == 400 and (unknown := UNKNOWN_PROPERTY.search(message)):
+            raise ConfigError(
+                f"Microsoft Graph has no user property {unknown[1]!r} ({endpoint} answered 400): correct the source in "
+                "[attributes] (a Graph user property as $select names it, onPremisesExtensionAttributes.extensionAttributeN, "
+                "or extension_<appId>_<name> of an extension registered in the tenant); `guardsync check` lists them"
+            )
         if status == 410 or (code or "").lower() in DELTA_RESET_CODES:
             raise DeltaLinkExpired(f"Microsoft Graph expired the delta link of {endpoint}: HTTP {status} {code}: {message}", status=status, code=code)
         error = NotFound if status == 404 else ApiError
@@ -506,11 +529,32 @@ class GraphClient:
 # -- helpers -----------------------------------------------------------------------------
 
 
-def _users_frame(users: list[dict]) -> pd.DataFrame:
-    data = {c: [u.get(c) for u in users] for c in USER_COLUMNS}
+def user_values(item: dict, columns: list[str]) -> dict:
+    """The frame's values of one Graph user dict: for each column whose property the dict carries,
+    a sub-property taken from its parent, a list's first value, a mapped source as text."""
+    values = {}
+    for column in columns:
+        parent, _, sub = column.partition(".")
+        if parent not in item:
+            continue  # not returned (a delta item carries what changed): the stored value stays
+        value = item[parent]
+        if sub:
+            value = value.get(sub) if isinstance(value, dict) else None
+        if column not in _USER_KEYS:
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if value is not None and not isinstance(value, str):
+                value = str(value)
+        values[column] = value
+    return values
+
+
+def _users_frame(users: list[dict], columns: list[str]) -> pd.DataFrame:
+    rows = [user_values(u, columns) for u in users]
+    data = {c: [row.get(c) for row in rows] for c in columns}
     # Graph always returns accountEnabled when selected; a missing one reads as disabled, so nobody gains access by accident.
     data["accountEnabled"] = np.array([u.get("accountEnabled") is True for u in users], dtype=bool)
-    return text_frame(data, USER_COLUMNS)
+    return text_frame(data, columns)
 
 
 _USER_KEYS = frozenset(USER_COLUMNS)
@@ -520,7 +564,7 @@ _REMOVED = object()  # a membership's last change was its removal
 def _changes(full: bool, users: list[dict], groups: list[dict], links: DeltaLinks, tenant: dict) -> GraphChanges:
     """Net one round of delta items: the last word on each object and membership wins, so a
     replayed change, or a big group spread over several pages, comes out once."""
-    changed_users, removed_users = _net_users(users)
+    changed_users, removed_users = _net_users(users, tenant.get("user_columns") or USER_COLUMNS)
     changed_groups, removed_groups, edges = _net_groups(groups)
     gone = set(removed_groups)
     return GraphChanges(
@@ -536,7 +580,7 @@ def _changes(full: bool, users: list[dict], groups: list[dict], links: DeltaLink
     )
 
 
-def _net_users(items: list[dict]) -> tuple[list[dict], list[str]]:
+def _net_users(items: list[dict], columns: list[str]) -> tuple[list[dict], list[str]]:
     changed: dict[str, dict] = {}
     removed: dict[str, None] = {}  # an ordered set
     for item in items:
@@ -547,7 +591,7 @@ def _net_users(items: list[dict]) -> tuple[list[dict], list[str]]:
         else:
             removed.pop(user_id, None)
             record = changed.setdefault(user_id, {"id": user_id})
-            record.update((key, value) for key, value in item.items() if key in _USER_KEYS)
+            record.update(user_values(item, columns))
     return list(changed.values()), list(removed)
 
 

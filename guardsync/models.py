@@ -30,13 +30,53 @@ EDGE_COLUMNS = ["group_id", "member_id", "member_type"]  # direct memberships
 MEMBERSHIP_COLUMNS = ["group_id", "user_id"]  # effective (flattened) memberships
 
 
+@dataclass(frozen=True)
+class Attribute:
+    """An Atlassian user attribute guardsync can send, and the Entra property it takes by default."""
+
+    key: str  # as [attributes] names it (SCIM path; phoneNumbers by type)
+    field: str  # the DesiredUser field that holds it
+    default: str  # the default Entra (Graph) source; "" = not sent unless mapped
+
+
+# DESIGN.md "Attributes": the defaults are what Atlassian's own Entra sync sends.
+ATTRIBUTES = (
+    Attribute("displayName", "display_name", "displayName"),
+    Attribute("name.givenName", "given_name", "givenName"),
+    Attribute("name.familyName", "family_name", "surname"),
+    Attribute("title", "title", "jobTitle"),
+    Attribute("preferredLanguage", "preferred_language", "preferredLanguage"),
+    Attribute("phoneNumbers.work", "phone_work", "businessPhones"),
+    Attribute("phoneNumbers.mobile", "phone_mobile", "mobilePhone"),
+    Attribute("department", "department", "department"),
+    Attribute("organization", "organization", ""),
+    Attribute("timezone", "timezone", ""),
+    Attribute("nickName", "nick_name", ""),
+)
+ATTRIBUTE_FIELDS = [attribute.field for attribute in ATTRIBUTES]
+
+
+def user_columns(sources) -> list[str]:
+    """The users frame's columns for these mapped sources: USER_COLUMNS, then each other source once.
+
+    A sub-property ("onPremisesExtensionAttributes.extensionAttribute3") is a column of its own;
+    the frame holds one text value per source (a list's first value), as guardsync.graph reads it.
+    """
+    return USER_COLUMNS + sorted(set(sources) - set(USER_COLUMNS))
+
+
+def select_names(columns) -> list[str]:
+    """What Graph's $select names for these columns: a sub-property is read through its parent."""
+    return list(dict.fromkeys(column.partition(".")[0] for column in columns))
+
+
 @dataclass
 class Snapshot:
     """What one read of the tenant returned."""
 
     tenant_id: str
     organization: str
-    users: pd.DataFrame  # USER_COLUMNS
+    users: pd.DataFrame  # user_columns(mapped sources): USER_COLUMNS, then one text column per other source
     groups: pd.DataFrame  # GROUP_COLUMNS
     edges: pd.DataFrame  # EDGE_COLUMNS; member_type: user, group, device, servicePrincipal, orgContact
     verified_domains: list[str]
@@ -54,6 +94,14 @@ class DesiredUser:
     family_name: str
     title: str
     active: bool
+    # Added with [attributes]; records stored before them load with "" (see state.load).
+    preferred_language: str = ""
+    timezone: str = ""
+    nick_name: str = ""
+    department: str = ""
+    organization: str = ""
+    phone_work: str = ""
+    phone_mobile: str = ""
 
     def digest(self) -> str:
         return content_digest(asdict(self))

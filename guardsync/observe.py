@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from guardsync.diff import AttributeChange, hand_edits
 from guardsync.models import DesiredUser
 from guardsync.plan import AppliedGroup, AppliedState, AppliedUser
+from guardsync.scim import user_from_resource
 
 
 @dataclass(frozen=True)
@@ -78,23 +79,10 @@ class Observation:
     drift: DriftReport
 
 
-def user_from_resource(resource: dict) -> DesiredUser:
-    """A SCIM user in the shape guardsync records, so the plan can compare it with the desired one."""
-    name = resource.get("name") or {}
-    emails = resource.get("emails") or []
-    primary = next((e.get("value") for e in emails if e.get("primary")), emails[0].get("value") if emails else None)
-    user_name = resource.get("userName") or ""
-    if primary != user_name:
-        user_name = f"{user_name} <{primary}>"  # an email that differs from the userName: differs from any desired record
-    return DesiredUser(
-        external_id=resource.get("externalId") or "",
-        user_name=user_name,
-        display_name=resource.get("displayName") or "",
-        given_name=name.get("givenName") or "",
-        family_name=name.get("familyName") or "",
-        title=resource.get("title") or "",
-        active=bool(resource.get("active", True)),
-    )
+def observed_record(resource: dict) -> DesiredUser:
+    """A SCIM user in the shape guardsync records, every mapped attribute included, so the plan can
+    compare it with the desired one (the conversion itself is guardsync.scim.user_from_resource)."""
+    return DesiredUser(**user_from_resource(resource))
 
 
 def observe(recorded: AppliedState, scim_users: list[dict], scim_groups: list[dict]) -> Observation:
@@ -109,13 +97,13 @@ def observe(recorded: AppliedState, scim_users: list[dict], scim_groups: list[di
             drift.users_missing.append(before.record.user_name)
             gone_users.append(user_id)
             continue
-        seen = user_from_resource(resource)
+        seen = observed_record(resource)
         if seen != before.record:
             drift.users_changed.append(before.record.user_name)
             drift.user_edits[before.record.user_name] = hand_edits(before.record, resource, seen)
         users[user_id] = AppliedUser(before.scim_id, seen)
     managed_by_scim = {user.scim_id: user_id for user_id, user in users.items()}
-    unmanaged_users = [AtlassianUser(scim_id, user_from_resource(resource))
+    unmanaged_users = [AtlassianUser(scim_id, observed_record(resource))
                        for scim_id, resource in by_scim_user.items() if scim_id not in managed_by_scim]
 
     by_scim_group = {group["id"]: group for group in scim_groups}

@@ -50,7 +50,8 @@ PERMISSION_REASONS = {
     "Organization.Read.All": "read the tenant's name and id",
 }
 
-ITEMS = ("configuration", "secrets", "token", "permissions", "tenant", "domains", "groups", "atlassian", "state")
+ITEMS = ("configuration", "secrets", "token", "permissions", "tenant", "domains", "groups", "attributes", "atlassian",
+         "state")
 
 
 def admin_consent_url(authority_host: str, tenant_id: str, client_id: str) -> str:
@@ -156,13 +157,15 @@ def check_settings(settings: Settings, source: str = "configuration",
         )
     try:
         if graph is None:
-            report.results += [_skip(item, "the Entra credential (see secrets)") for item in ("token", "permissions", "tenant", "domains", "groups")]
+            report.results += [_skip(item, "the Entra credential (see secrets)")
+                               for item in ("token", "permissions", "tenant", "domains", "groups", "attributes")]
             tenant = None
         else:
             token_result, claims = _guarded("token", lambda: _check_token(graph, settings))
             report.results.append(token_result)
             if claims is None:
-                report.results += [_skip(item, "a token (see token)") for item in ("permissions", "tenant", "domains", "groups")]
+                report.results += [_skip(item, "a token (see token)")
+                                   for item in ("permissions", "tenant", "domains", "groups", "attributes")]
                 tenant = None
             else:
                 report.results.append(_guarded("permissions", lambda: (_check_roles(claims, settings), None))[0])
@@ -173,6 +176,7 @@ def check_settings(settings: Settings, source: str = "configuration",
                 else:
                     report.results.append(_guarded("domains", lambda: (_check_domains(tenant, settings.sync), None))[0])
                 report.results.append(_guarded("groups", lambda: (_check_groups(graph, settings.sync), None))[0])
+                report.results.append(_guarded("attributes", lambda: (_check_attributes(graph, settings), None))[0])
     finally:
         if graph is not None:
             graph.close()
@@ -426,6 +430,54 @@ def _check_groups(graph, sync: SyncSettings) -> CheckResult:
     largest = ", ".join(f"{name} ({size})" for size, name in sizes[:3]) or "none"
     return _pass("groups", f"all {len(sizes)} groups, each within max_group_size {sync.max_group_size} "
                  f"(largest: {largest}); {active} enabled users in scope")
+
+
+def _check_attributes(graph, settings: Settings) -> CheckResult:
+    """Graph returns every mapped source in a user list (what runs read), and the app may read it.
+
+    One page of one user with the run's $select; when Graph refuses it, each source alone, so
+    the line names every source at fault."""
+    from guardsync.models import select_names, user_columns
+
+    mapping = settings.attributes.mapping()
+    columns = user_columns(settings.attributes.sources())
+    if _probe(graph, columns) is None:
+        shown = ", ".join(f"{settings.attributes.key_of(field)} = {source}" for field, source in mapping.items())
+        return _pass("attributes", f"Graph returns every mapped source in user lists: {shown}")
+    problems, fixes = [], set()
+    for field, source in mapping.items():
+        failure = _probe(graph, [*USER_COLUMNS[:1], source])
+        if failure is None:
+            continue
+        key = settings.attributes.key_of(field)
+        problems.append(f"[attributes] {key} = {source!r}: {failure[0]}")
+        fixes.add(failure[1])
+    if not problems:  # only together (unlikely): report what Graph said of the whole selection
+        failure = _probe(graph, columns)
+        problems, fixes = [f"$select={','.join(select_names(columns))}: {failure[0]}"], {failure[1]}
+    return _fail("attributes", "; ".join(problems), "; ".join(sorted(fixes)))
+
+
+def _probe(graph, columns: list[str]) -> tuple[str, str] | None:
+    """None if Graph lists a user with these columns selected, else (what went wrong, the fix)."""
+    from guardsync.models import select_names
+
+    try:
+        graph.get("/users", {"$select": ",".join(select_names(columns)), "$top": 1}, page=True)
+    except ConfigError:  # the client's reading of Graph's 400 for an unknown property
+        return ("Microsoft Graph has no such user property",
+                "correct the source: a Graph user property as $select names it (Graph Explorer lists them), "
+                "onPremisesExtensionAttributes.extensionAttribute1..15, or extension_<appId>_<name> of a directory "
+                "extension registered in the tenant (GET /applications/{id}/extensionProperties), or \"\" to turn it off")
+    except AuthError:
+        return ("the app may not read it",
+                f"grant app {graph.client_id} the application permission that property needs (its Graph "
+                "reference names it) with admin consent, or map another property")
+    except GuardsyncError as exc:
+        return (f"Microsoft Graph does not return it when listing users ({exc})",
+                "map a property Graph returns in user lists and delta queries (some, such as aboutMe or "
+                "preferredName, only come with a single user's read)")
+    return None
 
 
 # -- Atlassian SCIM -------------------------------------------------------------------------------
@@ -729,6 +781,13 @@ def render_config(answers: InitAnswers) -> str:
         f"# max_deactivations = {_toml(fields['max_deactivations'].default)}   # a count, or a percentage of the active users guardsync manages",
         f"# write_concurrency = {fields['write_concurrency'].default}       # parallel SCIM writes",
         f"# full_read_every_hours = {fields['full_read_every_hours'].default:g}  # delta sync: a full read at least this often",
+        "",
+        "# Optional: Atlassian attribute = Entra user property. Left out, guardsync sends what Atlassian's own",
+        "# Entra sync sends (names, title, preferredLanguage, work and mobile phone, department); \"\" sends nothing.",
+        "# [attributes]",
+        '# organization = "companyName"',
+        '# nickName = "onPremisesExtensionAttributes.extensionAttribute3"',
+        '# "phoneNumbers.mobile" = ""',
         "",
         "# Optional: product access for synced groups, through the Organizations REST API (README, rollout step 8).",
         "# Without it guardsync changes no product access, and each run's summary lists the groups that need it.",

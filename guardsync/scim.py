@@ -61,11 +61,21 @@ def escape_filter_value(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+ENTERPRISE_USER = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"
+# DesiredUser field -> (SCIM attribute, type) of the attributes sent as they are; names, phone numbers
+# and the enterprise extension (Atlassian keeps only department and organization there) are below.
+_CORE_TEXT = {"display_name": "displayName", "title": "title", "preferred_language": "preferredLanguage",
+              "timezone": "timezone", "nick_name": "nickName"}
+_NAME_PARTS = {"given_name": "givenName", "family_name": "familyName"}
+_PHONE_TYPES = {"phone_work": "work", "phone_mobile": "mobile"}
+_ENTERPRISE = {"department": "department", "organization": "organization"}
+
+
 def user_resource(user: DesiredUser) -> dict:
     """The full SCIM representation of a user (PUT clears what is left out, so send everything).
 
-    Empty names and title are left out rather than sent as "": Atlassian and scim2 treat
-    a missing attribute as cleared, and some validators refuse empty strings.
+    An empty attribute is left out rather than sent as "": Atlassian and scim2 treat a missing
+    attribute as cleared, and some validators refuse empty strings. user_from_resource is the inverse.
     """
     resource: dict[str, Any] = {
         "schemas": [CORE_USER],
@@ -74,14 +84,47 @@ def user_resource(user: DesiredUser) -> dict:
         "emails": [{"value": user.user_name, "type": "work", "primary": True}],
         "active": user.active,
     }
-    name = {k: v for k, v in (("givenName", user.given_name), ("familyName", user.family_name)) if v}
+    resource.update((scim, getattr(user, field)) for field, scim in _CORE_TEXT.items() if getattr(user, field))
+    name = {scim: getattr(user, field) for field, scim in _NAME_PARTS.items() if getattr(user, field)}
     if name:
         resource["name"] = name
-    if user.display_name:
-        resource["displayName"] = user.display_name
-    if user.title:
-        resource["title"] = user.title
+    phones = [{"value": getattr(user, field), "type": kind} for field, kind in _PHONE_TYPES.items() if getattr(user, field)]
+    if phones:
+        resource["phoneNumbers"] = phones
+    enterprise = {scim: getattr(user, field) for field, scim in _ENTERPRISE.items() if getattr(user, field)}
+    if enterprise:
+        resource["schemas"].append(ENTERPRISE_USER)
+        resource[ENTERPRISE_USER] = enterprise
     return resource
+
+
+def user_from_resource(resource: dict) -> dict:
+    """The DesiredUser fields of a SCIM user as guardsync records them (pure; user_resource's inverse).
+
+    An attribute Atlassian does not hold reads as "", as guardsync records an attribute it does not
+    send. A primary email that differs from userName (edited by hand) shows in user_name, so that the
+    record differs from any desired one and the plan writes the user again.
+    """
+    emails = resource.get("emails") or []
+    primary = next((e.get("value") for e in emails if e.get("primary")), emails[0].get("value") if emails else None)
+    user_name = resource.get("userName") or ""
+    if primary != user_name:
+        user_name = f"{user_name} <{primary}>"
+    name = resource.get("name") or {}
+    enterprise = resource.get(ENTERPRISE_USER) or {}
+    phones: dict[str, str] = {}
+    for phone in resource.get("phoneNumbers") or []:
+        phones.setdefault(phone.get("type") or "", phone.get("value") or "")  # the first of each type
+    fields = {
+        "external_id": resource.get("externalId") or "",
+        "user_name": user_name,
+        "active": bool(resource.get("active", True)),
+    }
+    fields.update((field, resource.get(scim) or "") for field, scim in _CORE_TEXT.items())
+    fields.update((field, name.get(scim) or "") for field, scim in _NAME_PARTS.items())
+    fields.update((field, phones.get(kind, "")) for field, kind in _PHONE_TYPES.items())
+    fields.update((field, enterprise.get(scim) or "") for field, scim in _ENTERPRISE.items())
+    return fields
 
 
 class ScimClient:

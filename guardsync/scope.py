@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from guardsync.config import SyncSettings
+from guardsync.config import AttributeSettings, SyncSettings
 from guardsync.errors import ConfigError
-from guardsync.models import DesiredGroup, DesiredUser, Snapshot, text_frame
+from guardsync.models import ATTRIBUTE_FIELDS, DesiredGroup, DesiredUser, Snapshot, text_frame
 
 IDENTIFIER_FIELD = {"upn": "userPrincipalName", "email": "mail"}
 
@@ -23,7 +23,7 @@ IDENTIFIER_FIELD = {"upn": "userPrincipalName", "email": "mail"}
 class Scoped:
     """Candidates for the gates: users in scope, synced groups, their effective members."""
 
-    users: pd.DataFrame  # id, identifier, identifier_key, display_name, enabled, given_name, family_name, title
+    users: pd.DataFrame  # id, identifier, identifier_key, enabled, then one column per ATTRIBUTE_FIELDS (text or None)
     groups: pd.DataFrame  # id, display_name
     memberships: pd.DataFrame  # group_id, user_id: synced groups x in-scope users (enabled or not)
     excluded: dict[str, int]  # reason -> count
@@ -78,8 +78,10 @@ def domain_of(identifiers: pd.Series) -> pd.Series:
     return parts.str[1].where(well_formed).astype("str").str.casefold()
 
 
-def scope(snapshot: Snapshot, memberships: pd.DataFrame, sync: SyncSettings) -> Scoped:
-    """Apply the contract's scope rules to a snapshot and its flattened memberships."""
+def scope(snapshot: Snapshot, memberships: pd.DataFrame, sync: SyncSettings,
+          attributes: AttributeSettings = AttributeSettings()) -> Scoped:
+    """Apply the contract's scope rules to a snapshot and its flattened memberships; each user's
+    attributes are taken from the Entra sources `attributes` maps (missing, null or empty: None)."""
     domains = allowed_domains(snapshot, sync.domains)
     # Empty frames, however they were built, are text frames here: .str and merges work on them.
     groups = select_groups(text_frame(snapshot.groups, list(snapshot.groups.columns)), sync.groups)
@@ -100,32 +102,55 @@ def scope(snapshot: Snapshot, memberships: pd.DataFrame, sync: SyncSettings) -> 
     excluded["domain"] = int(outside.sum())
     users, identifier = users[~outside], identifier[~outside]
 
+    mapping = attributes.mapping()
     candidates = pd.DataFrame(
         {
             "id": users["id"],
             "identifier": identifier,
             "identifier_key": identity_key(identifier),
-            "display_name": users["displayName"],
             "enabled": users["accountEnabled"].fillna(False).astype(bool),
-            "given_name": users["givenName"],
-            "family_name": users["surname"],
-            "title": users["jobTitle"],
+            **{field: attribute_values(users, mapping.get(field)) for field in ATTRIBUTE_FIELDS},
         }
     ).reset_index(drop=True)
     in_scope = group_members[group_members["user_id"].isin(candidates["id"])].reset_index(drop=True)
     return Scoped(candidates, groups, in_scope, excluded, domains)
 
 
-def desired_users(candidates: pd.DataFrame, quarantined: frozenset[str]) -> dict[str, DesiredUser]:
-    """Users Atlassian should hold (quarantined ones are frozen: left out, handled by the plan)."""
+def attribute_values(users: pd.DataFrame, source: str | None) -> pd.Series:
+    """One attribute's value for each user: the source's text, stripped; None when the attribute is
+    off, the source was not read, or the value is missing, null or empty (so nothing is sent)."""
+    if not source or source not in users.columns:
+        return pd.Series([None] * len(users), index=users.index, dtype=object)
+    values = [_text(value) for value in users[source].tolist()]
+    return pd.Series(values, index=users.index, dtype=object)
+
+
+def _text(value) -> str | None:
+    if isinstance(value, list):  # a list takes its first value
+        value = value[0] if value else None
+    if value is None or (isinstance(value, float) and value != value):  # NaN: missing
+        return None
+    text = value.strip() if isinstance(value, str) else str(value)
+    return text or None
+
+
+def desired_users(candidates: pd.DataFrame, quarantined: frozenset[str],
+                  left_out: dict[str, frozenset[str]] | None = None) -> dict[str, DesiredUser]:
+    """Users Atlassian should hold (quarantined ones are frozen: left out, handled by the plan).
+
+    `left_out` maps an attribute field to the users whose value Atlassian would refuse: their
+    value is not sent (the user still is)."""
     kept = candidates[~candidates["id"].isin(quarantined)]
-    text = kept[["display_name", "given_name", "family_name", "title"]].fillna("")
+    columns = []
+    for field in ATTRIBUTE_FIELDS:
+        column = kept[field].where(kept[field].notna(), "")
+        dropped = (left_out or {}).get(field)
+        if dropped:
+            column = column.where(~kept["id"].isin(dropped), "")
+        columns.append(column.tolist())
     return {
-        row_id: DesiredUser(row_id, identifier, display, given, family, title, bool(enabled))
-        for row_id, identifier, display, given, family, title, enabled in zip(
-            kept["id"], kept["identifier"], text["display_name"], text["given_name"],
-            text["family_name"], text["title"], kept["enabled"],
-        )
+        row_id: DesiredUser(row_id, identifier, active=bool(enabled), **dict(zip(ATTRIBUTE_FIELDS, values)))
+        for row_id, identifier, enabled, *values in zip(kept["id"], kept["identifier"], kept["enabled"], *columns)
     }
 
 

@@ -34,6 +34,7 @@ class RunSummary:
     drift: list[str] = field(default_factory=list)  # managed objects changed by hand in Atlassian, restored
     handovers: list[str] = field(default_factory=list)  # identifiers passed from one Entra user to another
     access: list[str] | None = None  # with [access]: per product grants +/- and users gaining/losing it
+    values_left_out: dict[str, int] = field(default_factory=dict)  # attribute -> users sent without a refused value
     requests: dict[str, int] = field(default_factory=dict)
     message: str = ""
     plan_changes: list[dict] = field(default_factory=list)  # dry runs: the first changes, as plan-changes rows
@@ -71,6 +72,9 @@ class RunSummary:
             "  users excluded: " + _by_key(self.excluded),
             "  users quarantined: " + _by_key(self.quarantined),
         ]
+        if self.values_left_out:
+            out.append("  values left out (Atlassian would refuse them; the users still sync): "
+                       + _by_key(self.values_left_out))
         if self.quarantined_examples:
             more = sum(self.quarantined.values()) - len(self.quarantined_examples)
             out.append("    " + "; ".join(self.quarantined_examples) + (f"; and {more} more" if more > 0 else ""))

@@ -26,9 +26,15 @@ class Extracted:
 
 @task(name="extract", **PERSISTED, retries=2, retry_delay_seconds=30,
       retry_condition_fn=transient_only)
-def extract(graph: GraphClient, previous: Snapshot | None, links: DeltaLinks | None, based_on: int = 0) -> Extracted:
-    """`previous` and `links` None means a full read; `based_on` is the generation of the mirror they came from."""
-    changes = graph.read_changes(links if previous is not None else None)
+def extract(graph: GraphClient, previous: Snapshot | None, links: DeltaLinks | None, based_on: int = 0,
+            user_columns: list[str] | None = None) -> Extracted:
+    """`previous` and `links` None means a full read, of `user_columns` (models.user_columns); `based_on`
+    is the generation of the mirror they came from.
+
+    A delta round keeps the stored snapshot's columns: its links select those (a mapping that
+    needs more makes the flow read in full)."""
+    columns = list(previous.users.columns) if previous is not None else user_columns
+    changes = graph.read_changes(links if previous is not None else None, columns)
     snapshot = apply_changes(previous, changes)
     get_run_logger().info(
         "%s read of tenant %s (%s): %d users, %d groups, %d direct memberships; %d changed users, %d changed groups, "

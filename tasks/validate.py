@@ -20,7 +20,7 @@ def validate_gates(scoped: Scoped, sync: SyncSettings) -> Validated:
             "suite": outcome.suite,
             "rule": outcome.rule,
             "severity": outcome.severity,
-            "result": "pass" if outcome.success else ("BLOCK" if outcome.severity == "critical" else "quarantine"),
+            "result": _result(outcome),
             "failed rows": outcome.failed_count,
             "examples": ", ".join(outcome.examples[:5]),
             "advice": "" if outcome.success else outcome.advice,
@@ -32,7 +32,17 @@ def validate_gates(scoped: Scoped, sync: SyncSettings) -> Validated:
     logger = get_run_logger()
     for rule, count in validated.quarantined_by_rule().items():
         logger.warning("quarantined %d users by %s", count, rule)
+    for attribute, count in validated.values_left_out.items():
+        logger.warning("%d users sync without their %s: Atlassian would refuse the value (see the gate results)", count, attribute)
     if validated.blocking:
         first = validated.blocking[0].blocking[0]
         raise GuardsyncBlocked(first.rule, validated.blocked_message(), "")
     return validated
+
+
+def _result(outcome) -> str:
+    if outcome.success:
+        return "pass"
+    if outcome.severity == "critical":
+        return "BLOCK"
+    return "value left out" if outcome.drops_value else ("quarantine" if outcome.severity == "warning" else "report")

@@ -12,17 +12,25 @@ import pytest
 
 from guardsync import gates
 from guardsync.errors import GuardsyncBlocked, GuardsyncError
-from guardsync.gates import blocked_message, load_suite, run_gate
+from guardsync.gates import blocked_message, load_suite
+from guardsync.validate import time_zones
 
 REPO_SUITES = Path(__file__).resolve().parent.parent / "expectations"
 
 
+def run_gate(name, frame, parameters=None, **options):
+    """gates.run_gate with the suite parameter the users gate takes in a run (validate.time_zones)."""
+    given = {**({"time_zones": time_zones()} if name == "users" else {}), **(parameters or {})}
+    return gates.run_gate(name, frame, given, **options)
+
+
 def users_frame(rows, dtype=None):
-    """rows: (id, identifier, display_name); identifier_key is the casefolded identifier."""
-    frame = pd.DataFrame(rows, columns=["id", "identifier", "display_name"], dtype=dtype)
+    """rows: (id, identifier, display_name[, preferred_language, timezone]); identifier_key is the casefolded identifier."""
+    rows = [tuple(row) + (None,) * (5 - len(row)) for row in rows]
+    frame = pd.DataFrame(rows, columns=["id", "identifier", "display_name", "preferred_language", "timezone"], dtype=dtype)
     frame["identifier_key"] = frame["identifier"].str.casefold()
     frame["enabled"] = True
-    return frame[["id", "identifier", "identifier_key", "display_name", "enabled"]]
+    return frame[["id", "identifier", "identifier_key", "display_name", "enabled", "preferred_language", "timezone"]]
 
 
 def groups_frame(rows):
@@ -71,7 +79,7 @@ def test_clean_frames_pass():
     users = run_gate("users", users_frame(CLEAN_USERS))
     groups = run_gate("groups", groups_frame([("g1", "Engineering", 3), ("g2", "Sales", 0)]), {"max_group_size": 10})
     members = run_gate("memberships", memberships_frame([("g1", "u1"), ("g1", "u2"), ("g2", "u1")]))
-    for result, name, count in ((users, "users", 5), (groups, "groups", 6), (members, "memberships", 3)):
+    for result, name, count in ((users, "users", 7), (groups, "groups", 6), (members, "memberships", 3)):
         assert result.suite == name
         assert len(result.outcomes) == count
         assert all(o.success and o.failed_count == 0 and o.failed_ids == () for o in result.outcomes), result

@@ -290,7 +290,7 @@ def test_check_fails_exactly_the_broken_item_with_its_fix(make_sandbox, state_ur
     assert says in items[item][1], out
     assert fix in items[item][2], out
     # The others pass, or, for a refused token, are not checked (they need one) rather than failed.
-    depends = {"permissions", "tenant", "domains", "groups"} if item == "token" else set()
+    depends = {"permissions", "tenant", "domains", "groups", "attributes"} if item == "token" else set()
     assert {name for name, (state, _, _) in items.items() if state == "SKIP"} == depends, out
     assert scim_writes(sandbox) == 0
     if binding_before is not None:

@@ -36,7 +36,7 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from guardsync.sandbox.http import SandboxCA, SandboxServer
-from guardsync.sandbox.tenant import USER_KEYS, Tenant
+from guardsync.sandbox.tenant import EXTENSION_ATTRIBUTES, PROPERTY_PERMISSIONS, SINGLE_USER_PROPERTIES, Tenant
 
 ODATA_PREFIX = "#microsoft.graph."
 DEFAULT_USER_SELECT = ("id", "displayName", "givenName", "surname", "jobTitle", "mail", "userPrincipalName")
@@ -248,7 +248,20 @@ class GraphEmulator(SandboxServer):
     # -- Graph -------------------------------------------------------------------
     def _on_users(self, request: Request) -> Response:
         self._authenticate(request)
-        return self._listing(request, "user", USER_KEYS, DEFAULT_USER_SELECT, lambda: list(self.tenant.users.values()))
+        return self._listing(request, "user", self._user_keys(request), DEFAULT_USER_SELECT, lambda: list(self.tenant.users.values()))
+
+    def _user_keys(self, request: Request) -> frozenset[str]:
+        """The user properties a list or delta round may $select, as Graph answers the others:
+        a property only a single-user GET returns fails the request (Graph answers 501
+        NotImplemented, github.com/microsoftgraph/microsoft-graph-docs-contrib/issues/5637), one
+        whose permission the app lacks is refused (403); unknown ones get 400 in _selection."""
+        chosen = {name.strip() for name in (request.args.get("$select") or "").split(",")}
+        if chosen & set(SINGLE_USER_PROPERTIES):
+            raise GraphFailure(501, "NotImplemented", "This operation target is not yet supported.")
+        for name in sorted(chosen & set(PROPERTY_PERMISSIONS)):
+            if PROPERTY_PERMISSIONS[name] not in self.granted_roles:
+                raise GraphFailure(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
+        return self.tenant.user_properties
 
     def _on_groups(self, request: Request) -> Response:
         self._authenticate(request)
@@ -256,11 +269,11 @@ class GraphEmulator(SandboxServer):
 
     def _on_members(self, request: Request, id: str) -> Response:
         self._authenticate(request)
-        return self._listing(request, "directoryObject", USER_KEYS, DEFAULT_USER_SELECT, lambda: self._direct_members(id))
+        return self._listing(request, "directoryObject", self._user_keys(request), DEFAULT_USER_SELECT, lambda: self._direct_members(id))
 
     def _on_transitive_members(self, request: Request, id: str) -> Response:
         self._authenticate(request)
-        return self._listing(request, "directoryObject", USER_KEYS, DEFAULT_USER_SELECT, lambda: self._transitive_members(id))
+        return self._listing(request, "directoryObject", self._user_keys(request), DEFAULT_USER_SELECT, lambda: self._transitive_members(id))
 
     def _on_domains(self, request: Request) -> Response:
         self._authenticate(request)
@@ -399,7 +412,7 @@ class GraphEmulator(SandboxServer):
             position = tuple(state["at"])
         elif "$deltatoken" in args:
             if args["$deltatoken"] == "latest":  # "sync from now": no data, a deltaLink at the latest change
-                keys, default = (USER_KEYS, DEFAULT_USER_SELECT) if kind == "user" else (self.GROUP_DELTA_KEYS, self.GROUP_DELTA_KEYS)
+                keys, default = (self._user_keys(request), DEFAULT_USER_SELECT) if kind == "user" else (self.GROUP_DELTA_KEYS, self.GROUP_DELTA_KEYS)
                 select = _selection(args.get("$select"), keys, default, kind)
                 with self.tenant.lock:
                     round_ = {"kind": kind, "select": select, "sequence": self.tenant.sequence, "items": []}
@@ -410,7 +423,7 @@ class GraphEmulator(SandboxServer):
                 round_ = self._delta_round(kind, tuple(state["select"]), since=state["seq"])
             position = (0, 0)
         else:
-            keys, default = (USER_KEYS, DEFAULT_USER_SELECT) if kind == "user" else (self.GROUP_DELTA_KEYS, self.GROUP_DELTA_KEYS)
+            keys, default = (self._user_keys(request), DEFAULT_USER_SELECT) if kind == "user" else (self.GROUP_DELTA_KEYS, self.GROUP_DELTA_KEYS)
             round_ = self._delta_round(kind, _selection(args.get("$select"), keys, default, kind), since=None)
             position = (0, 0)
 
@@ -465,7 +478,8 @@ class GraphEmulator(SandboxServer):
             if user is None:
                 return {"id": user_id, "@removed": {"reason": "deleted"}}
         entry = {"id": user["id"]}
-        entry.update((key, user[key]) for key in select if key != "id" and (user.get(key) is not None or key in written))
+        entry.update((key, _property(user, key)) for key in select
+                     if key != "id" and (user.get(key) is not None or key in written))
         return entry
 
     def _delta_group_page(self, round_: dict, position: tuple[int, int], objects: int, links: int):
@@ -589,8 +603,25 @@ def _project(obj: dict | tuple[dict, str], select) -> dict:
     obj, kind = obj if isinstance(obj, tuple) else (obj, None)
     projected = {"@odata.type": ODATA_PREFIX + kind} if kind else {}
     projected["id"] = obj["id"]
-    projected.update((key, obj[key]) for key in select if key in obj and key != "id")
+    if kind in (None, "user"):
+        projected.update((key, _property(obj, key)) for key in select
+                         if key != "id" and (obj.get(key) is not None or not key.startswith("extension_")))
+    else:
+        projected.update((key, obj[key]) for key in select if key in obj and key != "id")
     return projected
+
+
+def _property(user: dict, key: str):
+    """A user property as Graph returns it when selected: null when not set, except that a
+    collection reads as [] and onPremisesExtensionAttributes as an object of its 15 attributes
+    (learn.microsoft.com/graph/api/resources/onpremisesextensionattributes). A directory
+    extension that is not set is left out of the answer (_project)."""
+    value = user.get(key)
+    if value is None and key in ("businessPhones", "imAddresses", "otherMails", "proxyAddresses"):
+        return []
+    if key == "onPremisesExtensionAttributes":
+        return {**dict.fromkeys(EXTENSION_ATTRIBUTES), **(value or {})}
+    return value
 
 
 def _domain(domain: dict) -> dict:

@@ -90,7 +90,8 @@ def to_toml(config: dict) -> str:
         tables = {key: value for key, value in values.items() if isinstance(value, dict)}
         for key, value in values.items():
             if key not in tables:
-                lines.append(f"{key} = {_toml_value(value)}")
+                bare = key.replace("_", "").replace("-", "").isalnum()
+                lines.append(f"{key if bare else _toml_value(key)} = {_toml_value(value)}")  # "phoneNumbers.work" quoted
         lines.append("")
         for key, table in tables.items():  # [access.groups]: quoted keys (group names hold spaces)
             lines.append(f"[{section}.{key}]")

@@ -26,7 +26,30 @@ from dataclasses import dataclass, field
 
 from guardsync.models import USER_COLUMNS
 
-USER_KEYS = tuple(USER_COLUMNS)  # the Graph user fields the sandbox serves
+USER_KEYS = tuple(USER_COLUMNS)  # the Graph user fields every sandbox user dict holds
+# Graph v1.0 user properties a list or delta round can $select (learn.microsoft.com/graph/api/resources/user);
+# the sandbox's users carry the ones marked * (see _add_profiles), the rest read as null.
+GRAPH_USER_PROPERTIES = USER_KEYS + (
+    "preferredLanguage", "businessPhones", "mobilePhone", "department", "companyName", "officeLocation",  # *
+    "employeeId", "onPremisesExtensionAttributes", "city", "country",  # *
+    "ageGroup", "createdDateTime", "creationType", "employeeHireDate", "employeeLeaveDateTime", "employeeType",
+    "externalUserState", "faxNumber", "imAddresses", "isResourceAccount", "legalAgeGroupClassification",
+    "mailNickname", "onPremisesDistinguishedName", "onPremisesDomainName", "onPremisesImmutableId",
+    "onPremisesSamAccountName", "onPremisesSecurityIdentifier", "onPremisesSyncEnabled",
+    "onPremisesUserPrincipalName", "otherMails", "passwordPolicies", "postalCode", "proxyAddresses",
+    "showInAddressList", "state", "streetAddress", "usageLocation",
+)
+# Returned only when reading one user: a list or delta $select of them fails (see the emulator).
+SINGLE_USER_PROPERTIES = ("aboutMe", "birthday", "hireDate", "interests", "mailboxSettings", "mySite", "pastProjects",
+                          "preferredName", "responsibilities", "schools", "skills")
+# Properties whose read needs an application permission beyond User.Read.All.
+PROPERTY_PERMISSIONS = {"employeeLeaveDateTime": "User-LifeCycleInfo.Read.All"}
+EXTENSION_ATTRIBUTES = tuple(f"extensionAttribute{n}" for n in range(1, 16))
+DIRECTORY_EXTENSIONS = ("costCenter", "timeZone")  # registered by the tenant's HR app (extension_<appId>_<name>)
+LANGUAGES = ("en-US", "en-GB", "de-DE", "fr-FR", "pt-BR", "ja-JP", "es-ES", "nl-NL", None)
+COMPANIES = ("Contoso Ltd", "Contoso Consulting", "Fabrikam Inc", None)
+OFFICES = ("Berlin", "London", "Seattle", "Tokyo", "Remote", None)
+TIME_ZONES = ("Europe/Berlin", "Europe/London", "America/Los_Angeles", "Asia/Tokyo", None)
 OTHER_TYPES = ("device", "servicePrincipal", "orgContact")
 # Kinds of change-log entries: (kind, object id, detail).
 USER_CHANGED = "user"  # detail: the user properties written (a new user: those with a value); deletion: ()
@@ -116,6 +139,7 @@ class Tenant:
     client_id: str = ""
     client_secret: str = ""
     certificate_pem: bytes | None = None
+    extension_app_id: str = "b7d3c1e0a9f84d2c9e6a5b4c3d2e1f00"  # the app owning the directory extensions (no dashes)
     changes: list[tuple] = field(default_factory=list, repr=False, compare=False)  # the change log, oldest first
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
     rng: random.Random = field(default_factory=lambda: random.Random(0), repr=False, compare=False)
@@ -132,6 +156,16 @@ class Tenant:
         if object_id in self.groups:
             return "group"
         return self.others.get(object_id)
+
+    @property
+    def extension_properties(self) -> tuple[str, ...]:
+        """The directory extensions registered for users, as Graph names them."""
+        return tuple(f"extension_{self.extension_app_id}_{name}" for name in DIRECTORY_EXTENSIONS)
+
+    @property
+    def user_properties(self) -> frozenset[str]:
+        """What a user dict may hold: Graph's user properties and this tenant's directory extensions."""
+        return frozenset(GRAPH_USER_PROPERTIES) | frozenset(self.extension_properties)
 
     @property
     def sequence(self) -> int:
@@ -168,7 +202,7 @@ class Tenant:
 
     # -- users ---------------------------------------------------------------
     def add_user(self, **fields) -> str:
-        unknown = set(fields) - set(USER_KEYS)
+        unknown = set(fields) - self.user_properties
         if unknown:
             raise ValueError(f"not Graph user properties: {sorted(unknown)}")
         if not fields.get("userPrincipalName"):
@@ -184,7 +218,7 @@ class Tenant:
             return user["id"]
 
     def update_user(self, user_id: str, **fields) -> None:
-        unknown = set(fields) - (set(USER_KEYS) - {"id"})
+        unknown = set(fields) - (self.user_properties - {"id"})
         if unknown:
             raise ValueError(f"not updatable user properties: {sorted(unknown)}")
         with self.lock:
@@ -285,7 +319,39 @@ def generate_tenant(
     target = memberships if memberships is not None else 2 * len(normal)
     _fill_memberships(tenant, rng, group_ids, normal, bad, target, depth)
     tenant.rng = random.Random(rng.getrandbits(64))  # later ids: reproducible, distinct from these
+    _add_profiles(tenant, random.Random(seed * 7919 + 13), bad_records)
     return tenant
+
+
+def _add_profiles(tenant: Tenant, rng: random.Random, bad_records: bool) -> None:
+    """The attributes Atlassian's own sync sends, and more to map: phones, department, company,
+    on-premises extension attributes, directory extensions. An RNG of their own, so the users,
+    groups and ids stay those the same seed gave before profiles existed. With bad records, a few
+    values Atlassian would refuse (a language that is not a tag, a time zone that is no IANA name)."""
+    cost_center, time_zone = tenant.extension_properties
+    for n, user in enumerate(tenant.users.values()):
+        extension_attributes = dict.fromkeys(EXTENSION_ATTRIBUTES)
+        extension_attributes["extensionAttribute1"] = f"E{n:06d}" if rng.random() < 0.9 else None
+        extension_attributes["extensionAttribute3"] = rng.choice(("Ava", "Sam", "Jo", "Kit", None))
+        user.update(
+            preferredLanguage=rng.choice(LANGUAGES),
+            businessPhones=[f"+1 425 555 {n % 10000:04d}"] if rng.random() < 0.8 else [],
+            mobilePhone=f"+44 7700 {n % 1000000:06d}" if rng.random() < 0.6 else None,
+            department=rng.choice(DEPARTMENTS + [None]),
+            companyName=rng.choice(COMPANIES),
+            officeLocation=rng.choice(OFFICES),
+            employeeId=f"{100000 + n}",
+            onPremisesExtensionAttributes=extension_attributes,
+            city=rng.choice(OFFICES),
+            country=None,
+        )
+        user[cost_center] = f"CC-{rng.randint(100, 999)}" if rng.random() < 0.7 else None
+        user[time_zone] = rng.choice(TIME_ZONES)
+    if bad_records:  # refused values on users who otherwise sync
+        plain = [u for u in tenant.users.values() if u["userType"] == "Member" and u["accountEnabled"]][10:13]
+        for user, language in zip(plain, ("English", "en_US")):  # not the first users: those have case twins
+            user["preferredLanguage"] = language
+        plain[2][time_zone] = "CET+1"
 
 
 def _empty_tenant(rng: random.Random, domains: list[str], bad_records: bool) -> Tenant:
