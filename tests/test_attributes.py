@@ -254,7 +254,7 @@ def test_upgrade_from_a_store_without_attributes_writes_each_user_with_new_value
             record = {k: v for k, v in json.loads(row.record).items() if k in
                       ("external_id", "user_name", "display_name", "given_name", "family_name", "title", "active")}
             conn.execute(users.update().where(users.c.external_id == row.external_id).values(record=json.dumps(record)))
-    snapshot, _, _ = store.load_mirror()
+    snapshot = store.load_mirror().snapshot
     store.dispose()
     assert "department" not in snapshot.users.columns  # the old mirror lacks the new properties
     held = atlassian_by_entra_id(sandbox)
