@@ -174,7 +174,10 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
         observation = observe_atlassian(scim, opaque(recorded))
         summary.drift = observation.drift.lines()
     # opaque(): Prefect would otherwise walk every object of these large inputs looking for futures.
-    plan = plan_changes(opaque(validated), opaque(recorded), opaque(observation), settings.sync, allow_mass_deactivation)
+    # The deactivation guard of a first run counts the accounts it adopts, also when it is re-run after
+    # stopping midway (some adoptions recorded, the rest not): as the uninterrupted run would.
+    plan = plan_changes(opaque(validated), opaque(recorded), opaque(observation), settings.sync, allow_mass_deactivation,
+                        first_run or not store.completed_a_sync())
     summary.excluded["disabled_never_synced"] = plan.not_created_disabled
     summary.handovers = [handover.line() for handover in plan.handovers]
     access_plan = None

@@ -124,6 +124,7 @@ class Plan:
             "users_deactivated": users["users_deactivated"],
             "users_reactivated": users["users_reactivated"],
             "users_adopted": users["users_adopted"],
+            "users_gone": len(self.forget_users),  # deleted by hand, user left: recorded, not written
             "groups_created": groups["create"],
             "groups_renamed": groups["rename"],
             "groups_deleted": groups["delete"],
@@ -315,8 +316,10 @@ def make_plan(
     frozen_users: frozenset[str] = frozenset(),
     frozen_groups: frozenset[str] = frozenset(),
     observation: Observation | None = None,
+    frozen_names: frozenset[str] = frozenset(),
 ) -> Plan:
-    """`applied` is the state store's record; with an `observation` of Atlassian, what Atlassian holds wins."""
+    """`applied` is the state store's record; with an `observation` of Atlassian, what Atlassian holds wins.
+    `frozen_names`: the identifiers (name_key) of frozen users, whose unmanaged accounts keep their groups."""
     foreign: dict[str, tuple[str, ...]] = {}
     forget_users: list[str] = []
     forget_groups: list[str] = []
@@ -344,9 +347,22 @@ def make_plan(
 
     group_changes, adopted_foreign = plan_groups(groups, applied.groups, frozen_groups, observation, owner)
     foreign.update(adopted_foreign)
+    foreign = _not_frozen(foreign, observation, frozen_names)
     member_changes = plan_members(groups, mapped, group_changes, frozen_users, frozen_groups)
     return Plan(user_changes, group_changes, member_changes, foreign, forget_users, forget_groups, handovers,
                 not_created, adopted_active)
+
+
+def _not_frozen(foreign: dict[str, tuple[str, ...]], observation: Observation | None,
+                frozen_names: frozenset[str]) -> dict[str, tuple[str, ...]]:
+    """Foreign members less the unmanaged accounts of frozen users: their memberships stay as they are."""
+    from guardsync.observe import account_name
+
+    if not frozen_names or observation is None:
+        return foreign
+    frozen = {a.scim_id for a in observation.unmanaged_users if name_key(account_name(a.record)) in frozen_names}
+    kept = {gid: tuple(s for s in scim_ids if s not in frozen) for gid, scim_ids in foreign.items()}
+    return {gid: scim_ids for gid, scim_ids in kept.items() if scim_ids}
 
 
 Change = TypeVar("Change", UserChange, GroupChange)

@@ -589,6 +589,12 @@ class StateStore:
                 )
             )
 
+    def completed_a_sync(self) -> bool:
+        """Has a sync run of this store ever completed (a first run that stopped midway has not)?"""
+        with self.engine.connect() as conn:
+            found = conn.execute(select(runs.c.run_id).where(runs.c.mode == "sync", runs.c.status == "completed").limit(1))
+            return found.first() is not None
+
     def history(self, limit: int = 20) -> list[dict]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(runs).order_by(runs.c.started_at.desc()).limit(limit))

@@ -14,7 +14,7 @@ from zoneinfo import available_timezones
 import pandas as pd
 
 from guardsync.gates import GateResult, blocked_message, run_gate
-from guardsync.models import ATTRIBUTES, DesiredGroup, DesiredUser
+from guardsync.models import ATTRIBUTES, DesiredGroup, DesiredUser, name_key
 from guardsync.scope import Scoped, desired_groups, desired_users, groups_gate_frame, memberships_gate_frame
 
 
@@ -30,6 +30,11 @@ class Validated:
     @property
     def frozen_users(self) -> frozenset[str]:
         return frozenset(self.quarantined["id"])
+
+    @property
+    def frozen_names(self) -> frozenset[str]:
+        """The identifiers of the frozen users (name_key): their accounts, managed or not, keep their groups."""
+        return frozenset(name_key(i) for i in self.quarantined["identifier"] if isinstance(i, str) and i)
 
     @property
     def blocking(self) -> list[GateResult]:

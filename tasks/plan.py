@@ -19,14 +19,17 @@ MAX_ROWS = 500  # the artifact table shows the first changes; the counts cover a
 
 @task(name="plan", **PERSISTED)
 def plan_changes(validated: Validated, recorded: AppliedState, observation: Observation | None, sync: SyncSettings,
-                 allow_mass_deactivation: bool) -> Plan:
-    """`recorded` is the state store's record; `observation` (first runs, full reads) what Atlassian holds."""
+                 allow_mass_deactivation: bool, first_run: bool | None = None) -> Plan:
+    """`recorded` is the state store's record; `observation` (first runs, full reads) what Atlassian holds.
+    `first_run`: no sync of this store has completed yet (a first run, or the re-run of one that stopped
+    midway); by default, an empty record."""
     plan = make_plan(validated.users, validated.groups, recorded, validated.frozen_users, validated.frozen_groups,
-                     observation)
+                     observation, validated.frozen_names)
     applied = observation.applied if observation is not None else recorded
     publish_plan(plan, validated, recorded, observation)
     active_in_scope = sum(1 for user in validated.users.values() if user.active)
-    first_run = not recorded.users and not recorded.groups
+    if first_run is None:
+        first_run = not recorded.users and not recorded.groups
     managed_active = managed_active_users(applied, plan, first_run)
     for blocked in (empty_scope(active_in_scope, applied),
                     too_many_deprovisions(plan, managed_active, sync, allow_mass_deactivation)):
