@@ -356,8 +356,6 @@ def make_plan(
 def _not_frozen(foreign: dict[str, tuple[str, ...]], observation: Observation | None,
                 frozen_names: frozenset[str]) -> dict[str, tuple[str, ...]]:
     """Foreign members less the unmanaged accounts of frozen users: their memberships stay as they are."""
-    from guardsync.observe import account_name
-
     if not frozen_names or observation is None:
         return foreign
     frozen = {a.scim_id for a in observation.unmanaged_users if name_key(account_name(a.record)) in frozen_names}
