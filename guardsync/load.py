@@ -141,7 +141,8 @@ class Loader:
             self.report.count("users_gone", len(forget))
         done = self.store.done_in_run(self.run_id, USER_OPERATIONS)
         managed = {user.scim_id: uid for uid, user in applied.users.items()}
-        for wave in _waves([c for c in changes if c.user.external_id not in done]):
+        # A released account is written again on a retry (the same PUT): its user's id is done by then.
+        for wave in _waves([c for c in changes if c.release or c.user.external_id not in done]):
             self._each("users", wave, lambda c: self._apply_user(c, managed), lambda c: c.user.user_name)
 
     def _apply_user(self, change: UserChange, managed: dict[str, str]) -> None:
@@ -152,6 +153,15 @@ class Loader:
                 self.report.count("users_adopted")
             else:
                 self._count_user(change)
+            return
+        if change.release:  # an old account left behind: deactivated, and recorded for no one
+            try:
+                self.scim.replace_user(change.scim_id, user)
+            except NotFound:
+                pass  # deleted by hand meanwhile: the goal is reached
+            self.store.note(self.run_id, "release", "user", change.handed_from, user.user_name,
+                            json.dumps({"scim_id": change.scim_id, "deactivated": True}))
+            self._count_user(change)
             return
         try:
             if change.write:

@@ -66,6 +66,7 @@ class UserChange:
     write: bool = True  # False: an adopted account that already holds exactly this record (recorded only)
     adopted: bool = False  # an account guardsync did not manage before this run
     handed_from: str | None = None  # the Entra id whose account this was (its identifier passed to this user)
+    release: bool = False  # the user's old account, left behind for one it took over: deactivated, no longer its
     wave: int = 0
 
     def count_keys(self) -> list[str]:
@@ -163,8 +164,11 @@ def plan_users(
     handovers: dict[str, HandOver] = {}  # by the Entra id that gives its account up
     for user_id, user in desired.items():
         previous = holder.get(name_key(user.user_name))
-        if (user_id not in applied and previous is not None and previous not in frozen
-                and previous not in handovers and _gives_up(previous, user, desired)):
+        if previous is None or previous == user_id or previous in frozen or previous in handovers:
+            continue
+        # A new user takes the account of one who left or was renamed; a managed user renamed to the
+        # identifier of one who left takes that account too (a deactivated account keeps its userName).
+        if (user_id not in applied and _gives_up(previous, user, desired)) or (user_id in applied and previous not in desired):
             handovers[previous] = HandOver(user.user_name, previous, user_id)
 
     changes: list[UserChange] = []
@@ -177,6 +181,12 @@ def plan_users(
         elif before.record != user:
             kind = _active_kind(before.record.active, user.active, "update")
             changes.append(UserChange(kind, user, before.scim_id, handed_from=_from(handovers, user_id)))
+        own = applied.get(user_id)
+        if user_id in taken_over and own is not None and user_id not in handovers and own.record.active:
+            # Its old account (its old identifier) is nobody's now: deactivated, its externalId cleared (no
+            # two accounts carry one Entra id), no longer recorded; handed_from names whose it was.
+            changes.append(UserChange("deactivate", replace(own.record, active=False, external_id=""), own.scim_id,
+                                      handed_from=user_id, release=True))
     adoptable = _Adoptable(observation)
     not_created = adopted_active = 0
     for user in unplaced:
@@ -332,9 +342,17 @@ def make_plan(
 
     # Who holds which account once the users load is done: hand-overs and adoptions included.
     owner = {u.scim_id: uid for uid, u in applied.users.items()}
-    owner.update({c.scim_id: c.user.external_id for c in user_changes if c.scim_id})
-    members = {gid: frozenset(owner.get(applied.users[u].scim_id, u) if u in applied.users else u for u in m)
-               for gid, m in applied.members.items()}
+    owner.update({c.scim_id: c.user.external_id for c in user_changes if c.scim_id and not c.release})
+    released = {c.scim_id for c in user_changes if c.release}
+    members: dict[str, frozenset[str]] = {}
+    for group_id, member_ids in applied.members.items():
+        scim_of = {u: applied.users[u].scim_id for u in member_ids if u in applied.users}
+        members[group_id] = frozenset(owner.get(scim_of[u], u) if u in scim_of else u
+                                      for u in member_ids if scim_of.get(u) not in released)
+        if left := tuple(s for s in scim_of.values() if s in released):  # released accounts leave the groups
+            foreign[group_id] = foreign.get(group_id, ()) + left
+    for scim_id in released:
+        owner.pop(scim_id, None)
     for group_id, scim_ids in list(foreign.items()):  # members who were unmanaged accounts, adopted this run
         members[group_id] = members.get(group_id, frozenset()) | {owner[s] for s in scim_ids if s in owner}
         if rest := tuple(s for s in scim_ids if s not in owner):
@@ -406,7 +424,8 @@ def apply_plan(applied: AppliedState, plan: Plan) -> AppliedState:
         users.pop(handover.from_id, None)
         members = {gid: frozenset(handover.to_id if u == handover.from_id else u for u in m) for gid, m in members.items()}
     for change in plan.users:
-        users[change.user.external_id] = AppliedUser(change.scim_id or f"new-{change.user.external_id}", change.user)
+        if not change.release:
+            users[change.user.external_id] = AppliedUser(change.scim_id or f"new-{change.user.external_id}", change.user)
     groups = {gid: g for gid, g in applied.groups.items() if gid not in plan.forget_groups}
     for change in plan.groups:
         if change.kind == "delete":

@@ -79,11 +79,12 @@ def user_resource(user: DesiredUser) -> dict:
     """
     resource: dict[str, Any] = {
         "schemas": [CORE_USER],
-        "externalId": user.external_id,
         "userName": user.user_name,
         "emails": [{"value": user.user_name, "type": "work", "primary": True}],
         "active": user.active,
     }
+    if user.external_id:  # "" only for an account released by its user: no Entra id is its now
+        resource["externalId"] = user.external_id
     resource.update((scim, getattr(user, field)) for field, scim in _CORE_TEXT.items() if getattr(user, field))
     name = {scim: getattr(user, field) for field, scim in _NAME_PARTS.items() if getattr(user, field)}
     if name:

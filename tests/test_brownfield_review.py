@@ -66,8 +66,6 @@ def test_a_frozen_users_account_in_an_adopted_group_stays_in_it(sandbox, state_u
     assert ids[upn] in {m["value"] for m in group.get("members") or []}  # and not taken out of its group
 
 
-@pytest.mark.xfail(strict=True, reason="review-12: the plan orders A's rename after B's deactivation as if a "
-                   "deactivation freed the userName; a deactivated account keeps it, so the PUT gets 409 on every run")
 def test_a_managed_user_takes_the_identifier_of_a_managed_user_deleted_in_the_same_round(sandbox, state_url, sync):
     """User A is renamed to the identifier of user B, who is deleted in Entra in the same round.
     "renames, deletions and deactivations that free a name go before the creations that need it";
@@ -84,7 +82,9 @@ def test_a_managed_user_takes_the_identifier_of_a_managed_user_deleted_in_the_sa
     assert status == 0, summary.failures
     users = atlassian_state(sandbox)["users"]
     assert users[upn_b][:2] == (a, True)
+    assert users[upn_a][1] is False  # its old account, of the identifier nobody holds now, is deactivated
     recorded = StateStore(state_url).load()
+    assert recorded.users[a].scim_id == next(u["id"] for u in sandbox.scim.users() if u["userName"] == upn_b)
     scim_ids = [u.scim_id for u in recorded.users.values()]
     assert len(scim_ids) == len(set(scim_ids))
     sandbox.scim.reset_counts()
