@@ -327,8 +327,8 @@ def test_the_command_line_prints_no_secret_even_at_debug(case, certificate_setti
     assert result.returncode == (0 if case in ("certificate ok", "access ok") else 1), result.stderr[-3000:]
     if case in ("certificate ok", "access ok"):
         assert "users created" in result.stdout
-    if case == "access ok":
-        assert "product access granted 3" in result.stdout
+        if case == "access ok":
+            assert "product access granted 3" in result.stdout
     else:
         assert len(error_lines(result.stderr)) == 1
     assert "DEBUG" in result.stderr  # the child really logged at DEBUG
