@@ -82,3 +82,19 @@ def test_a_forged_result_file_naming_pickle_runs_no_code_on_a_retry(tmp_path):
     except Exception:
         pass  # refusing the file is right; running its code is not
     assert not marker.exists(), "a forged result file ran code when the retry read it"
+
+
+def test_a_retry_after_beyond_the_budget_is_not_asked_again_sooner_by_the_task_retry(sandbox, state_url, sync,
+                                                                                       monkeypatch):
+    """Graph asks for a wait longer than [sync] retry_budget_seconds: the run fails at once with which setting
+    (README), and the extract's task retry (sooner than the asked wait) must not send Graph the same requests
+    again, the whole extract restarted (issue 15, item 7)."""
+    import flows.sync_directory as flow_module
+
+    monkeypatch.setattr(flow_module, "extract", flow_module.extract.with_options(retry_delay_seconds=0))
+    settings = sandbox.settings(state_url)
+    tight = settings.model_copy(update={"sync": settings.sync.model_copy(update={"retry_budget_seconds": 2})})
+    throttled = sandbox.graph.inject(Fault("GET", r"^/v1\.0/users", 429, times=10, headers={"Retry-After": "60"}))
+    status, error = sync(tight)
+    assert status == 1 and "retry_budget_seconds" in str(error)
+    assert 10 - throttled.times == 1, f"Graph was asked {10 - throttled.times} times within the minute it asked to wait"
