@@ -98,3 +98,19 @@ def test_a_retry_after_beyond_the_budget_is_not_asked_again_sooner_by_the_task_r
     status, error = sync(tight)
     assert status == 1 and "retry_budget_seconds" in str(error)
     assert 10 - throttled.times == 1, f"Graph was asked {10 - throttled.times} times within the minute it asked to wait"
+
+
+def test_the_dry_run_of_a_first_run_shows_what_each_adoption_changes(sandbox, state_url, sync):
+    """A first run against a populated Atlassian: each adopted account's row names what the adoption changes
+    there (the externalId it gains, a stale title, an upper-case userName), old -> new (issue 16)."""
+    from tests.test_brownfield import PopulatedWorld
+
+    world = PopulatedWorld(sandbox)
+    status, preview = sync(sandbox.settings(state_url, max_deactivations=5), dry_run=True)
+    assert status == 0, preview
+    rows = {row["name"].casefold(): row for row in preview.plan_changes if row["object"] == "user"}  # the first 50
+    stale = [rows[upn]["detail"] for upn in sorted(world.stale) if upn in rows]
+    upper = [(upn, rows[upn.casefold()]["detail"]) for upn in world.other_case if upn.casefold() in rows]
+    assert stale and upper, rows.keys()
+    assert all('title: "Stale Title" -> ' in detail and "externalId: (none) -> " in detail for detail in stale), stale
+    assert all(f'userName: "{upn.upper()}" -> "{upn}"' in detail for upn, detail in upper), upper
