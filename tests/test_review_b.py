@@ -11,6 +11,7 @@ import pytest
 
 from guardsync.sandbox.http import Fault
 from guardsync.sandbox.stack import to_toml
+from tests.test_flow import expected_upns, group_id
 
 
 def _cli(sandbox, config: dict, tmp_path, *args: str) -> subprocess.CompletedProcess:
@@ -114,3 +115,24 @@ def test_the_dry_run_of_a_first_run_shows_what_each_adoption_changes(sandbox, st
     assert stale and upper, rows.keys()
     assert all('title: "Stale Title" -> ' in detail and "externalId: (none) -> " in detail for detail in stale), stale
     assert all(f'userName: "{upn.upper()}" -> "{upn}"' in detail for upn, detail in upper), upper
+
+
+def test_the_dry_run_of_a_hand_over_names_the_account_and_what_changes_on_it(sandbox, state_url, sync):
+    """An identifier handed from a deleted Entra user to a new one: the row says whose account it was and
+    what the hand-over changes on it (externalId, names, title), old -> new."""
+    from tests.test_brownfield import entra_by_upn
+
+    tenant = sandbox.tenant
+    assert sync(sandbox.settings(state_url))[0] == 0
+    upn = sorted(expected_upns(tenant))[3]
+    first = entra_by_upn(tenant)[upn]
+    tenant.delete_user(first)
+    second = tenant.add_user(userPrincipalName=upn, givenName="New", surname="Hire", displayName="New Hire",
+                             jobTitle="Analyst")
+    tenant.add_member(group_id(tenant, "Pilot"), second)
+    status, preview = sync(sandbox.settings(state_url), dry_run=True)
+    assert status == 0, preview
+    row = next(row for row in preview.plan_changes if row["object"] == "user" and row["name"] == upn)
+    detail = row["detail"]
+    assert f"account of Entra user {first}" in detail, row
+    assert f'externalId: "{first}" -> "{second}"' in detail and '-> "New Hire"' in detail and '-> "Analyst"' in detail, row
