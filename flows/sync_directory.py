@@ -138,11 +138,13 @@ def sync_directory(
             run.settle(settled)
     except GuardsyncBlocked as exc:
         summary.status, summary.message = "blocked", str(exc)
+        exc.run_summary = summary  # the command line ends a blocked run with its summary too
         raise
     except Exception as exc:
         summary.status, summary.message = "failed", str(exc) if isinstance(exc, GuardsyncError) else type(exc).__name__
         with suppress(AttributeError, TypeError):
             exc.flow_run_id = run.run_id  # the command line says where the details are
+            exc.run_summary = summary  # and ends a failed run with its summary
         raise
     finally:
         publish_summary(summary)

@@ -202,7 +202,7 @@ class AdminClient:
                 raise TransientError(
                     f"Atlassian Organizations API {method} {path} failed {attempt + 1} time(s), last with {failure}; "
                     f"waiting {delay:.0f}s more would exceed the {self.max_retry_seconds:.0f}s retry budget; try again later",
-                    retry_after=delay)
+                    retry_after=wait)  # the server's ask, not our backoff
             log.info("Organizations API %s %s: %s; retrying in %.1fs", method, path, failure, delay)
             _pause(delay)
         raise AssertionError("unreachable")

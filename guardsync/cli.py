@@ -50,15 +50,25 @@ def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, a
         print(f"guardsync: {exc}", file=sys.stderr)
         return exc.exit_code
     except GuardsyncError as exc:
+        print_run_summary(exc, out)
         print(f"guardsync: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # a bug or an outage nobody mapped: one line, the details in the error log
+        print_run_summary(exc, out)
         return report_unexpected(exc, getattr(exc, "flow_run_id", None))
     summary = RunSummary(**result)
     if summary.mode == "dry-run":
         print_plan_table(None, summary.plan_changes, out, total=summary.planned_changes)  # the summary has the counts
     print_summary_table(summary, out)
     return 0
+
+
+def print_run_summary(exc: BaseException, out) -> None:
+    """A run that stopped (blocked, failed) ends with its summary as a completed one does (the flow hands it
+    over on the exception); an error before the flow began has none."""
+    summary = getattr(exc, "run_summary", None)
+    if isinstance(summary, RunSummary):
+        print_summary_table(summary, out)
 
 
 def error_log() -> Path:

@@ -259,7 +259,7 @@ class ScimClient:
                     f"Atlassian SCIM {method} {path} failed {attempt + 1} time(s), last with {failure}; "
                     f"waiting {delay:.0f}s more would exceed the retry budget of {self.max_retry_seconds:.0f}s "
                     "([sync] retry_budget_seconds); try again later, or raise the budget",
-                    retry_after=delay,
+                    retry_after=retry_after,  # the server's ask, not our backoff: a task retry waits it out
                 )
             if failure.startswith("429") and self.limit is not None:
                 self.limit.throttled()  # fewer requests in flight from now on

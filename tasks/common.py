@@ -21,8 +21,16 @@ def transient_only(task, task_run, state) -> bool:
     """Retry a task only when it failed on something retrying can heal (throttling, 5xx, network)."""
     try:
         state.result()
-    except TransientError:
-        return True
+    except TransientError as exc:
+        # A server that asked for a longer wait than the task's own pause is not asked again sooner.
+        return exc.retry_after is None or exc.retry_after <= _shortest_delay(task.retry_delay_seconds)
     except Exception:
         return False
     return False
+
+
+def _shortest_delay(delays) -> float:
+    """A task's retry_delay_seconds as Prefect holds it: a number, a list of them, or None."""
+    if isinstance(delays, (list, tuple)):
+        return min(delays, default=0)
+    return delays or 0
