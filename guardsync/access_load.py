@@ -67,9 +67,10 @@ class AccessLoader:
             self.store.forget_grants(self.run_id, self.plan.forget)
 
     def _apply(self, grants: list[Grant], revokes: list[Grant], skip_recorded: bool = True) -> None:
-        recorded = self.store.load_grants()  # a retried load skips what landed
-        if skip_recorded:
-            grants = [g for g in grants if not (g.recorded and (g.group_id, g.workspace_id) in recorded)]
+        recorded = self.store.load_grants()
+        if skip_recorded:  # a retried load skips what landed since the plan; a record from before is no proof
+            landed = recorded - self.plan.made  # the plan grants a recorded one only when Atlassian lacks it
+            grants = [g for g in grants if not (g.recorded and (g.group_id, g.workspace_id) in landed)]
         revokes = [g for g in revokes if (g.group_id, g.workspace_id) in recorded]
         if not grants and not revokes:
             return

@@ -269,3 +269,79 @@ def test_the_plan_changes_artifact_lists_grants_and_seats_per_product(sandbox, s
     assert ("access", "grant", "Support All", JSM_SUPPORT) in access_rows
     assert any(r[0] == "seats" and r[2] == JIRA and r[3].startswith("+") for r in access_rows), access_rows
     assert "Product access" in latest["plan"].data and "access_granted | 4" in latest["plan"].data
+
+
+# -- review: worlds the first tests left out ---------------------------------------------------------------
+
+
+def revoke_by_hand(sandbox, group_name: str, workspace_id: str) -> None:
+    """An admin takes a product away from a group in Atlassian administration (over the API, as the UI does)."""
+    from guardsync.admin import AdminClient
+
+    admin = AdminClient(sandbox.org.base_url, sandbox.org.org_id, sandbox.scim.directory_id, sandbox.org_api_key)
+    admin.revoke(admin.find_groups([group_name])[group_name.casefold()], workspace_id)
+
+
+def test_a_configured_grant_removed_by_hand_is_granted_again_and_the_dry_run_says_so(sandbox, state_url, sync):
+    settings = sandbox.settings(state_url, MAPPING)
+    assert sync(settings)[0] == 0
+    revoke_by_hand(sandbox, "Engineering All", "ws-jira")
+    assert sandbox.org.grants()["Engineering All"] == {CONFLUENCE}
+    status, preview = sync(settings, dry_run=True, full=True)  # a full read: Atlassian as it is is looked at again
+    assert status == 0 and preview.counts["access_granted"] == 1, preview
+    sandbox.org.reset_counts()
+    status, summary = sync(settings, full=True)
+    assert status == 0, summary
+    assert sandbox.org.grants()["Engineering All"] == {JIRA, CONFLUENCE}  # the group lacks a configured product: granted
+    assert summary.counts.get("access_granted", 0) == preview.counts["access_granted"] == org_writes(sandbox) == 1
+
+
+def test_a_pilot_with_access_for_a_group_outside_it_is_a_configuration_error(sandbox, state_url, sync):
+    status, exc = sync(sandbox.settings(state_url, {"Pilot": ["confluence"], "Engineering All": ["confluence"]},
+                                        groups=["Pilot"]))
+    assert status == 1 and isinstance(exc, ConfigError) and "'Engineering All' names no synced group" in str(exc), exc
+    assert scim_writes(sandbox) == 0 and org_writes(sandbox) == 0
+
+
+def test_killed_between_the_renamed_groups_grants_and_the_old_groups_deletion(sandbox, state_url, sync, monkeypatch):
+    from guardsync.load import Loader
+
+    engineering = group_id(sandbox.tenant, "Engineering All")
+    settings = sandbox.settings(state_url, {engineering: ["jira-software", "confluence"]})
+    assert sync(settings)[0] == 0
+    sandbox.org.grant_by_hand("Engineering All", "ws-jpd")
+    sandbox.tenant.rename_group(engineering, "Engineering Everyone")
+    delete_group = Loader._delete_group
+
+    def killed(self, scim_id):
+        raise SystemExit("killed")  # the process dies after the grants landed, before the old group goes
+
+    monkeypatch.setattr(Loader, "_delete_group", killed)
+    with pytest.raises(BaseException):
+        sync(settings)
+    assert sandbox.org.grants()["Engineering Everyone"] == {JIRA, CONFLUENCE, JPD}  # the kill landed where meant
+    assert "Engineering All" in sandbox.org.grants()
+    monkeypatch.setattr(Loader, "_delete_group", delete_group)
+    status, summary = sync(settings)
+    assert status == 0, summary
+    assert sandbox.org.grants() == {"Engineering Everyone": {JIRA, CONFLUENCE, JPD}}
+    assert "Engineering All" not in {g["displayName"] for g in sandbox.scim.groups()}
+    assert {row[1] for row in state_rows(state_url)["access_grants"] if row[0] == engineering} == {"ws-jira", "ws-confluence"}
+    sandbox.org.reset_counts()
+    assert sync(settings, full=True)[0] == 0 and org_writes(sandbox) == 0
+
+
+def test_a_dry_run_of_a_rename_with_access_counts_what_the_sync_then_does(sandbox, state_url, sync):
+    engineering = group_id(sandbox.tenant, "Engineering All")
+    settings = sandbox.settings(state_url, {engineering: ["jira-software"], "Support All": ["confluence"]})
+    assert sync(settings)[0] == 0
+    sandbox.org.grant_by_hand("Engineering All", "ws-jpd")
+    sandbox.tenant.rename_group(engineering, "Engineering Everyone")
+    status, preview = sync(settings, dry_run=True)
+    assert status == 0, preview
+    sandbox.org.reset_counts()
+    status, summary = sync(settings)
+    assert status == 0, summary
+    assert {k: v for k, v in preview.counts.items() if v} == {k: v for k, v in summary.counts.items() if v}
+    assert preview.access == summary.access
+    assert org_writes(sandbox) == summary.counts["access_granted"] == 2
