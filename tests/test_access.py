@@ -345,3 +345,29 @@ def test_a_dry_run_of_a_rename_with_access_counts_what_the_sync_then_does(sandbo
     assert {k: v for k, v in preview.counts.items() if v} == {k: v for k, v in summary.counts.items() if v}
     assert preview.access == summary.access
     assert org_writes(sandbox) == summary.counts["access_granted"] == 2
+
+
+def test_a_renamed_groups_grant_that_fails_keeps_the_old_group_and_its_access(sandbox, state_url, sync, monkeypatch):
+    """Atlassian: a group created over SCIM takes a moment to reach the Organizations API. Until the new
+    group holds the products, deleting the old one takes them from its members (DESIGN: grants before the delete)."""
+    from guardsync.sandbox.org_api import OrgApiServer
+
+    engineering = group_id(sandbox.tenant, "Engineering All")
+    settings = sandbox.settings(state_url, {engineering: ["jira-software", "confluence"]})
+    assert sync(settings)[0] == 0
+    sandbox.tenant.rename_group(engineering, "Engineering Everyone")
+    names = OrgApiServer._group_names_by_scim_id
+
+    def not_reached_yet(self):
+        return {i: n for i, n in names(self).items() if n != "Engineering Everyone"}
+
+    monkeypatch.setattr(OrgApiServer, "_group_names_by_scim_id", not_reached_yet)
+    status, summary = sync(settings)
+    assert status == 1 and summary.failures, summary  # the grants could not be made: said, and the run fails
+    held = sandbox.org.grants()
+    assert held.get("Engineering All") == {JIRA, CONFLUENCE}, held  # the members keep their products meanwhile
+    monkeypatch.setattr(OrgApiServer, "_group_names_by_scim_id", names)
+    status, summary = sync(settings)
+    assert status == 0, summary
+    assert sandbox.org.grants() == {"Engineering Everyone": {JIRA, CONFLUENCE}}
+    assert "Engineering All" not in {g["displayName"] for g in sandbox.scim.groups()}
