@@ -371,3 +371,17 @@ def test_a_renamed_groups_grant_that_fails_keeps_the_old_group_and_its_access(sa
     assert status == 0, summary
     assert sandbox.org.grants() == {"Engineering Everyone": {JIRA, CONFLUENCE}}
     assert "Engineering All" not in {g["displayName"] for g in sandbox.scim.groups()}
+
+
+@pytest.mark.xfail(strict=True, reason="review: a dry run never takes the settled shortcut and observes the grants; the "
+                   "sync right after does take it (no change in Entra) and never looks at Atlassian's grants, so the "
+                   "plan shows a grant the sync does not make (until Entra changes or a full read)")
+def test_a_plan_right_after_a_hand_revocation_counts_what_the_sync_then_does(sandbox, state_url, sync):
+    settings = sandbox.settings(state_url, MAPPING)
+    assert sync(settings)[0] == 0
+    revoke_by_hand(sandbox, "Engineering All", "ws-jira")
+    status, preview = sync(settings, dry_run=True)
+    assert status == 0, preview
+    status, summary = sync(settings)
+    assert status == 0, summary
+    assert preview.counts.get("access_granted", 0) == summary.counts.get("access_granted", 0)
