@@ -52,6 +52,7 @@ class AccessPlan:
     seats: dict[str, Seats] = field(default_factory=dict)  # by product label
     renamed: frozenset[str] = frozenset()  # group ids whose grants go to the re-created group (during load-groups)
     configured: frozenset[str] = frozenset()  # group ids [access.groups] gives products
+    made: frozenset[tuple[str, str]] = frozenset()  # (group id, workspace id) guardsync had recorded when planning
 
     def counts(self) -> dict[str, int]:
         return {"access_granted": len(self.grants), "access_revoked": len(self.revokes)}
@@ -143,7 +144,7 @@ def make_access_plan(
     for group_id, workspace_id in made:
         made_by_group.setdefault(group_id, set()).add(workspace_id)
     plan = AccessPlan(renamed=frozenset(g for g, kind in group_kinds.items() if kind == "rename" and g in desired),
-                      configured=frozenset(desired))
+                      configured=frozenset(desired), made=frozenset(made))
     final: dict[str, frozenset[str]] = {}
     for group_id in sorted(set(desired) | set(made_by_group)):
         if group_id in frozen_groups:

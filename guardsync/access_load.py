@@ -58,7 +58,10 @@ class AccessLoader:
         grants = self.plan.grants_for(group_id)
         if grants:
             with self._lock:  # the records of these grants are the old group's: grant them all (assign is idempotent)
-                self._apply(grants, [], skip_recorded=False)
+                failed = self._apply(grants, [], skip_recorded=False)
+            if failed:  # deleting the old group now would take the products from its members
+                raise ApiError(f"{failed} product grant(s) of the re-created group failed: the old group stays, with "
+                               "its product access, until a run grants them", status=424)  # 424: depends on a failed request
 
     def load(self) -> None:
         """Grants of every group but the renamed ones (granted in load-groups), then revocations, then forgotten records."""
@@ -66,13 +69,16 @@ class AccessLoader:
             self._apply(self.plan.later_grants(), self.plan.revokes)
             self.store.forget_grants(self.run_id, self.plan.forget)
 
-    def _apply(self, grants: list[Grant], revokes: list[Grant], skip_recorded: bool = True) -> None:
-        recorded = self.store.load_grants()  # a retried load skips what landed
-        if skip_recorded:
-            grants = [g for g in grants if not (g.recorded and (g.group_id, g.workspace_id) in recorded)]
+    def _apply(self, grants: list[Grant], revokes: list[Grant], skip_recorded: bool = True) -> int:
+        """Apply and record each; returns how many failed (reported, not raised: the others go on)."""
+        recorded = self.store.load_grants()
+        if skip_recorded:  # a retried load skips what landed since the plan; a record from before is no proof
+            landed = recorded - self.plan.made  # the plan grants a recorded one only when Atlassian lacks it
+            grants = [g for g in grants if not (g.recorded and (g.group_id, g.workspace_id) in landed)]
         revokes = [g for g in revokes if (g.group_id, g.workspace_id) in recorded]
         if not grants and not revokes:
-            return
+            return 0
+        failed = 0
         org_ids = self.admin.find_groups(sorted({g.group_name for g in grants + revokes}))
         for operation, items in (("grant", grants), ("revoke", revokes)):
             for grant in items:
@@ -85,7 +91,9 @@ class AccessLoader:
                 except ApiError as exc:
                     self.report.fail(f"access {operation} {grant.product} for {grant.group_name}: {exc}")
                     self.store.record_failure(self.run_id, operation, "group", grant.group_id, grant.group_name, str(exc))
+                    failed += 1
                     continue
                 self.store.save_grant(self.run_id, operation, grant.group_id, grant.group_name, grant.workspace_id,
                                       grant.product, grant.recorded)
                 self.report.count(f"access_{'granted' if operation == 'grant' else 'revoked'}")
+        return failed

@@ -269,3 +269,131 @@ def test_the_plan_changes_artifact_lists_grants_and_seats_per_product(sandbox, s
     assert ("access", "grant", "Support All", JSM_SUPPORT) in access_rows
     assert any(r[0] == "seats" and r[2] == JIRA and r[3].startswith("+") for r in access_rows), access_rows
     assert "Product access" in latest["plan"].data and "access_granted | 4" in latest["plan"].data
+
+
+# -- review: worlds the first tests left out ---------------------------------------------------------------
+
+
+def revoke_by_hand(sandbox, group_name: str, workspace_id: str) -> None:
+    """An admin takes a product away from a group in Atlassian administration (over the API, as the UI does)."""
+    from guardsync.admin import AdminClient
+
+    admin = AdminClient(sandbox.org.base_url, sandbox.org.org_id, sandbox.scim.directory_id, sandbox.org_api_key)
+    admin.revoke(admin.find_groups([group_name])[group_name.casefold()], workspace_id)
+
+
+def test_a_configured_grant_removed_by_hand_is_granted_again_and_the_dry_run_says_so(sandbox, state_url, sync):
+    settings = sandbox.settings(state_url, MAPPING)
+    assert sync(settings)[0] == 0
+    revoke_by_hand(sandbox, "Engineering All", "ws-jira")
+    assert sandbox.org.grants()["Engineering All"] == {CONFLUENCE}
+    status, preview = sync(settings, dry_run=True, full=True)  # a full read: Atlassian as it is is looked at again
+    assert status == 0 and preview.counts["access_granted"] == 1, preview
+    sandbox.org.reset_counts()
+    status, summary = sync(settings, full=True)
+    assert status == 0, summary
+    assert sandbox.org.grants()["Engineering All"] == {JIRA, CONFLUENCE}  # the group lacks a configured product: granted
+    assert summary.counts.get("access_granted", 0) == preview.counts["access_granted"] == org_writes(sandbox) == 1
+
+
+def test_a_pilot_with_access_for_a_group_outside_it_is_a_configuration_error(sandbox, state_url, sync):
+    status, exc = sync(sandbox.settings(state_url, {"Pilot": ["confluence"], "Engineering All": ["confluence"]},
+                                        groups=["Pilot"]))
+    assert status == 1 and isinstance(exc, ConfigError) and "'Engineering All' names no synced group" in str(exc), exc
+    assert scim_writes(sandbox) == 0 and org_writes(sandbox) == 0
+
+
+def test_killed_between_the_renamed_groups_grants_and_the_old_groups_deletion(sandbox, state_url, sync, monkeypatch):
+    from guardsync.load import Loader
+
+    engineering = group_id(sandbox.tenant, "Engineering All")
+    settings = sandbox.settings(state_url, {engineering: ["jira-software", "confluence"]})
+    assert sync(settings)[0] == 0
+    sandbox.org.grant_by_hand("Engineering All", "ws-jpd")
+    sandbox.tenant.rename_group(engineering, "Engineering Everyone")
+    delete_group = Loader._delete_group
+
+    def killed(self, scim_id):
+        raise SystemExit("killed")  # the process dies after the grants landed, before the old group goes
+
+    monkeypatch.setattr(Loader, "_delete_group", killed)
+    with pytest.raises(BaseException):
+        sync(settings)
+    assert sandbox.org.grants()["Engineering Everyone"] == {JIRA, CONFLUENCE, JPD}  # the kill landed where meant
+    assert "Engineering All" in sandbox.org.grants()
+    monkeypatch.setattr(Loader, "_delete_group", delete_group)
+    status, summary = sync(settings)
+    assert status == 0, summary
+    assert sandbox.org.grants() == {"Engineering Everyone": {JIRA, CONFLUENCE, JPD}}
+    assert "Engineering All" not in {g["displayName"] for g in sandbox.scim.groups()}
+    assert {row[1] for row in state_rows(state_url)["access_grants"] if row[0] == engineering} == {"ws-jira", "ws-confluence"}
+    sandbox.org.reset_counts()
+    assert sync(settings, full=True)[0] == 0 and org_writes(sandbox) == 0
+
+
+def test_a_dry_run_of_a_rename_with_access_counts_what_the_sync_then_does(sandbox, state_url, sync):
+    engineering = group_id(sandbox.tenant, "Engineering All")
+    settings = sandbox.settings(state_url, {engineering: ["jira-software"], "Support All": ["confluence"]})
+    assert sync(settings)[0] == 0
+    sandbox.org.grant_by_hand("Engineering All", "ws-jpd")
+    sandbox.tenant.rename_group(engineering, "Engineering Everyone")
+    status, preview = sync(settings, dry_run=True)
+    assert status == 0, preview
+    sandbox.org.reset_counts()
+    status, summary = sync(settings)
+    assert status == 0, summary
+    assert {k: v for k, v in preview.counts.items() if v} == {k: v for k, v in summary.counts.items() if v}
+    assert preview.access == summary.access
+    assert org_writes(sandbox) == summary.counts["access_granted"] == 2
+
+
+def test_a_renamed_groups_grant_that_fails_keeps_the_old_group_and_its_access(sandbox, state_url, sync, monkeypatch):
+    """Atlassian: a group created over SCIM takes a moment to reach the Organizations API. Until the new
+    group holds the products, deleting the old one takes them from its members (DESIGN: grants before the delete)."""
+    from guardsync.sandbox.org_api import OrgApiServer
+
+    engineering = group_id(sandbox.tenant, "Engineering All")
+    settings = sandbox.settings(state_url, {engineering: ["jira-software", "confluence"]})
+    assert sync(settings)[0] == 0
+    sandbox.tenant.rename_group(engineering, "Engineering Everyone")
+    names = OrgApiServer._group_names_by_scim_id
+
+    def not_reached_yet(self):
+        return {i: n for i, n in names(self).items() if n != "Engineering Everyone"}
+
+    monkeypatch.setattr(OrgApiServer, "_group_names_by_scim_id", not_reached_yet)
+    status, summary = sync(settings)
+    assert status == 1 and summary.failures, summary  # the grants could not be made: said, and the run fails
+    held = sandbox.org.grants()
+    assert held.get("Engineering All") == {JIRA, CONFLUENCE}, held  # the members keep their products meanwhile
+    monkeypatch.setattr(OrgApiServer, "_group_names_by_scim_id", names)
+    status, summary = sync(settings)
+    assert status == 0, summary
+    assert sandbox.org.grants() == {"Engineering Everyone": {JIRA, CONFLUENCE}}
+    assert "Engineering All" not in {g["displayName"] for g in sandbox.scim.groups()}
+
+
+@pytest.mark.xfail(strict=True, reason="review: a dry run never takes the settled shortcut and observes the grants; the "
+                   "sync right after does take it (no change in Entra) and never looks at Atlassian's grants, so the "
+                   "plan shows a grant the sync does not make (until Entra changes or a full read)")
+def test_a_plan_right_after_a_hand_revocation_counts_what_the_sync_then_does(sandbox, state_url, sync):
+    settings = sandbox.settings(state_url, MAPPING)
+    assert sync(settings)[0] == 0
+    revoke_by_hand(sandbox, "Engineering All", "ws-jira")
+    status, preview = sync(settings, dry_run=True)
+    assert status == 0, preview
+    status, summary = sync(settings)
+    assert status == 0, summary
+    assert preview.counts.get("access_granted", 0) == summary.counts.get("access_granted", 0)
+
+
+@pytest.mark.xfail(strict=True, reason="review: a group renamed in the round its product leaves [access.groups] loses "
+                   "guardsync's grant (not carried to the re-created group) without it counting as a revocation: "
+                   "max_revocations = 0 does not block and the summary says no grant was revoked")
+def test_a_product_dropped_from_a_group_renamed_in_the_same_round_counts_as_a_revocation(sandbox, state_url, sync):
+    engineering = group_id(sandbox.tenant, "Engineering All")
+    assert sync(sandbox.settings(state_url, {engineering: ["jira-software", "confluence"]}))[0] == 0
+    sandbox.tenant.rename_group(engineering, "Engineering Everyone")
+    status, outcome = sync(sandbox.settings(state_url, {engineering: ["jira-software"]}))  # max_revocations 0
+    assert status == 3 and getattr(outcome, "rule", None) == "max_revocations", (outcome, sandbox.org.grants())
+    assert sandbox.org.grants() == {"Engineering All": {JIRA, CONFLUENCE}}  # blocked: nothing written

@@ -308,3 +308,82 @@ def test_check_reports_a_source_graph_does_not_return_or_the_app_cannot_read(san
     assert "title" not in detail  # a source Graph returns is not blamed
     assert "extension_<appId>_<name>" in fix and "application permission" in fix
     assert {name for name, (state, _, _) in items.items() if state == "FAIL"} == {"attributes"}
+
+
+# -- review: a populated directory, mappings of sources the mirror holds, a cleared extension ----------------
+
+
+def desired_of(tenant, uid: str) -> DesiredUser:
+    user = tenant.users[uid]
+    return DesiredUser(external_id=uid, user_name=user["userPrincipalName"], active=True, **expected_default(user))
+
+
+def test_accounts_adopted_with_other_phones_and_department_are_updated_once_then_never(make_sandbox, state_url, sync):
+    from tests.test_flow import expected_upns
+
+    sandbox = make_sandbox(users=150, groups=10)
+    tenant = sandbox.tenant
+    by_upn = {u["userPrincipalName"]: uid for uid, u in tenant.users.items()}
+    in_scope = [by_upn[upn] for upn in sorted(expected_upns(tenant))]
+    with_values = [uid for uid in in_scope if all(expected_default(tenant.users[uid])[f] for f in ("phone_work", "department"))]
+    same, other_phone, other_department, extra = with_values[:4], with_values[4:7], with_values[7:10], with_values[10:12]
+    accounts = [user_resource(desired_of(tenant, uid)) for uid in same]  # as Atlassian's own sync left them
+    for uid in other_phone:
+        accounts.append(user_resource(DesiredUser(**{**asdict(desired_of(tenant, uid)), "phone_work": "+1 555 0100",
+                                                     "phone_mobile": "+1 555 0101"})))
+    for uid in other_department:
+        accounts.append(user_resource(DesiredUser(**{**asdict(desired_of(tenant, uid)), "department": "Old Department",
+                                                     "organization": "Old Org"})))
+    for uid in extra:  # a third number Atlassian keeps beside the two guardsync sends
+        resource = user_resource(desired_of(tenant, uid))
+        resource["phoneNumbers"] = [*resource["phoneNumbers"], {"value": "+1 555 0199", "type": "mobile"}] \
+            if not desired_of(tenant, uid).phone_mobile else [{"value": "+1 555 0199", "type": "work"}, *resource["phoneNumbers"]]
+        accounts.append(resource)
+    sandbox.scim.provision(accounts)
+
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0, summary
+    changed = len(other_phone) + len(other_department) + len(extra)
+    assert sandbox.scim.requests.get("PUT /Users/{id}", 0) == changed, sandbox.scim.requests
+    assert summary.counts["users_adopted"] == len(accounts)
+    held = atlassian_by_entra_id(sandbox)
+    for uid in same + other_phone + other_department + extra:
+        assert held[uid] == asdict(desired_of(tenant, uid)), uid
+    for uid in extra:
+        [raw] = [u for u in sandbox.scim.users() if u["externalId"] == uid]
+        assert "+1 555 0199" not in json.dumps(raw)
+
+    for full in (False, True):
+        sandbox.scim.reset_counts()
+        status, summary = sync(sandbox.settings(state_url), full=full)
+        assert status == 0 and scim_writes(sandbox) == 0, (full, summary)
+
+
+def test_a_mapping_to_a_source_the_mirror_already_holds_updates_on_a_delta_run(make_sandbox, state_url, sync):
+    sandbox = make_sandbox(users=150, groups=10)
+    assert sync(sandbox.settings(state_url))[0] == 0
+    before = atlassian_by_entra_id(sandbox)
+    sandbox.graph.reset_counts(), sandbox.scim.reset_counts()
+    settings = settings_with(sandbox, state_url, organization="department", title="")  # both sources read already
+    status, summary = sync(settings)
+    assert status == 0, summary
+    expected = {uid: {**fields, "organization": fields["department"], "title": ""} for uid, fields in before.items()}
+    changed = sum(expected[uid] != before[uid] for uid in before)
+    assert 0 < changed and summary.counts["users_updated"] == changed, summary
+    assert atlassian_by_entra_id(sandbox) == expected
+    sandbox.scim.reset_counts()
+    assert sync(settings, full=True)[0] == 0 and scim_writes(sandbox) == 0
+
+
+def test_a_department_cleared_in_entra_drops_the_enterprise_extension(make_sandbox, state_url, sync):
+    sandbox = make_sandbox(users=120, groups=10)
+    assert sync(sandbox.settings(state_url))[0] == 0
+    uid = next(uid for uid, f in atlassian_by_entra_id(sandbox).items() if f["department"] and not f["organization"])
+    sandbox.tenant.update_user(uid, department="")
+    sandbox.scim.reset_counts()
+    status, summary = sync(sandbox.settings(state_url))
+    assert status == 0 and summary.counts["users_updated"] == 1, summary
+    assert atlassian_by_entra_id(sandbox)[uid]["department"] == ""
+    sandbox.scim.reset_counts()
+    status, summary = sync(sandbox.settings(state_url), full=True)
+    assert status == 0 and scim_writes(sandbox) == 0 and not summary.drift, summary
