@@ -48,6 +48,9 @@ class Seats:
 class AccessPlan:
     grants: list[Grant] = field(default_factory=list)
     revokes: list[Grant] = field(default_factory=list)
+    # guardsync's grants a renamed group leaves behind (no longer configured): no revoke request, the old
+    # group's deletion takes them; revocations all the same, for the guard
+    dropped: list[Grant] = field(default_factory=list)
     forget: list[tuple[str, str]] = field(default_factory=list)  # (group id, workspace id) records whose grant is gone
     seats: dict[str, Seats] = field(default_factory=dict)  # by product label
     renamed: frozenset[str] = frozenset()  # group ids whose grants go to the re-created group (during load-groups)
@@ -164,6 +167,7 @@ def make_access_plan(
             plan.grants += [_grant(group_id, names, w, workspaces) for w in sorted(wanted)]
             plan.grants += [_grant(group_id, names, w, workspaces, recorded=False) for w in sorted(hand_made)]
             plan.forget += [(group_id, w) for w in sorted(mine - wanted)]
+            plan.dropped += [_grant(group_id, names, w, workspaces) for w in sorted((mine & current) - wanted)]
             final[group_id] = wanted | hand_made
             continue
         plan.grants += [_grant(group_id, names, w, workspaces) for w in sorted(wanted - current)]
@@ -212,12 +216,13 @@ def _seats(plan: AccessPlan, before: dict[str, frozenset[str]], after: dict[str,
 
 def too_many_revocations(plan: AccessPlan, max_revocations: int) -> GuardsyncBlocked | None:
     """More revocations than [access] max_revocations; --allow-mass-deactivation does not lift it."""
-    if len(plan.revokes) <= max_revocations:
+    taken = plan.revokes + plan.dropped  # dropped: left behind by a renamed group, gone with the old group
+    if len(taken) <= max_revocations:
         return None
-    shown = ", ".join(f"{g.product} from {g.group_name}" for g in plan.revokes[:10])
+    shown = ", ".join(f"{g.product} from {g.group_name}" for g in taken[:10])
     return GuardsyncBlocked(
         "max_revocations",
-        f"this run would revoke {len(plan.revokes)} product grants ({shown}), over the limit of {max_revocations} "
+        f"this run would revoke {len(taken)} product grants ({shown}), over the limit of {max_revocations} "
         f"([access] max_revocations)",
         "Check [access.groups] for an accidental change; if the revocations are intended, raise [access] "
         "max_revocations for one run (--allow-mass-deactivation does not lift this guard)",

@@ -387,9 +387,6 @@ def test_a_plan_right_after_a_hand_revocation_counts_what_the_sync_then_does(san
     assert preview.counts.get("access_granted", 0) == summary.counts.get("access_granted", 0)
 
 
-@pytest.mark.xfail(strict=True, reason="review: a group renamed in the round its product leaves [access.groups] loses "
-                   "guardsync's grant (not carried to the re-created group) without it counting as a revocation: "
-                   "max_revocations = 0 does not block and the summary says no grant was revoked")
 def test_a_product_dropped_from_a_group_renamed_in_the_same_round_counts_as_a_revocation(sandbox, state_url, sync):
     engineering = group_id(sandbox.tenant, "Engineering All")
     assert sync(sandbox.settings(state_url, {engineering: ["jira-software", "confluence"]}))[0] == 0
