@@ -51,8 +51,7 @@ from urllib.parse import urlsplit
 import requests
 
 from guardsync.errors import ApiError, AuthError, ConfigError, Conflict, GuardsyncError, NotFound, TransientError
-from guardsync.httpclient import environment_session, never_connected, retry_after
-from guardsync.scim import _full_jitter, _secret_header
+from guardsync.httpclient import environment_session, full_jitter, never_connected, retry_after, secret_header
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ class AdminClient:
         self.requests_made: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._reached = False
-        self._authorization = _secret_header(api_key)  # a closure: vars() and repr() show no key
+        self._authorization = secret_header(api_key)  # a closure: vars() and repr() show no key
         self._session = environment_session(self.admin_url)  # REQUESTS_CA_BUNDLE and proxies honoured
         self._session.headers.update({"Accept": "application/json"})
 
@@ -197,7 +196,7 @@ class AdminClient:
             response, failure, wait = self._attempt(method, path, params, body)
             if response is not None:
                 return self._parse_or_raise(method, path, response)
-            delay = wait if wait is not None else _full_jitter(attempt)
+            delay = wait if wait is not None else full_jitter(attempt)
             if time.monotonic() + delay > deadline:
                 raise TransientError(
                     f"Atlassian Organizations API {method} {path} failed {attempt + 1} time(s), last with {failure}; "

@@ -12,7 +12,6 @@ HTTP. Secrets and tokens never reach a message, a log line or an exception.
 from __future__ import annotations
 
 import logging
-import random
 import re
 import threading
 import time
@@ -33,7 +32,7 @@ from msal.authority import WELL_KNOWN_AUTHORITY_HOSTS
 from msal.exceptions import MsalServiceError
 
 from guardsync.errors import ApiError, AuthError, ConfigError, GuardsyncError, NotFound, TransientError
-from guardsync.httpclient import environment_session, never_connected, retry_after
+from guardsync.httpclient import environment_session, full_jitter, never_connected, retry_after
 from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, Snapshot, select_names, text_frame
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,6 @@ DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
 DEFAULT_GRAPH_URL = "https://graph.microsoft.com"
 PAGE_SIZE = 999  # Graph's largest page: fewest requests, fewest resource units
 TIMEOUT = (10, 60)  # connect, read (seconds): a silent server must not hang a run
-BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  # seconds; full jitter between 0 and base * 2**attempt
 ODATA_PREFIX = "#microsoft.graph."
 
 # Delta queries. Graph does not support $top on user and group delta: the page size is asked
@@ -419,7 +417,7 @@ class GraphClient:
 
     def _pause(self, retry: _Retry, attempt: int, deadline: float, what: str) -> None:
         """Sleep before the next try, or give up with TransientError when that would overrun the budget."""
-        wait = retry.retry_after if retry.retry_after is not None else random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+        wait = retry.retry_after if retry.retry_after is not None else full_jitter(attempt)
         if time.monotonic() + wait > deadline:
             asked = f", and it asked to wait {wait:g} s more" if retry.retry_after is not None else ""
             raise TransientError(

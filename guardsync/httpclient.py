@@ -1,10 +1,13 @@
-"""What both API clients (graph.py, scim.py) share about HTTP: their sessions, and how they read an exchange."""
+"""What the API clients (graph.py, scim.py, admin.py) share about HTTP: their sessions, their backoff,
+their bearer header, and how they read an exchange."""
 
 from __future__ import annotations
 
 import email.utils
 import os
+import random
 import time
+from typing import Callable
 
 import requests
 import urllib3
@@ -44,3 +47,20 @@ def environment_session(url: str) -> requests.Session:
     session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
     session.proxies.update(requests.utils.get_environ_proxies(url))
     return session
+
+
+BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0  # seconds; full jitter between 0 and base * 2**attempt
+
+
+def full_jitter(attempt: int) -> float:
+    """The wait before retry `attempt` when the server named none (AWS's "full jitter")."""
+    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+
+
+def secret_header(api_key: str) -> Callable[[], dict[str, str]]:
+    """The bearer header, kept in a closure: vars()/repr()/a debugger dump of a client shows no key."""
+
+    def authorization() -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key}"}
+
+    return authorization

@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import random
 import re
 import threading
 import time
@@ -26,7 +25,7 @@ from typing import Any, Callable, Iterator
 import requests
 
 from guardsync.errors import ApiError, AuthError, ConfigError, Conflict, GuardsyncError, NotFound, TransientError
-from guardsync.httpclient import environment_session, never_connected, retry_after
+from guardsync.httpclient import BACKOFF_CAP, environment_session, full_jitter, never_connected, retry_after, secret_header  # noqa: F401 (BACKOFF_CAP: the retry tests read it here)
 from guardsync.models import DesiredUser
 from guardsync.throttle import AdaptiveLimit
 
@@ -38,8 +37,6 @@ PATCH_OP = "urn:ietf:params:scim:api:messages:2.0:PatchOp"
 PAGE_SIZE = 100  # Atlassian serves at most 100 a page
 MEMBER_CHANGES_PER_PATCH = 100  # at most 100 members an operation, and we pack 100 changes a request
 TIMEOUT = (10.0, 60.0)  # connect, read (seconds)
-BACKOFF_BASE = 0.5
-BACKOFF_CAP = 30.0
 
 EXPIRED_KEY_ADVICE = (
     "Atlassian refused the SCIM API key (401): API keys expire after one year; regenerate it in "
@@ -145,7 +142,7 @@ class ScimClient:
         self._counter_lock = threading.Lock()
         self._local = threading.local()
         # Kept in a closure, not an attribute, so vars()/repr()/a debugger dump of the client shows no key.
-        self._authorization = _secret_header(api_key)
+        self._authorization = secret_header(api_key)
 
     def __repr__(self) -> str:
         return f"ScimClient({self.scim_url!r}, dry_run={self.dry_run})"
@@ -253,7 +250,7 @@ class ScimClient:
             response, failure, retry_after = self._attempt(method, path, params, body)
             if response is not None:
                 return self._parse_or_raise(method, path, response)
-            delay = retry_after if retry_after is not None else _full_jitter(attempt)
+            delay = retry_after if retry_after is not None else full_jitter(attempt)
             if time.monotonic() + delay > deadline:
                 raise TransientError(
                     f"Atlassian SCIM {method} {path} failed {attempt + 1} time(s), last with {failure}; "
@@ -353,13 +350,6 @@ class _SlotAdapter(requests.adapters.HTTPAdapter):
             return super().send(request, *args, **kwargs)
 
 
-def _secret_header(api_key: str) -> Callable[[], dict[str, str]]:
-    def authorization() -> dict[str, str]:
-        return {"Authorization": f"Bearer {api_key}"}
-
-    return authorization
-
-
 def _member_operations(chunk: list[tuple[str, str]]) -> list[dict]:
     added = [{"value": member} for op, member in chunk if op == "add"]
     operations = [{"op": "add", "path": "members", "value": added}] if added else []
@@ -373,10 +363,6 @@ def _member_operations(chunk: list[tuple[str, str]]) -> list[dict]:
 
 def _pause(seconds: float) -> None:
     time.sleep(seconds)  # a function of its own so tests can see the delays without waiting
-
-
-def _full_jitter(attempt: int) -> float:
-    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
 
 
 def _scim_error(response: requests.Response) -> tuple[str, str | None]:
