@@ -20,15 +20,16 @@ from guardsync.access_load import AccessLoader
 from guardsync.admin import AdminClient, directory_id_of
 from guardsync.config import Settings, resolve_secret
 from guardsync.diff import plan_row_count, plan_rows
-from guardsync.errors import GuardsyncBlocked, GuardsyncError
+from guardsync.errors import GuardsyncBlocked, GuardsyncError, TransientError
 from guardsync.gates import warm_up_in_background
 from guardsync.models import user_columns
-from guardsync.graph import DeltaLinks, GraphClient
+from guardsync.graph import DeltaLinks, GraphChanges, GraphClient
 from guardsync.load import Loader
 from guardsync.run import DirectoryRun, settled_digest
 from guardsync.scim import ScimClient
-from guardsync.state import StateStore
+from guardsync.state import Mirror, StateStore
 from guardsync.summary import SUMMARY_LOG_MARK, RunSummary
+from flows.prune_quiet_runs import tag_quiet_run
 from tasks.access import load_access, plan_access
 from tasks.extract import Extracted, extract
 from tasks.flatten import flatten
@@ -40,6 +41,7 @@ from tasks.scope import scope_users
 from tasks.validate import validate_gates
 
 os.environ.setdefault("DO_NOT_TRACK", "1")  # the flow never phones home, wherever it runs
+NOTHING_TO_DO = "no change in Entra since the last completed run with these settings: nothing to do"
 DRY_RUN_ROWS = 50  # changes a dry run prints (all of them, up to 500: the plan-changes artifact)
 
 
@@ -109,27 +111,37 @@ def sync_directory(
     graph, scim, store = connect(settings, dry_run)
     admin = connect_admin(settings, dry_run)
     run = DirectoryRun(store, str(runtime.flow_run.id), dry_run)
+    quiet = False  # nothing changed in Entra and the directory is settled: the run ends after the read
     summary = RunSummary(run_id=run.run_id, mode=run.mode, status="running", identifier=settings.sync.identifier)
     try:
         run.enter()  # one run per directory at a time (DirectoryBusy otherwise); a stale retry stops here
         mirror = run.mirror
         needed = user_columns(settings.attributes.sources())
-        full_read = (full or mirror.snapshot is None
+        full_read = (full or mirror.user_columns is None
                      or full_read_due(mirror.last_full_read, settings.sync.full_read_every_hours)
-                     or not set(needed) <= set(mirror.snapshot.users.columns))  # newly mapped: the mirror lacks it
-        if full_read:  # a full read waits seconds on Graph, and the gates follow: make GX ready meanwhile
-            warm_up_in_background()
-        extracted = extract(graph, None if full_read else mirror.snapshot,
-                            None if full_read else DeltaLinks(**mirror.links), mirror.generation, needed)
-        store.check_binding(extracted.snapshot.tenant_id, settings.atlassian.scim_url)
-        run.keep_mirror(extracted.snapshot, asdict(extracted.links), extracted.full, extracted.changed, extracted.based_on)
-        summary.last_full_read = (datetime.now(timezone.utc) if extracted.full else mirror.last_full_read).isoformat(timespec="seconds")
+                     or not set(needed) <= set(mirror.user_columns))  # newly mapped: the mirror lacks it
         settled = settled_digest(settings.model_dump(mode="json"), allow_mass_deactivation)
-        if not extracted.changed and run.is_settled(settled):
-            summary.message = "no change in Entra since the last completed run with these settings: nothing to do"
+        changes = None if full_read or not run.is_settled(settled) else quick_look(graph, mirror)
+        if changes is not None and changes.is_empty:  # the fast cadence's usual run: no task, no artifact
+            quiet = True
+            store.check_binding(changes.tenant_id, settings.atlassian.scim_url)
+            run.keep_mirror(None, asdict(changes.links), False, False, mirror.generation)
+            summary.last_full_read = mirror.last_full_read.isoformat(timespec="seconds")
+            summary.message = NOTHING_TO_DO
         else:
-            run.unsettle()  # until this run completes
-            reconcile(summary, extracted, settings, graph, scim, store, dry_run, allow_mass_deactivation, admin)
+            if full_read:  # a full read waits seconds on Graph, and the gates follow: make GX ready meanwhile
+                warm_up_in_background()
+            extracted = extract(graph, None if full_read else run.snapshot(),
+                                None if full_read else DeltaLinks(**mirror.links), mirror.generation, needed,
+                                opaque(changes))
+            store.check_binding(extracted.snapshot.tenant_id, settings.atlassian.scim_url)
+            run.keep_mirror(extracted.snapshot, asdict(extracted.links), extracted.full, extracted.changed, extracted.based_on)
+            summary.last_full_read = (datetime.now(timezone.utc) if extracted.full else mirror.last_full_read).isoformat(timespec="seconds")
+            if not extracted.changed and run.is_settled(settled):
+                summary.message = NOTHING_TO_DO
+            else:
+                run.unsettle()  # until this run completes
+                reconcile(summary, extracted, settings, graph, scim, store, dry_run, allow_mass_deactivation, admin)
         summary.requests = {"graph": sum(graph.requests_made.values()), "scim": sum(scim.requests_made.values())}
         if admin is not None:
             summary.requests["organizations"] = sum(admin.requests_made.values())
@@ -147,7 +159,7 @@ def sync_directory(
             exc.run_summary = summary  # and ends a failed run with its summary
         raise
     finally:
-        publish_summary(summary)
+        publish_summary(summary, quiet)
         run.finish(summary.status, summary.counts, summary.message or None)
     if summary.failures:
         raise WritesFailed(summary)
@@ -217,7 +229,23 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
                                     if c.kind == "rename" and c.group_id not in with_products)
 
 
-def publish_summary(summary: RunSummary) -> None:
-    """The run's log ends with the summary (a worker's terminal, the UI's logs); the artifact has it as tables."""
+def quick_look(graph: GraphClient, mirror: Mirror) -> GraphChanges | None:
+    """The fast cadence's read of a settled directory: one delta round, outside any task (a task run, and
+    its persisted result, for every minute's run would be most of what a quiet run costs). Changes found
+    go to the extract task as read; None (a hiccup Graph's own retries did not heal) lets the extract
+    task read again, with its retries."""
+    try:
+        return graph.read_changes(DeltaLinks(**mirror.links), list(mirror.user_columns))
+    except TransientError as exc:
+        get_run_logger().warning("the quick look at Entra failed (%s); reading in the extract task", exc)
+        return None
+
+
+def publish_summary(summary: RunSummary, quiet: bool = False) -> None:
+    """The run's log ends with the summary (a worker's terminal, the UI's logs); the artifact has it as tables.
+    A quiet run (no change in Entra) logs it and is tagged for the retention of quiet runs, no artifact."""
     get_run_logger().info("\n".join(summary.lines()), extra={SUMMARY_LOG_MARK: True})
+    if quiet and summary.status == "completed":
+        tag_quiet_run()
+        return
     create_markdown_artifact(key="summary", markdown=summary.markdown(), description=f"guardsync {summary.mode}: {summary.status}")
