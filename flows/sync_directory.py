@@ -11,34 +11,29 @@ import os
 from contextlib import suppress
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import opaque
 
-from guardsync.access_load import AccessLoader
+# What a quiet run needs is imported here; the stages, in the functions that run them: a run that
+# finds no change in Entra never loads them (a process's start-up is most of a quiet run's CPU).
 from guardsync.admin import AdminClient, directory_id_of
 from guardsync.config import Settings, resolve_secret
-from guardsync.diff import plan_row_count, plan_rows
 from guardsync.errors import GuardsyncBlocked, GuardsyncError, TransientError
-from guardsync.gates import warm_up_in_background
 from guardsync.models import user_columns
 from guardsync.graph import DeltaLinks, GraphChanges, GraphClient
-from guardsync.load import Loader
 from guardsync.run import DirectoryRun, settled_digest
 from guardsync.scim import ScimClient
 from guardsync.state import Mirror, StateStore
 from guardsync.summary import SUMMARY_LOG_MARK, RunSummary
 from flows.prune_quiet_runs import tag_quiet_run
-from tasks.access import load_access, plan_access
-from tasks.extract import Extracted, extract
-from tasks.flatten import flatten
-from tasks.load import TERMINAL_PROGRESS, load_groups, load_memberships, load_users
-from tasks.observe import observe_atlassian
-from tasks.plan import plan_changes
+from tasks.load import TERMINAL_PROGRESS
 from tasks.results import keep_results_private
-from tasks.scope import scope_users
-from tasks.validate import validate_gates
+
+if TYPE_CHECKING:
+    from tasks.extract import Extracted
 
 os.environ.setdefault("DO_NOT_TRACK", "1")  # the flow never phones home, wherever it runs
 NOTHING_TO_DO = "no change in Entra since the last completed run with these settings: nothing to do"
@@ -129,6 +124,9 @@ def sync_directory(
             summary.last_full_read = mirror.last_full_read.isoformat(timespec="seconds")
             summary.message = NOTHING_TO_DO
         else:
+            from guardsync.gates import warm_up_in_background
+            from tasks.extract import extract
+
             if full_read:  # a full read waits seconds on Graph, and the gates follow: make GX ready meanwhile
                 warm_up_in_background()
             extracted = extract(graph, None if full_read else run.snapshot(),
@@ -169,6 +167,17 @@ def sync_directory(
 def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, graph: GraphClient, scim: ScimClient,
               store: StateStore, dry_run: bool, allow_mass_deactivation: bool, admin: AdminClient | None = None) -> None:
     """Scope, gate, plan and (unless dry_run) load one snapshot; fills the summary as it goes."""
+    from guardsync.access_load import AccessLoader
+    from guardsync.diff import plan_row_count, plan_rows
+    from guardsync.load import Loader
+    from tasks.access import load_access, plan_access
+    from tasks.flatten import flatten
+    from tasks.load import load_groups, load_memberships, load_users
+    from tasks.observe import observe_atlassian
+    from tasks.plan import plan_changes
+    from tasks.scope import scope_users
+    from tasks.validate import validate_gates
+
     snapshot, run_id = extracted.snapshot, summary.run_id
     scoped = scope_users(snapshot, flatten(snapshot), settings.sync, settings.attributes)
     summary.excluded = dict(scoped.excluded)
