@@ -46,6 +46,13 @@ from flows.prune_quiet_runs import QUIET_TAG
 TICK = os.sysconf("SC_CLK_TCK")
 FAST, SLOW = 60, 4 * 3600  # the fast cadence and Atlassian's default, in seconds
 DAY = 86400
+# The server settings README's "The fast cadence" gives: a run that waited for its directory's slot
+# (the one before it still running) looks again after 5 s, not 30.
+FAST_CADENCE_SERVER = {"PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "5"}
+RUN_TABLES = ("flow_run", "flow_run_state", "log", "task_run", "task_run_state", "artifact", "artifact_collection")
+EVENT_TABLES = ("events", "event_resources")
+QUIET_KEEP_DAYS = 1  # prune-quiet-runs' keep_hours (24) in prefect.yaml
+EVENT_DAYS = 7  # Prefect's event retention (PREFECT_SERVER_EVENTS_RETENTION_PERIOD, default)
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -277,7 +284,7 @@ def run(args) -> dict:
     server = worker = None
     try:
         server = PrefectServer(work / "prefect-server", work / "prefect-server.log",
-                               {**env, "PREFECT_API_DATABASE_CONNECTION_URL": database.url})
+                               {**env, "PREFECT_API_DATABASE_CONNECTION_URL": database.url, **FAST_CADENCE_SERVER})
         env["PREFECT_API_URL"] = server.api_url
         api = Api(server.api_url)
         log(f"Prefect server up in {server.started_in:.1f} s ({'SQLite' if args.sqlite else 'PostgreSQL'})")
@@ -408,6 +415,11 @@ def report(args, scenario, quiet: Window, leavers: Window, latencies, initial, w
         "worker_cpu_s_per_hour": quiet_cpu * 3600 / FAST + worker_idle_per_s * 3600,
         "requests_per_hour": {name: per_run_requests[name] * 3600 / FAST for name in per_run_requests},
         "database_mb_per_day": quiet_bytes * DAY / FAST / 1e6,
+        # What the database holds once the retentions run: a day of quiet runs (prune-quiet-runs), their
+        # events for Prefect's event retention; with the overrides README gives, the lifecycle events
+        # (all of a quiet run's but Completed) for a day.
+        "database_mb_held": steady_state(quiet.database, quiet_runs, EVENT_DAYS),
+        "database_mb_held_with_event_overrides": steady_state(quiet.database, quiet_runs, 1 + (EVENT_DAYS - 1) / 8),
     }
     result = {
         "started": time.strftime("%Y-%m-%d %H:%M"), "workdir": str(work),
@@ -435,6 +447,13 @@ def report(args, scenario, quiet: Window, leavers: Window, latencies, initial, w
     return result
 
 
+def steady_state(by_table: dict[str, list[int]], runs: int, event_days: float) -> float:
+    """MB the quiet runs of the fast cadence keep in the database once every retention runs."""
+    per_run = {group: sum(by_table.get(t, [0, 0])[1] for t in tables) / max(runs, 1)
+               for group, tables in (("runs", RUN_TABLES), ("events", EVENT_TABLES))}
+    return (per_run["runs"] * QUIET_KEEP_DAYS + per_run["events"] * event_days) * DAY / FAST / 1e6
+
+
 def print_report(r: dict) -> None:
     fast, slow, q, b = r["every_minute"], r["every_4_hours"], r["quiet_run"], r["leaver_run"]
     print(f"\n== leaver latency, {r['tenant']['users']:,} users, Prefect on {r['database']}, "
@@ -449,6 +468,8 @@ def print_report(r: dict) -> None:
            f"{slow['requests_per_hour'][name]:.1f}") for name in ("graph", "scim")],
         ("Organizations API requests per hour", "0 (no [access])", "0 (no [access])"),
         ("Prefect database growth per day", f"{fast['database_mb_per_day']:.1f} MB", f"{slow['database_mb_per_day']:.2f} MB"),
+        ("  held once retentions run", f"{fast['database_mb_held']:.0f} MB", "-"),
+        ("  held, event overrides (README)", f"{fast['database_mb_held_with_event_overrides']:.0f} MB", "-"),
     ]
     for label, measured, computed in rows:
         print(f"{label:34} {measured:>24} {computed:>26}")
