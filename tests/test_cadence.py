@@ -134,3 +134,38 @@ def test_prefect_yaml_ships_the_fast_cadence_for_every_directory_and_the_retenti
     [retention] = [d for d in data["deployments"] if d["entrypoint"] == "flows/prune_quiet_runs.py:prune_quiet_runs"]
     assert [s["interval"] for s in retention["schedules"] if s["active"]] == [3600]
     assert retention["parameters"]["keep_hours"] == 24
+
+
+def test_a_quiet_run_reads_the_mirror_without_its_snapshot_also_from_a_store_saved_before_columns_were_kept(tmp_path):
+    import json
+
+    import pandas as pd
+    from sqlalchemy import update
+
+    from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, Snapshot
+    from guardsync.state import StateStore, mirror
+
+    users = pd.DataFrame([["u1", "ada@contoso.com", "ada@contoso.com", "Ada", "Ada", "L", "CTO", True, "Member"]],
+                         columns=USER_COLUMNS)
+    snapshot = Snapshot("t1", "Contoso", users, pd.DataFrame(columns=GROUP_COLUMNS), pd.DataFrame(columns=EDGE_COLUMNS),
+                        ["contoso.com"], None)
+    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        assert store.load_mirror(snapshot=False).user_columns is None  # nothing read yet: a full read follows
+        assert store.save_mirror(snapshot, {"users": "link-A"}, True, based_on=0)
+        light = store.load_mirror(snapshot=False)
+        assert light.snapshot is None and light.user_columns == tuple(USER_COLUMNS) and light.links == {"users": "link-A"}
+        assert store.load_snapshot().users["jobTitle"].tolist() == ["CTO"]
+
+        # A mirror an older guardsync saved has no columns in its meta: read whole once, completed by the next save.
+        with store.engine.begin() as conn:
+            meta = json.loads(conn.execute(mirror.select().where(mirror.c.key == "meta")).one().data)
+            del meta["user_columns"]
+            conn.execute(update(mirror).where(mirror.c.key == "meta").values(data=json.dumps(meta).encode()))
+        old = store.load_mirror(snapshot=False)
+        assert old.snapshot is None and old.user_columns == tuple(USER_COLUMNS)
+        assert store.save_links({"users": "link-B"}, old.generation, old.user_columns)
+        with store.engine.connect() as conn:
+            assert json.loads(conn.execute(mirror.select().where(mirror.c.key == "meta")).one().data)["user_columns"]
+    finally:
+        store.dispose()
