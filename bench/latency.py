@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -107,7 +108,7 @@ class Worker:
         self.process = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool",
                                          "guardsync", "--type", "process", "--name", "bench-worker"],
                                         cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.reaped: list[tuple[float, float]] = []  # (when, CPU seconds of the flow-run process reaped then)
+        self.reaped: list[tuple[float, float, float]] = []  # (when, CPU seconds, wall seconds) of each flow-run process
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
@@ -118,15 +119,32 @@ class Worker:
         utime, stime, cutime, cstime = (int(v) / TICK for v in fields[11:15])
         return utime + stime, cutime + cstime
 
+    def children(self) -> set[int]:
+        """The worker's child processes (by their parent pid in /proc/PID/stat)."""
+        found = set()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue  # gone meanwhile
+                if parent == self.process.pid:
+                    found.add(int(entry.name))
+        return found
+
     def _sample(self) -> None:
-        last = self.cpu()[1]
+        last, born = self.cpu()[1], {}  # born: child pid -> when first seen (a run's process lives seconds)
         while not self._stop.wait(0.25):
             try:
-                children = self.cpu()[1]
+                children, alive = self.cpu()[1], self.children()
             except OSError:
                 return
+            now = time.time()
+            for pid in alive - set(born):
+                born[pid] = now
             if children > last:
-                self.reaped.append((time.time(), children - last))
+                gone = [born.pop(pid) for pid in set(born) - alive]
+                self.reaped.append((now, children - last, now - min(gone) if gone else float("nan")))
                 last = children
 
     def stop(self) -> None:
@@ -204,7 +222,8 @@ class Window:
     ended: float = 0.0
     runs: list[dict] = field(default_factory=list)
     cpu_worker_s: float = 0.0  # the worker's own (polling, starting processes)
-    cpu_runs_s: dict[str, float] = field(default_factory=dict)  # each flow-run process, by flow run id
+    cpu_runs_s: dict[str, float] = field(default_factory=dict)  # each flow-run process's CPU, by flow run id
+    wall_runs_s: dict[str, float] = field(default_factory=dict)  # and its life, start to exit
     requests: dict[str, int] = field(default_factory=dict)
     database: dict[str, list[int]] = field(default_factory=dict)
 
@@ -245,7 +264,7 @@ def wait_for(predicate, timeout: float, what: str, every: float = 1.0):
 def percentile(values: list[float], share: float) -> float:
     """Nearest-rank percentile (p95 of 10 samples is the 10th)."""
     ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, -(-len(ordered) * share // 1) - 1))] if ordered else float("nan")
+    return ordered[max(0, math.ceil(len(ordered) * share) - 1)] if ordered else float("nan")
 
 
 def seconds_between(start: str, end: str) -> float:
@@ -256,14 +275,15 @@ def epoch(stamp: str) -> float:
     return datetime.fromisoformat(stamp).timestamp()  # the API's times carry their zone
 
 
-def cpu_by_run(runs: list[dict], reaped: list[tuple[float, float]]) -> dict[str, float]:
-    """Each run's process CPU: the first reap after the run's end (runs of one deployment never overlap)."""
+def process_by_run(runs: list[dict], reaped: list[tuple]) -> dict[str, tuple]:
+    """Each run's process, (when reaped, CPU s, wall s): the first reap after the run's end (runs of one
+    deployment never overlap)."""
     out, free = {}, sorted(reaped)
     for flow_run in sorted(runs, key=lambda r: r["end_time"]):
         ended = epoch(flow_run["end_time"])
         match = next((item for item in free if item[0] >= ended - 1), None)
         if match is not None:
-            out[flow_run["id"]] = match[1]
+            out[flow_run["id"]] = match
             free.remove(match)
     return out
 
@@ -334,7 +354,9 @@ def run(args) -> dict:
             window.database = growth(window.database, database.tables())
             window.runs = [r for r in api.finished(deployment["id"])
                            if window.started < epoch(r["end_time"]) <= window.ended]
-            window.cpu_runs_s = cpu_by_run(window.runs, worker.reaped)
+            processes = process_by_run(window.runs, worker.reaped)
+            window.cpu_runs_s = {run_id: cpu for run_id, (_, cpu, _) in processes.items()}
+            window.wall_runs_s = {run_id: wall for run_id, (_, _, wall) in processes.items()}
 
         def idle() -> bool:
             return not any(r["state_type"] in ("RUNNING", "PENDING") for r in api.flow_runs(deployment["id"]))
@@ -429,6 +451,7 @@ def report(args, scenario, quiet: Window, leavers: Window, latencies, initial, w
         "initial_sync_s": seconds_between(initial["start_time"], initial["end_time"]),
         "quiet_run": {"runs": quiet_runs, "cpu_s": list(quiet.cpu_runs_s.values()), "cpu_mean_s": quiet_cpu,
                       "wall_s": [seconds_between(r["start_time"], r["end_time"]) for r in quiet.runs],
+                      "process_wall_s": list(quiet.wall_runs_s.values()),
                       "requests": per_run_requests, "database_bytes": quiet_bytes, "database_rows": quiet_rows,
                       "database_by_table": {t: [rows / max(quiet_runs, 1), size / max(quiet_runs, 1)]
                                             for t, (rows, size) in quiet.database.items()}},
@@ -473,8 +496,9 @@ def print_report(r: dict) -> None:
     ]
     for label, measured, computed in rows:
         print(f"{label:34} {measured:>24} {computed:>26}")
-    print(f"\nno-change run: CPU {q['cpu_mean_s']:.2f} s (runs: {', '.join(f'{c:.2f}' for c in q['cpu_s'])}), wall "
-          f"{statistics.median(q['wall_s']):.1f} s, requests {q['requests']}, database +{q['database_bytes'] / 1024:.1f} KB:")
+    print(f"\nno-change run: CPU {q['cpu_mean_s']:.2f} s (runs: {', '.join(f'{c:.2f}' for c in q['cpu_s'])}), its process "
+          f"{statistics.median(q['process_wall_s'] or [float('nan')]):.1f} s start to exit, the flow run "
+          f"{statistics.median(q['wall_s']):.1f} s in Prefect, requests {q['requests']}, database +{q['database_bytes'] / 1024:.1f} KB:")
     for table, (rows, size) in sorted(q["database_by_table"].items(), key=lambda item: -item[1][1]):
         print(f"    {table:<28} {rows:>+7.1f} rows {size / 1024:>+9.1f} KB")
     print(f"leaver run: CPU {b['cpu_mean_s']:.2f} s, wall {statistics.median(b['wall_s']) if b['wall_s'] else 0:.1f} s, "
