@@ -31,11 +31,17 @@ PAGE = 200
 
 
 def tag_quiet_run() -> None:
-    """Tag the running flow run as quiet (one PATCH): the retention below may delete it later."""
+    """Tag the running flow run as quiet (one PATCH): the retention below may delete it later. A run the
+    API would not tag is only kept longer: it completes all the same."""
     run_id, tags = runtime.flow_run.id, list(runtime.flow_run.tags)
-    if run_id and QUIET_TAG not in tags:
+    if not run_id or QUIET_TAG in tags:
+        return
+    try:
         with get_client(sync_client=True) as client:
             client.update_flow_run(run_id, tags=[*tags, QUIET_TAG])
+    except Exception as exc:  # the Prefect API hiccuped: not a reason to fail a run that did its job
+        get_run_logger().warning("could not tag this quiet run %s (%s); the retention of quiet runs will keep it",
+                                 QUIET_TAG, type(exc).__name__)
 
 
 def quiet_runs_before(cutoff: datetime) -> tuple[FlowFilter, FlowRunFilter]:
