@@ -16,7 +16,7 @@ from guardsync.config import AccessSettings
 from guardsync.errors import ApiError
 from guardsync.load import LoadReport
 from guardsync.models import DesiredGroup
-from guardsync.plan import AppliedState
+from guardsync.models import AppliedState
 from guardsync.state import StateStore
 
 

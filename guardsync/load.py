@@ -23,7 +23,7 @@ from typing import Callable, Iterable, TypeVar
 
 from guardsync.errors import ApiError, Conflict, NotFound
 from guardsync.models import DesiredUser
-from guardsync.plan import PAST, GroupChange, MemberChange, UserChange
+from guardsync.changes import PAST, GroupChange, MemberChange, UserChange
 from guardsync.scim import ScimClient
 from guardsync.state import StateStore
 from guardsync.throttle import AdaptiveLimit

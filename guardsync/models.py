@@ -156,3 +156,28 @@ def content_digest(record: dict) -> str:
     """Stable short hash of a JSON-able record: the plan compares these, not fields."""
     raw = json.dumps(record, sort_keys=True, default=sorted, ensure_ascii=False)
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+# == the record: Atlassian as guardsync last wrote or observed it ==========================================
+
+
+@dataclass(frozen=True)
+class AppliedUser:
+    scim_id: str
+    record: DesiredUser  # exactly what was last written to Atlassian (or observed there)
+
+
+@dataclass(frozen=True)
+class AppliedGroup:
+    scim_id: str
+    display_name: str
+
+
+@dataclass
+class AppliedState:
+    users: dict[str, AppliedUser] = field(default_factory=dict)  # by Entra id
+    groups: dict[str, AppliedGroup] = field(default_factory=dict)  # by Entra id
+    members: dict[str, frozenset[str]] = field(default_factory=dict)  # group id -> user ids
+
+    def active_users(self) -> int:
+        return sum(1 for user in self.users.values() if user.record.active)

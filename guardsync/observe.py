@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from guardsync.diff import AttributeChange, hand_edits
-from guardsync.models import DesiredUser
-from guardsync.plan import AppliedGroup, AppliedState, AppliedUser
+from guardsync.changes import AttributeChange, hand_edits
+from guardsync.models import AppliedGroup, AppliedState, AppliedUser, DesiredUser
 from guardsync.scim import user_from_resource
 
 

@@ -51,7 +51,7 @@ from guardsync.errors import ConfigError, GuardsyncBlocked, GuardsyncError
 import pandas as pd
 
 from guardsync.models import DesiredUser, Snapshot, text_frame
-from guardsync.plan import AppliedGroup, AppliedState, AppliedUser
+from guardsync.models import AppliedGroup, AppliedState, AppliedUser
 
 metadata = MetaData()
 

@@ -12,7 +12,8 @@ from guardsync.config import AccessSettings
 from guardsync.errors import GuardsyncBlocked
 from guardsync.gates import blocked_message, run_gate
 from guardsync.observe import Observation
-from guardsync.plan import AppliedState, Plan
+from guardsync.changes import Plan
+from guardsync.models import AppliedState
 from guardsync.validate import Validated
 from tasks.common import PERSISTED, transient_only
 from tasks.load import LOAD_OPTIONS

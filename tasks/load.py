@@ -24,7 +24,7 @@ from prefect.exceptions import ObjectNotFound
 
 from guardsync.load import Loader, LoadReport
 from guardsync.progress import chain, progress_reporter
-from guardsync.plan import Plan
+from guardsync.changes import Plan
 from tasks.common import PERSISTED, transient_only
 
 _UNTHROTTLED_SAID: set[tuple[str, str]] = set()  # (flow run id, limit name): "no limit" said for this run

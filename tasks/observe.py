@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from guardsync.observe import Observation, observe
-from guardsync.plan import AppliedState
+from guardsync.models import AppliedState
 from guardsync.scim import ScimClient
 from guardsync.summary import markdown_table
 from tasks.common import PERSISTED, transient_only

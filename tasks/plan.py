@@ -10,7 +10,9 @@ from guardsync.config import SyncSettings
 from guardsync.diff import plan_row_count, plan_rows
 from guardsync.guards import empty_scope, managed_active_users, too_many_deprovisions
 from guardsync.observe import Observation
-from guardsync.plan import AppliedState, Plan, make_plan
+from guardsync.changes import Plan
+from guardsync.models import AppliedState
+from guardsync.plan import make_plan
 from guardsync.validate import Validated
 from tasks.common import PERSISTED
 

@@ -22,7 +22,7 @@ import guardsync.access
 import guardsync.graph
 import guardsync.models
 import guardsync.observe
-import guardsync.plan
+import guardsync.changes
 from guardsync.models import Snapshot
 from guardsync.state import frame_document, snapshot_document, snapshot_from_document
 
@@ -35,7 +35,7 @@ def _dataclasses_of(*modules) -> dict[str, type]:
 
 
 # The stage results' types (extract, observe, plan, plan-access; the loads return plain dicts): nothing else is ever built.
-RESULT_TYPES = _dataclasses_of(guardsync.models, guardsync.plan, guardsync.observe, guardsync.graph, guardsync.access)
+RESULT_TYPES = _dataclasses_of(guardsync.models, guardsync.changes, guardsync.observe, guardsync.graph, guardsync.access)
 
 
 def persisted(cls: type) -> type:

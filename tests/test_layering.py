@@ -2,7 +2,8 @@
 (flows/, tasks/), and inside the core no import runs in a circle.
 
 Every import counts, those inside functions too: a lazy import is still a dependency. Imports
-under `if TYPE_CHECKING:` do not: they name types for annotations and never run.
+under `if TYPE_CHECKING:` count for circles too (a circle hidden behind TYPE_CHECKING is still two
+modules that each need the other to be read), but not for reaching up into the Prefect layer.
 """
 
 import ast
@@ -12,12 +13,14 @@ CORE = Path(__file__).resolve().parent.parent / "guardsync"
 ENTRY_POINT = "guardsync.cli"  # the command line sits above the flow: the one core module that may reach up
 
 
-def imports_of(path: Path) -> set[str]:
-    """Every module `path` imports, as dotted names (`from a.b import c` counts as a.b and a.b.c)."""
+def imports_of(path: Path, type_only_too: bool = False) -> set[str]:
+    """Every module `path` imports, as dotted names (`from a.b import c` counts as a.b and a.b.c);
+    those under `if TYPE_CHECKING:` only with `type_only_too`."""
     found: set[str] = set()
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    type_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
-                 for statement in node.body for inner in ast.walk(statement)}
+    type_only = set() if type_only_too else {
+        id(inner) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
+        for statement in node.body for inner in ast.walk(statement)}
     for node in ast.walk(tree):
         if id(node) in type_only:
             continue
@@ -35,13 +38,14 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 
 def core_graph() -> dict[str, set[str]]:
-    """guardsync.X -> the guardsync modules it imports (the sandbox package counts as one module)."""
+    """guardsync.X -> the guardsync modules it imports, type-only imports included (the sandbox package
+    counts as one module)."""
     modules = {f"guardsync.{path.stem}": path for path in CORE.glob("*.py") if path.stem != "__init__"}
     modules["guardsync.sandbox"] = CORE / "sandbox"
     graph = {}
     for name, path in modules.items():
         files = sorted(path.glob("*.py")) if path.is_dir() else [path]
-        imported = set().union(*(imports_of(file) for file in files))
+        imported = set().union(*(imports_of(file, type_only_too=True) for file in files))
         graph[name] = {target for target in modules if target != name
                        and any(i == target or i.startswith(target + ".") for i in imported)}
     return graph
@@ -91,6 +95,11 @@ def test_the_layers_named_by_the_layout_hold():
     assert not importers_of_cli, f"{ENTRY_POINT} is the top: nothing in the core imports it ({importers_of_cli})"
     for base in ("guardsync.errors", "guardsync.models"):  # the bottom layer: everything may use them
         assert graph[base] <= {"guardsync.errors", "guardsync.models"}, f"{base} imports {graph[base]}"
+    # What a change is, what was observed, how the plan is made, the plan for people: arrows one way.
+    order = ["guardsync.changes", "guardsync.observe", "guardsync.plan", "guardsync.diff"]
+    for lower, module in enumerate(order):
+        above = set(order[lower + 1:])
+        assert not graph[module] & above, f"{module} imports {sorted(graph[module] & above)}, which sit above it"
 
 
 def test_the_checker_finds_a_cycle_and_an_upward_import(tmp_path):
@@ -101,3 +110,4 @@ def test_the_checker_finds_a_cycle_and_an_upward_import(tmp_path):
     module.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from guardsync.cli import main\n"
                       "def f():\n    from flows.sync_directory import prefect_secret\n", encoding="utf-8")
     assert "flows.sync_directory" in imports_of(module) and "guardsync.cli" not in imports_of(module)
+    assert "guardsync.cli" in imports_of(module, type_only_too=True)  # a circle through annotations is found

@@ -4,7 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardsync.models import DesiredGroup, DesiredUser
-from guardsync.plan import AppliedGroup, AppliedState, AppliedUser, apply_plan, make_plan
+from guardsync.models import AppliedGroup, AppliedState, AppliedUser
+from guardsync.plan import apply_plan, make_plan
 
 
 def user(uid, name=None, active=True, title="Engineer"):
