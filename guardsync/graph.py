@@ -7,6 +7,9 @@ as `GraphChanges` that `guardsync.delta.apply_changes` merges into the previous 
 an expired delta link turns into a full read, transparently. Every Graph answer is turned into data or
 a guardsync error in one place (`_interpret`), so nothing above this module sees
 HTTP. Secrets and tokens never reach a message, a log line or an exception.
+
+At the end, the probes `guardsync check` runs against Entra and Graph, and the permissions
+the app needs (which `guardsync init` prints too).
 """
 
 from __future__ import annotations
