@@ -10,6 +10,7 @@ import hashlib
 import json
 import unicodedata
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 
 import pandas as pd
 
@@ -156,6 +157,38 @@ def content_digest(record: dict) -> str:
     """Stable short hash of a JSON-able record: the plan compares these, not fields."""
     raw = json.dumps(record, sort_keys=True, default=sorted, ensure_ascii=False)
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+class Status(str, Enum):
+    PASS = "PASS"
+    FAIL = "FAIL"
+    SKIP = "SKIP"  # not checked: an item it depends on failed
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One line of `guardsync check`: what a probe of one prerequisite found, and on FAIL the fix."""
+
+    item: str  # one of guardsync.check.ITEMS
+    status: Status
+    detail: str  # what was found, for a person
+    fix: str = ""  # what to do, on FAIL
+
+    @property
+    def passed(self) -> bool:
+        return self.status is Status.PASS
+
+    @classmethod
+    def ok(cls, item: str, detail: str) -> CheckResult:
+        return cls(item, Status.PASS, detail)
+
+    @classmethod
+    def fail(cls, item: str, detail: str, fix: str) -> CheckResult:
+        return cls(item, Status.FAIL, detail, fix)
+
+    @classmethod
+    def skip(cls, item: str, needs: str) -> CheckResult:
+        return cls(item, Status.SKIP, f"not checked: needs {needs}")
 
 
 # == the record: Atlassian as guardsync last wrote or observed it ==========================================

@@ -689,3 +689,71 @@ def _process_alive(pid: int) -> bool:
         return True
     return True
 
+
+
+# == guardsync check: the state store probe ========================================================
+
+
+def check_store(url: str, tenant_id: str | None, scim_url: str):
+    """The "state" line: the store can be opened and belongs to this tenant and SCIM directory (or to none yet).
+
+    Nothing is created: a SQLite file that does not exist is not opened, a database without
+    guardsync's tables is not given them. `tenant_id` None: the tenant could not be read."""
+    from pathlib import Path  # imported here: this section stands alone
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from guardsync.models import CheckResult
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return CheckResult.fail("state", "[sync] state is not a SQLAlchemy URL",
+                                "give one such as sqlite:///guardsync-state.db or postgresql+psycopg://user@host/db")
+    shown = redacted_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:") or database.startswith("file::memory:"):
+            return CheckResult.fail("state", f"{shown} is an in-memory database: nothing would survive a run",
+                                    "give a file, e.g. sqlite:///guardsync-state.db, or a PostgreSQL URL")
+        path = Path(database).expanduser()
+        if not path.exists():  # opening it would create it: say what the first sync will do instead
+            parent = path.absolute().parent
+            if not parent.is_dir():
+                return CheckResult.fail("state", f"{shown}: the directory {parent} does not exist",
+                                        f"create {parent}, or point [sync] state at a file in an existing directory")
+            if not os.access(parent, os.W_OK):
+                return CheckResult.fail("state", f"{shown}: the directory {parent} is not writable",
+                                        f"let this user write to {parent}, or point [sync] state elsewhere")
+            return CheckResult.ok("state", f"{shown} is empty (not created yet); the first sync creates it and binds "
+                                  "it to this tenant and directory")
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            has_tables = inspect(connection).has_table("binding")
+    except (SQLAlchemyError, ImportError) as exc:
+        return CheckResult.fail("state", f"cannot open {shown} ({type(exc).__name__})",
+                                "check that the database is up and reachable from here, and the URL, user and password")
+    finally:
+        engine.dispose()
+    if not has_tables:
+        return CheckResult.ok("state", f"{shown} is reachable and empty; the first sync binds it to this tenant and "
+                              "directory")
+    store = StateStore(url)  # its tables exist: opening it creates nothing
+    try:
+        bound = store.binding()
+        if not bound:
+            return CheckResult.ok("state", f"{shown} is reachable and not bound yet; the first sync binds it")
+        try:
+            store.check_binding(tenant_id or bound.get("tenant_id", ""), scim_url)
+        except GuardsyncBlocked as exc:
+            return CheckResult.fail("state", str(exc), "point [sync] state at this tenant and directory's own store (a "
+                                    "new SQLite file or database); one store serves one tenant and one SCIM directory")
+        last = store.history(1)
+        runs = f"; last run {last[0]['started_at']:%Y-%m-%d %H:%M} {last[0]['status']}" if last else ""
+        compared = "" if tenant_id else " (tenant not compared: it could not be read)"
+        return CheckResult.ok("state", f"{shown} is bound to tenant {bound.get('tenant_id')} and this directory"
+                              f"{compared}{runs}")
+    finally:
+        store.dispose()
