@@ -25,12 +25,15 @@ demo: $(STAMP)
 demo-ui: $(STAMP)
 	$(BIN)/guardsync demo --ui
 
-# Three workers, one test file each at a time: most tests wait on (injected) network latency.
+# Three workers on two cores (tests wait on loopback HTTP and subprocesses as much as they compute);
+# worksteal spreads a long file's tests over the workers. Ends with the ten slowest tests.
+PYTEST := $(BIN)/pytest -q -n 3 --dist worksteal --durations=10
+
 test: $(STAMP)
-	$(BIN)/pytest -q -n 3 --dist loadfile
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -n 3 --dist loadfile -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Performance: synthetic tenants (10k and 100k users) synced through the sandbox with 20 ms
 # injected on every request; prints a table and writes bench-results/*.json (see bench/run.py).
