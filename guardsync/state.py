@@ -740,7 +740,7 @@ def check_store(url: str, tenant_id: str | None, scim_url: str):
     if not has_tables:
         return CheckResult.ok("state", f"{shown} is reachable and empty; the first sync binds it to this tenant and "
                               "directory")
-    store = StateStore(url)  # its tables exist: opening it creates nothing
+    store = StateStore(url, read_only=True)  # read only: check neither migrates the store nor changes its file mode
     try:
         bound = store.binding()
         if not bound:
