@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import opaque
 
-from guardsync.access_load import AccessLoader
+from guardsync.access_load import AccessLoader, access_holds
 from guardsync.admin import AdminClient, directory_id_of
 from guardsync.config import Settings, resolve_secret
 from guardsync.diff import plan_row_count, plan_rows
@@ -125,7 +125,10 @@ def sync_directory(
         run.keep_mirror(extracted.snapshot, asdict(extracted.links), extracted.full, extracted.changed, extracted.based_on)
         summary.last_full_read = (datetime.now(timezone.utc) if extracted.full else mirror.last_full_read).isoformat(timespec="seconds")
         settled = settled_digest(settings.model_dump(mode="json"), allow_mass_deactivation)
-        if not extracted.changed and run.is_settled(settled):
+        # Nothing changed in Entra since a completed run with these settings, and (with [access]) the configured
+        # groups still hold their products: one role-assignments read a configured group, a hand revocation is
+        # repaired by this run, and the dry run (which never takes this shortcut) says the same.
+        if not extracted.changed and run.is_settled(settled) and access_holds(admin, store):
             summary.message = "no change in Entra since the last completed run with these settings: nothing to do"
         else:
             run.unsettle()  # until this run completes
@@ -185,7 +188,7 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
     access_plan = None
     if admin is not None:  # before any write: unknown products, the access gate and guards stop the run here
         access_plan = plan_access(admin, settings.access, opaque(validated), opaque(recorded), opaque(observation),
-                                  opaque(plan), store.load_grants())
+                                  opaque(plan), opaque(store.load_grants()))
         summary.access = access_plan.lines(granting=bool(access_plan.grants))
     if dry_run:
         summary.counts = plan.counts() | (access_plan.counts() if access_plan is not None else {})
@@ -213,8 +216,9 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
     with_products = access_plan.configured if access_plan is not None else frozenset()
     summary.new_groups = sorted(validated.groups[c.group_id].display_name for c in plan.groups
                                 if c.kind == "create" and c.group_id not in with_products)
-    summary.renamed_groups = sorted(c.display_name for c in plan.groups
-                                    if c.kind == "rename" and c.group_id not in with_products)
+    # With [access], every renamed group's grants move to its new group: none needs granting again by hand.
+    summary.renamed_groups = [] if access_plan is not None else sorted(c.display_name for c in plan.groups
+                                                                       if c.kind == "rename")
 
 
 def publish_summary(summary: RunSummary) -> None:

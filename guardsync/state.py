@@ -35,6 +35,7 @@ from sqlalchemy import (
     event,
     insert,
     inspect,
+    literal,
     or_,
     select,
     update,
@@ -119,11 +120,14 @@ mirror = Table(  # the last Entra snapshot and Graph delta links: a delta run me
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
-access_grants = Table(  # product grants guardsync made (never a hand-made one): only these may be revoked
+access_grants = Table(  # the grant ledger: the product grants of synced groups guardsync knows of, with their maker
     "access_grants", metadata,
-    Column("group_id", String(64), primary_key=True),  # Entra group id
+    Column("group_id", String(64), primary_key=True),  # Entra group id: a rename keeps it, and the grant its maker
     Column("workspace_id", String(255), primary_key=True),
     Column("product", Text, nullable=False),  # key@site-host, for people
+    # "guardsync" (only these may be revoked) or "hand"; rows from before makers were kept are guardsync's
+    Column("maker", String(16), nullable=False, server_default="guardsync"),
+    Column("run_id", String(64)),  # the run whose assign Atlassian confirmed last (None: seen, made by hand)
 )
 
 
@@ -441,27 +445,61 @@ class StateStore:
     def _audit(conn, run_id, operation, object_type, object_id, name, outcome, detail=None) -> None:
         conn.execute(insert(audit).values(**_audit_row(run_id, operation, object_type, object_id, name, outcome, detail)))
 
-    # -- product access ([access]) ------------------------------------------------------------
-    def load_grants(self) -> set[tuple[str, str]]:
-        """(Entra group id, workspace id) of every grant guardsync made and has not revoked."""
-        if not inspect(self.engine).has_table("access_grants"):
-            return set()  # a dry run over a store from before [access] existed (read-only: not created)
+    # -- product access ([access]): the grant ledger ------------------------------------------
+    def load_grants(self) -> dict[tuple[str, str], str]:
+        """The maker ("guardsync" or "hand") of each (Entra group id, workspace id) grant in the ledger."""
+        inspector = inspect(self.engine)
+        if not inspector.has_table("access_grants"):
+            return {}  # a dry run over a store from before [access] existed (read-only: not created)
+        # A dry run reads a store behind the schema's head as it is: before makers were kept, every row was guardsync's.
+        kept = any(column["name"] == "maker" for column in inspector.get_columns("access_grants"))
+        maker = access_grants.c.maker if kept else literal("guardsync").label("maker")
         with self.engine.connect() as conn:
-            return {(row.group_id, row.workspace_id) for row in conn.execute(select(access_grants))}
+            rows = conn.execute(select(access_grants.c.group_id, access_grants.c.workspace_id, maker))
+            return {(row.group_id, row.workspace_id): row.maker for row in rows}
+
+    def grants_confirmed_in(self, run_id: str) -> set[tuple[str, str]]:
+        """(group id, workspace id) of the assigns of this run that Atlassian confirmed: a retried load skips them."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(access_grants.c.group_id, access_grants.c.workspace_id)
+                                .where(access_grants.c.run_id == run_id))
+            return {(row.group_id, row.workspace_id) for row in rows}
 
     def save_grant(self, run_id: str, operation: str, group_id: str, group_name: str, workspace_id: str,
-                   product: str, recorded: bool = True) -> None:
-        """A grant ("grant") or revocation ("revoke") Atlassian applied, with its audit row; an unrecorded
-        grant (a hand-made one carried to a renamed group) is audited but never becomes guardsync's."""
+                   product: str, maker: str) -> None:
+        """A grant ("grant") or revocation ("revoke") Atlassian confirmed, with its audit row. A grant keeps the
+        maker it is given: a hand-made grant carried to a renamed group stays hand-made."""
         with self._lock, self.engine.begin() as conn:
             conn.execute(delete(access_grants).where(access_grants.c.group_id == group_id,
                                                      access_grants.c.workspace_id == workspace_id))
-            if operation == "grant" and recorded:
-                conn.execute(insert(access_grants).values(group_id=group_id, workspace_id=workspace_id, product=product))
-            self._audit(conn, run_id, operation, "group", group_id, group_name, "ok", f"{product} ({workspace_id})")
+            if operation == "grant":
+                conn.execute(insert(access_grants).values(group_id=group_id, workspace_id=workspace_id, product=product,
+                                                          maker=maker, run_id=run_id))
+            self._audit(conn, run_id, operation, "group", group_id, group_name, "ok",
+                        f"{product} ({workspace_id})" + (f", made by {maker}" if maker != "guardsync" else ""))
+
+    def note_hand_made(self, run_id: str, seen: list[tuple[str, str, str, str]]) -> None:
+        """Grants seen on a synced group that guardsync did not make, (group id, group name, workspace id, product)
+        each: in the ledger as hand-made, so they stay so whatever happens to the group (a rename included).
+        A row the ledger has by now (a renamed group's grant, carried this run with its maker) stays as it is."""
+        if not seen:
+            return
+        with self._lock, self.engine.begin() as conn:
+            have = {(row.group_id, row.workspace_id) for row in conn.execute(
+                select(access_grants.c.group_id, access_grants.c.workspace_id)
+                .where(access_grants.c.group_id.in_(sorted({group_id for group_id, *_ in seen}))))}
+            new = [(group_id, name, workspace_id, product) for group_id, name, workspace_id, product in seen
+                   if (group_id, workspace_id) not in have]
+            if not new:
+                return
+            conn.execute(insert(access_grants), [{"group_id": group_id, "workspace_id": workspace_id, "product": product,
+                                                  "maker": "hand", "run_id": None} for group_id, _, workspace_id, product in new])
+            conn.execute(insert(audit), [_audit_row(run_id, "hand_grant", "group", group_id, name, "ok",
+                                                    f"{product} ({workspace_id}), made by hand")
+                                         for group_id, name, workspace_id, product in new])
 
     def forget_grants(self, run_id: str, gone: list[tuple[str, str]]) -> None:
-        """Drop records of grants that are gone without a revocation (their group was deleted, or a person removed them)."""
+        """Drop ledger rows of grants that are gone without a revocation (their group was deleted, or a person removed them)."""
         if not gone:
             return
         with self._lock, self.engine.begin() as conn:
@@ -470,6 +508,23 @@ class StateStore:
                                                          access_grants.c.workspace_id == workspace_id))
             conn.execute(insert(audit), [_audit_row(run_id, "forget_grant", "group", group_id, None, "ok", workspace_id)
                                          for group_id, workspace_id in gone])
+
+    def group_names(self) -> dict[str, str]:
+        """Entra group id -> the name of its group in Atlassian, as recorded (a rename is recorded once the old group went)."""
+        with self.engine.connect() as conn:
+            return {row.external_id: row.display_name for row in conn.execute(select(groups.c.external_id, groups.c.display_name))}
+
+    def access_check(self) -> dict[str, list[str]] | None:
+        """What the last run with [access] left each configured group holding: Organizations API group id ->
+        workspace ids. A run with no change in Entra reads those groups' grants against it (None: nothing recorded)."""
+        value = self.binding().get("access_check")
+        return json.loads(value) if value is not None else None
+
+    def save_access_check(self, expected: dict[str, list[str]] | None) -> None:
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(delete(binding).where(binding.c.key == "access_check"))
+            if expected is not None:
+                conn.execute(insert(binding).values(key="access_check", value=json.dumps(expected, sort_keys=True)))
 
     # -- the Entra mirror (delta sync) ----------------------------------------------------
     def load_mirror(self) -> Mirror:

@@ -69,6 +69,39 @@ def test_a_store_made_before_migrations_is_adopted_with_its_rows(fresh_postgres)
         store.dispose()
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_store_from_before_grant_makers_keeps_its_grants_as_guardsyncs(database, tmp_path, request):
+    """Revision 0003 recorded only the grants guardsync made: upgraded, they stay guardsync's (the only ones it
+    may revoke). A dry run reads such a store as it is, without migrating it."""
+    from alembic import command
+
+    from guardsync.state import _alembic_config
+
+    url = f"sqlite:///{tmp_path / 'state.db'}" if database == "sqlite" else request.getfixturevalue("fresh_postgres")
+    engine = sqlalchemy.create_engine(url)
+    config = _alembic_config()
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0003")
+        conn.execute(sqlalchemy.text("INSERT INTO access_grants (group_id, workspace_id, product) "
+                                     "VALUES ('g1', 'ws-jira', 'jira-software@contoso.atlassian.net')"))
+    engine.dispose()
+    preview = StateStore(url, read_only=True)
+    try:
+        assert preview.load_grants() == {("g1", "ws-jira"): "guardsync"} and schema_revision(preview.engine) == "0003"
+    finally:
+        preview.dispose()
+    store = StateStore(url)
+    try:
+        assert schema_revision(store.engine) == schema_head() and _schema_differences(store.engine) == []
+        assert store.load_grants() == {("g1", "ws-jira"): "guardsync"}
+        store.save_grant("run-1", "grant", "g2", "Two", "ws-jpd", "jira-product-discovery@contoso.atlassian.net", "hand")
+        assert store.load_grants() == {("g1", "ws-jira"): "guardsync", ("g2", "ws-jpd"): "hand"}
+        assert store.grants_confirmed_in("run-1") == {("g2", "ws-jpd")}
+    finally:
+        store.dispose()
+
+
 def test_a_store_of_a_newer_guardsync_is_refused(tmp_path):
     url = f"sqlite:///{tmp_path / 'state.db'}"
     StateStore(url).dispose()
