@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: demo demo-ui test test-fast bench bench-quick lock clean
+.PHONY: demo demo-ui test test-fast bench bench-quick bench-latency lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit("guardsync needs Python >= 3.11" if sys.version_info < (3, 11) else 0)'
@@ -44,6 +44,13 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench --scenario quick
+
+# The fast cadence (bench/latency.py): a standing worker runs the every-minute schedule on a 10k-user
+# sandbox while 10 users are disabled in Entra at random moments; prints leaver latency, worker CPU,
+# requests and Prefect database growth beside the 4-hour schedule's. About 20 minutes; needs the
+# PostgreSQL server on 127.0.0.1:5432 (`python -m bench.latency --sqlite` does without).
+bench-latency: $(STAMP)
+	$(BIN)/python -m bench.latency
 
 # Re-pin every dependency (run after changing pyproject.toml, commit constraints.txt).
 lock: $(STAMP)

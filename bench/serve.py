@@ -12,6 +12,8 @@ commands, one JSON object a line on stdin, one JSON line on stdout:
     {"cmd": "verify"}         compare Atlassian (the SCIM server's store) with what should be applied
     {"cmd": "churn", "fraction": 0.01, "seed": 1}
     {"cmd": "provision", "stale": 0.1, "seed": 3}   brownfield: Atlassian holds every user and group already
+    {"cmd": "disable", "seed": 5}   a leaver: one enabled user with an active account disabled in Entra, and when
+    {"cmd": "leavers"}        each leaver so far: when it was disabled, and whether Atlassian's account is inactive
     {"cmd": "stop"}
 
 Running apart keeps the sandbox's CPU and memory out of guardsync's figures, and
@@ -54,6 +56,7 @@ class Server:
         self.seen: model.TenantPicture | None = None  # the tenant as the last run read it
         self.pending_seen: model.TenantPicture | None = None
         self.existing: model.Applied | None = model.Applied()  # held by Atlassian before the first run; None after it
+        self.disabled: dict[str, float] = {}  # leavers made by `disable`: Entra id -> when (time.time())
 
     def hello(self) -> dict:
         t = self.tenant
@@ -148,6 +151,30 @@ class Server:
         self.sandbox.scim.provision(users, groups)
         self.existing = model.Applied(dict(desired.users), dict(desired.groups))
         return {"users": len(users), "groups": len(groups), "stale_titles": len(stale)}
+
+    def disable(self, command):
+        """Disable one enabled user whose Atlassian account is active (bench.latency's leaver); the moment of
+        the change in Entra is this process's clock, the harness's too (one machine)."""
+        import random
+
+        active = {u.external_id for u in self._stored_users() if u.active}
+        with self.tenant.lock:
+            candidates = sorted(uid for uid, u in self.tenant.users.items() if u["accountEnabled"] and uid in active)
+            uid = random.Random(command.get("seed", 5)).choice(candidates)
+            self.tenant.update_user(uid, accountEnabled=False)
+            at = time.time()
+        self.disabled[uid] = at
+        return {"id": uid, "at": at}
+
+    def leavers(self, _):
+        """Each user `disable` disabled: {id: [disabled at, account active in Atlassian now]}."""
+        active = {u.external_id: bool(u.active) for u in self._stored_users()}
+        return {uid: [at, active.get(uid, False)] for uid, at in self.disabled.items()}
+
+    def _stored_users(self) -> list:
+        storage = self.sandbox.scim.storage
+        with storage.lock:
+            return list(storage._resources.get("User", {}).values())
 
     def churn(self, command):
         return model.churn(self.tenant, command.get("fraction", 0.01), command.get("seed", 1))

@@ -11,35 +11,32 @@ import os
 from contextlib import suppress
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 from prefect.utilities.annotations import opaque
 
-from guardsync.access_load import AccessLoader, access_holds
+# What a quiet run needs is imported here; the stages, in the functions that run them: a run that
+# finds no change in Entra never loads them (a process's start-up is most of a quiet run's CPU).
 from guardsync.admin import AdminClient, directory_id_of
 from guardsync.config import Settings, resolve_secret
-from guardsync.diff import plan_row_count, plan_rows
-from guardsync.errors import GuardsyncBlocked, GuardsyncError
-from guardsync.gates import warm_up_in_background
+from guardsync.errors import GuardsyncBlocked, GuardsyncError, TransientError
 from guardsync.models import user_columns
-from guardsync.graph import DeltaLinks, GraphClient
-from guardsync.load import Loader
+from guardsync.graph import DeltaLinks, GraphChanges, GraphClient
 from guardsync.run import DirectoryRun, settled_digest
 from guardsync.scim import ScimClient
-from guardsync.state import StateStore
+from guardsync.state import Mirror, StateStore
 from guardsync.summary import SUMMARY_LOG_MARK, RunSummary
-from tasks.access import load_access, plan_access
-from tasks.extract import Extracted, extract
-from tasks.flatten import flatten
-from tasks.load import TERMINAL_PROGRESS, load_groups, load_memberships, load_users
-from tasks.observe import observe_atlassian
-from tasks.plan import plan_changes
+from flows.prune_quiet_runs import tag_quiet_run
+from tasks.load import TERMINAL_PROGRESS
 from tasks.results import keep_results_private
-from tasks.scope import scope_users
-from tasks.validate import validate_gates
+
+if TYPE_CHECKING:
+    from tasks.extract import Extracted
 
 os.environ.setdefault("DO_NOT_TRACK", "1")  # the flow never phones home, wherever it runs
+NOTHING_TO_DO = "no change in Entra since the last completed run with these settings: nothing to do"
 DRY_RUN_ROWS = 50  # changes a dry run prints (all of them, up to 500: the plan-changes artifact)
 
 
@@ -109,30 +106,43 @@ def sync_directory(
     graph, scim, store = connect(settings, dry_run)
     admin = connect_admin(settings, dry_run)
     run = DirectoryRun(store, str(runtime.flow_run.id), dry_run)
+    quiet = False  # nothing changed in Entra and the directory is settled: the run ends after the read
     summary = RunSummary(run_id=run.run_id, mode=run.mode, status="running", identifier=settings.sync.identifier)
     try:
         run.enter()  # one run per directory at a time (DirectoryBusy otherwise); a stale retry stops here
         mirror = run.mirror
         needed = user_columns(settings.attributes.sources())
-        full_read = (full or mirror.snapshot is None
+        full_read = (full or mirror.user_columns is None
                      or full_read_due(mirror.last_full_read, settings.sync.full_read_every_hours)
-                     or not set(needed) <= set(mirror.snapshot.users.columns))  # newly mapped: the mirror lacks it
-        if full_read:  # a full read waits seconds on Graph, and the gates follow: make GX ready meanwhile
-            warm_up_in_background()
-        extracted = extract(graph, None if full_read else mirror.snapshot,
-                            None if full_read else DeltaLinks(**mirror.links), mirror.generation, needed)
-        store.check_binding(extracted.snapshot.tenant_id, settings.atlassian.scim_url)
-        run.keep_mirror(extracted.snapshot, asdict(extracted.links), extracted.full, extracted.changed, extracted.based_on)
-        summary.last_full_read = (datetime.now(timezone.utc) if extracted.full else mirror.last_full_read).isoformat(timespec="seconds")
+                     or not set(needed) <= set(mirror.user_columns))  # newly mapped: the mirror lacks it
         settled = settled_digest(settings.model_dump(mode="json"), allow_mass_deactivation)
-        # Nothing changed in Entra since a completed run with these settings, and (with [access]) the configured
-        # groups still hold their products: one role-assignments read a configured group, a hand revocation is
-        # repaired by this run, and the dry run (which never takes this shortcut) says the same.
-        if not extracted.changed and run.is_settled(settled) and access_holds(admin, store):
-            summary.message = "no change in Entra since the last completed run with these settings: nothing to do"
+        changes = None if full_read or not run.is_settled(settled) else quick_look(graph, mirror)
+        unchanged = changes is not None and changes.is_empty  # Entra: nothing since a completed run
+        # With [access], the configured groups must still hold their products too (one role-assignments read
+        # a configured group): a hand revocation is repaired by this run, as the dry run (never quiet) says.
+        if unchanged and products_hold(admin, store):  # the fast cadence's usual run: no task, no artifact
+            quiet = True
+            store.check_binding(changes.tenant_id, settings.atlassian.scim_url)
+            run.keep_mirror(None, asdict(changes.links), False, False, mirror.generation)
+            summary.last_full_read = mirror.last_full_read.isoformat(timespec="seconds")
+            summary.message = NOTHING_TO_DO
         else:
-            run.unsettle()  # until this run completes
-            reconcile(summary, extracted, settings, graph, scim, store, dry_run, allow_mass_deactivation, admin)
+            from guardsync.gates import warm_up_in_background
+            from tasks.extract import extract
+
+            if full_read:  # a full read waits seconds on Graph, and the gates follow: make GX ready meanwhile
+                warm_up_in_background()
+            extracted = extract(graph, None if full_read else run.snapshot(),
+                                None if full_read else DeltaLinks(**mirror.links), mirror.generation, needed,
+                                opaque(changes))
+            store.check_binding(extracted.snapshot.tenant_id, settings.atlassian.scim_url)
+            run.keep_mirror(extracted.snapshot, asdict(extracted.links), extracted.full, extracted.changed, extracted.based_on)
+            summary.last_full_read = (datetime.now(timezone.utc) if extracted.full else mirror.last_full_read).isoformat(timespec="seconds")
+            if not extracted.changed and not unchanged and run.is_settled(settled) and products_hold(admin, store):
+                summary.message = NOTHING_TO_DO
+            else:
+                run.unsettle()  # until this run completes
+                reconcile(summary, extracted, settings, graph, scim, store, dry_run, allow_mass_deactivation, admin)
         summary.requests = {"graph": sum(graph.requests_made.values()), "scim": sum(scim.requests_made.values())}
         if admin is not None:
             summary.requests["organizations"] = sum(admin.requests_made.values())
@@ -150,7 +160,7 @@ def sync_directory(
             exc.run_summary = summary  # and ends a failed run with its summary
         raise
     finally:
-        publish_summary(summary)
+        publish_summary(summary, quiet)
         run.finish(summary.status, summary.counts, summary.message or None)
     if summary.failures:
         raise WritesFailed(summary)
@@ -160,6 +170,17 @@ def sync_directory(
 def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, graph: GraphClient, scim: ScimClient,
               store: StateStore, dry_run: bool, allow_mass_deactivation: bool, admin: AdminClient | None = None) -> None:
     """Scope, gate, plan and (unless dry_run) load one snapshot; fills the summary as it goes."""
+    from guardsync.access_load import AccessLoader
+    from guardsync.diff import plan_row_count, plan_rows
+    from guardsync.load import Loader
+    from tasks.access import load_access, plan_access
+    from tasks.flatten import flatten
+    from tasks.load import load_groups, load_memberships, load_users
+    from tasks.observe import observe_atlassian
+    from tasks.plan import plan_changes
+    from tasks.scope import scope_users
+    from tasks.validate import validate_gates
+
     snapshot, run_id = extracted.snapshot, summary.run_id
     scoped = scope_users(snapshot, flatten(snapshot), settings.sync, settings.attributes)
     summary.excluded = dict(scoped.excluded)
@@ -221,7 +242,35 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
                                                                        if c.kind == "rename")
 
 
-def publish_summary(summary: RunSummary) -> None:
-    """The run's log ends with the summary (a worker's terminal, the UI's logs); the artifact has it as tables."""
+def products_hold(admin: AdminClient | None, store: StateStore) -> bool:
+    """Without [access], nothing to look at (and the access loader is never imported)."""
+    if admin is None:
+        return True
+    from guardsync.access_load import access_holds
+
+    return access_holds(admin, store)
+
+
+def quick_look(graph: GraphClient, mirror: Mirror) -> GraphChanges | None:
+    """The fast cadence's read of a settled directory: one delta round, outside any task (a task run, and
+    its persisted result, for every minute's run would be most of what a quiet run costs). Changes found
+    go to the extract task as read; None (a hiccup Graph's own retries did not heal) lets the extract
+    task read again, with its retries."""
+    try:
+        return graph.read_changes(DeltaLinks(**mirror.links), list(mirror.user_columns))
+    except TransientError as exc:
+        get_run_logger().warning("the quick look at Entra failed (%s); reading in the extract task", exc)
+        return None
+
+
+def publish_summary(summary: RunSummary, quiet: bool = False) -> None:
+    """The run's log ends with the summary (a worker's terminal, the UI's logs); the artifact has it as tables.
+    A quiet run (no change in Entra) logs one line instead, makes no artifact, and is tagged for the retention
+    of quiet runs: every row it adds to Prefect's database is multiplied by 1,440 a day on the fast cadence."""
+    if quiet and summary.status == "completed":
+        get_run_logger().info(f"{summary.message} ({summary.requests.get('graph', 0)} Graph requests; last full read "
+                              f"{summary.last_full_read})", extra={SUMMARY_LOG_MARK: True})
+        tag_quiet_run()
+        return
     get_run_logger().info("\n".join(summary.lines()), extra={SUMMARY_LOG_MARK: True})
     create_markdown_artifact(key="summary", markdown=summary.markdown(), description=f"guardsync {summary.mode}: {summary.status}")

@@ -3,7 +3,8 @@
     run = DirectoryRun(store, run_id, dry_run)
     try:
         run.enter()                   # the directory lock (renewed by a heartbeat) and the run record
-        mirror = run.mirror           # what the extract merges into
+        mirror = run.mirror           # links, columns, generation: what a delta round needs
+        run.snapshot()                # the Entra snapshot the extract merges into, read when needed
         ... extract ...
         run.keep_mirror(extracted)    # the new snapshot and delta links, never over newer ones
         if run.is_settled(digest): ...  # nothing changed since a completed run with these settings
@@ -82,7 +83,13 @@ class DirectoryRun:
                     f"{later['run_id']}, {later['started_at']:%Y-%m-%d %H:%M:%S} UTC, {later['status']}): its kept "
                     f"extract and plan are out of date and are not applied; start a new run instead of retrying this one"
                 )
-        self.mirror = self.store.load_mirror()
+        self.mirror = self.store.load_mirror(snapshot=False)  # a quiet run never decodes the snapshot
+
+    def snapshot(self) -> Snapshot | None:
+        """The mirror's snapshot (None before the first full read), read from the store on first use."""
+        if self.mirror.snapshot is None and self.mirror.user_columns is not None:
+            self.mirror = self.mirror._replace(snapshot=self.store.load_snapshot())
+        return self.mirror.snapshot
 
     def _start_heartbeat(self) -> None:
         self._heartbeat = threading.Thread(target=self._renew, name=f"lock-heartbeat-{self.run_id[:8]}", daemon=True)
@@ -109,7 +116,7 @@ class DirectoryRun:
         if changed:
             saved = self.store.save_mirror(snapshot, links, full, based_on)
         elif links != self.mirror.links:
-            saved = self.store.save_links(links, based_on)
+            saved = self.store.save_links(links, based_on, self.mirror.user_columns)
         else:
             return
         if not saved:

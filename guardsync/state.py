@@ -134,10 +134,11 @@ access_grants = Table(  # the grant ledger: the product grants of synced groups 
 class Mirror(NamedTuple):
     """The Entra side as the last run left it: a delta run merges into it."""
 
-    snapshot: Snapshot | None
+    snapshot: Snapshot | None  # None also when read without it (load_mirror(snapshot=False))
     links: dict
     last_full_read: datetime | None
     generation: int  # moves on with every save: a save over a generation it did not read from is refused
+    user_columns: tuple[str, ...] | None = None  # the snapshot's users columns; None: there is no snapshot
 
 
 IN_LIST_LIMIT = 10_000  # ids per IN (...): SQLite takes at most 32,766 parameters a statement
@@ -527,13 +528,26 @@ class StateStore:
                 conn.execute(insert(binding).values(key="access_check", value=json.dumps(expected, sort_keys=True)))
 
     # -- the Entra mirror (delta sync) ----------------------------------------------------
-    def load_mirror(self) -> Mirror:
-        """The last snapshot, its delta links, the time of the last full read and the mirror's generation."""
+    def load_mirror(self, snapshot: bool = True) -> Mirror:
+        """The last snapshot, its delta links, the time of the last full read and the mirror's generation.
+
+        `snapshot=False` leaves the snapshot unread (decoding it is most of a quiet run's work at 10k users
+        and more): the links and the users' columns tell whether a delta round can follow, and a run that
+        finds changes reads it then (load_snapshot). A mirror saved before the columns were kept is read whole."""
         with self.engine.connect() as conn:
-            rows = {row.key: row.data for row in conn.execute(select(mirror))}
-        meta = json.loads(rows["meta"]) if "meta" in rows else {}
-        snapshot = _decode_snapshot(rows["snapshot"]) if "snapshot" in rows else None
-        return Mirror(snapshot, meta.get("links", {}) if snapshot else {}, _last_full_read(meta), meta.get("generation", 0))
+            meta = self._mirror_meta(conn)
+            held = conn.execute(select(mirror.c.key).where(mirror.c.key == "snapshot")).first() is not None
+        generation = meta.get("generation", 0)
+        if not held:
+            return Mirror(None, {}, _last_full_read(meta), generation)
+        decoded = self.load_snapshot() if snapshot or "user_columns" not in meta else None
+        columns = tuple(decoded.users.columns if decoded is not None else meta["user_columns"])
+        return Mirror(decoded if snapshot else None, meta.get("links", {}), _last_full_read(meta), generation, columns)
+
+    def load_snapshot(self) -> Snapshot | None:
+        with self.engine.connect() as conn:
+            data = conn.execute(select(mirror.c.data).where(mirror.c.key == "snapshot")).scalar()
+        return _decode_snapshot(data) if data is not None else None
 
     def save_mirror(self, snapshot: Snapshot, links: dict, full_read: bool, based_on: int) -> bool:
         """Keep the merged snapshot and the new delta links together, in one transaction; the mirror's
@@ -545,7 +559,7 @@ class StateStore:
                 return False
             last_full = None if full_read else _last_full_read(meta)
             meta = {"links": links, "last_full_read": (now() if full_read else last_full or now()).isoformat(),
-                    "generation": based_on + 1}
+                    "generation": based_on + 1, "user_columns": list(snapshot.users.columns)}
             conn.execute(delete(mirror))
             conn.execute(delete(binding).where(binding.c.key == "settled"))  # news from Entra: not applied yet
             conn.execute(insert(mirror), [
@@ -554,14 +568,16 @@ class StateStore:
             ])
             return True
 
-    def save_links(self, links: dict, based_on: int) -> bool:
+    def save_links(self, links: dict, based_on: int, user_columns: tuple[str, ...] | None = None) -> bool:
         """New delta links for an unchanged snapshot (Graph hands out new links every round); as save_mirror,
-        only over the generation they were read from."""
+        only over the generation they were read from. `user_columns` (the snapshot's) completes an older mirror."""
         with self._lock, self.engine.begin() as conn:
             meta = self._mirror_meta(conn)
             if meta.get("generation", 0) != based_on:
                 return False
             meta = {**meta, "links": links, "generation": based_on + 1}
+            if user_columns is not None:
+                meta["user_columns"] = list(user_columns)
             conn.execute(update(mirror).where(mirror.c.key == "meta").values(data=json.dumps(meta).encode(), updated_at=now()))
             return True
 

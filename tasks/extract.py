@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from prefect import get_run_logger, task
 
 from guardsync.delta import apply_changes
-from guardsync.graph import DeltaLinks, GraphClient
+from guardsync.graph import DeltaLinks, GraphChanges, GraphClient
 from guardsync.models import Snapshot
 from tasks.common import PERSISTED, transient_only
 from tasks.results import persisted
@@ -27,14 +27,16 @@ class Extracted:
 @task(name="extract", **PERSISTED, retries=2, retry_delay_seconds=30,
       retry_condition_fn=transient_only)
 def extract(graph: GraphClient, previous: Snapshot | None, links: DeltaLinks | None, based_on: int = 0,
-            user_columns: list[str] | None = None) -> Extracted:
+            user_columns: list[str] | None = None, changes: GraphChanges | None = None) -> Extracted:
     """`previous` and `links` None means a full read, of `user_columns` (models.user_columns); `based_on`
-    is the generation of the mirror they came from.
+    is the generation of the mirror they came from. `changes`: the delta round the flow already read
+    from `links` (the fast cadence's quick look, which found something): merged, not read again.
 
     A delta round keeps the stored snapshot's columns: its links select those (a mapping that
     needs more makes the flow read in full)."""
     columns = list(previous.users.columns) if previous is not None else user_columns
-    changes = graph.read_changes(links if previous is not None else None, columns)
+    if changes is None:
+        changes = graph.read_changes(links if previous is not None else None, columns)
     snapshot = apply_changes(previous, changes)
     get_run_logger().info(
         "%s read of tenant %s (%s): %d users, %d groups, %d direct memberships; %d changed users, %d changed groups, "

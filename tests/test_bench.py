@@ -99,3 +99,23 @@ def test_minimum_counts_follow_the_definition():
     assert writes_.member_patches == sum(-(-len(members) // 100) for _, members in desired.groups.values())
     again, _ = model.scim_minimum(applied, model.desired_state(tenant))
     assert again.total() == 0
+
+
+def test_the_latency_bench_sees_a_leaver_go_inactive_after_the_run(bench_server, tmp_path, sync):
+    settings = bench_server.sandbox.settings(f"sqlite:///{tmp_path / 'state.db'}")
+    assert sync(settings)[0] == 0
+    made = bench_server.disable({"seed": 3})
+    assert bench_server.leavers(None) == {made["id"]: [made["at"], True]}  # disabled in Entra, active in Atlassian
+    assert sync(settings)[0] == 0
+    assert bench_server.leavers(None) == {made["id"]: [made["at"], False]}
+    assert bench_server.disable({"seed": 3})["id"] != made["id"]  # a leaver is picked among the active only
+
+
+def test_the_latency_bench_matches_each_run_with_its_process_and_ranks_percentiles():
+    from bench.latency import percentile, process_by_run
+
+    runs = [{"id": "b", "end_time": "2026-01-01T00:01:00+00:00"}, {"id": "a", "end_time": "2026-01-01T00:00:00+00:00"}]
+    start = 1767225600.0  # 2026-01-01T00:00:00Z
+    reaped = [(start + 60.4, 2.5, 9.0), (start + 0.3, 1.5, 8.0), (start - 30, 9.0, 7.0)]  # the last: before both
+    assert process_by_run(runs, reaped) == {"a": reaped[1], "b": reaped[0]}
+    assert percentile([float(x) for x in range(1, 11)], 0.95) == 10 and percentile([3.0, 1.0, 2.0], 0.5) == 2

@@ -149,8 +149,9 @@ def render_prefect_yaml(source: Path, directories: dict[str, dict]) -> dict:
     """The repository's prefect.yaml, with each named deployment pointed at a sandbox.
 
     `directories` maps a deployment name to the sandbox's configuration (Sandbox.config()):
-    tenant, client id, the emulator's authority and Graph URLs, the SCIM URL. Everything else
-    (pool, schedules, concurrency, secret and state references, pull step) stays as written.
+    tenant, client id, the emulator's authority and Graph URLs, the SCIM URL; its schedules paused (the
+    test starts its runs itself). Everything else (pool, schedule intervals, concurrency, secret and
+    state references, pull step) stays as written.
     """
     data = json.loads(json.dumps(yaml.safe_load(source.read_text())))  # anchors merged, nothing shared
     names = [d["name"] for d in data["deployments"]]
@@ -163,6 +164,8 @@ def render_prefect_yaml(source: Path, directories: dict[str, dict]) -> dict:
         for key in ("tenant_id", "client_id", "authority_host", "graph_url"):
             settings["entra"][key] = sandbox["entra"][key]
         settings["atlassian"]["scim_url"] = sandbox["atlassian"]["scim_url"]
+        for schedule in deployment.get("schedules", []):  # the test starts every run itself: none at minute marks
+            schedule["active"] = False
     data["deployments"] = [d for d in data["deployments"] if d["name"] in directories]
     return data
 
