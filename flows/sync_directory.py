@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from contextlib import suppress
 from dataclasses import asdict
+from typing import Callable
 from datetime import datetime, timedelta, timezone
 
 from prefect import flow, get_run_logger, runtime
@@ -25,6 +26,7 @@ from guardsync.gates import warm_up_in_background
 from guardsync.models import user_columns
 from guardsync.graph import DeltaLinks, GraphClient
 from guardsync.load import Loader
+from guardsync.plan import PlanInputs, facts_needed
 from guardsync.run import DirectoryRun, settled_digest
 from guardsync.scim import ScimClient
 from guardsync.state import StateStore
@@ -33,7 +35,7 @@ from tasks.access import load_access, plan_access
 from tasks.extract import Extracted, extract
 from tasks.flatten import flatten
 from tasks.load import TERMINAL_PROGRESS, load_groups, load_memberships, load_users
-from tasks.observe import observe_atlassian
+from tasks.observe import look_up_atlassian, observe_atlassian
 from tasks.plan import plan_changes
 from tasks.results import keep_results_private
 from tasks.scope import scope_users
@@ -129,7 +131,8 @@ def sync_directory(
             summary.message = "no change in Entra since the last completed run with these settings: nothing to do"
         else:
             run.unsettle()  # until this run completes
-            reconcile(summary, extracted, settings, graph, scim, store, dry_run, allow_mass_deactivation, admin)
+            reconcile(summary, extracted, settings, graph, scim, store, dry_run, allow_mass_deactivation, admin,
+                      check_lease=run.check_lease)
         summary.requests = {"graph": sum(graph.requests_made.values()), "scim": sum(scim.requests_made.values())}
         if admin is not None:
             summary.requests["organizations"] = sum(admin.requests_made.values())
@@ -155,8 +158,10 @@ def sync_directory(
 
 
 def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, graph: GraphClient, scim: ScimClient,
-              store: StateStore, dry_run: bool, allow_mass_deactivation: bool, admin: AdminClient | None = None) -> None:
-    """Scope, gate, plan and (unless dry_run) load one snapshot; fills the summary as it goes."""
+              store: StateStore, dry_run: bool, allow_mass_deactivation: bool, admin: AdminClient | None = None,
+              check_lease: Callable[[], None] = lambda: None) -> None:
+    """Scope, gate, plan and (unless dry_run) load one snapshot; fills the summary as it goes. `check_lease`
+    raises when the run no longer holds its directory: called before each batch of writes."""
     snapshot, run_id = extracted.snapshot, summary.run_id
     scoped = scope_users(snapshot, flatten(snapshot), settings.sync, settings.attributes)
     summary.excluded = dict(scoped.excluded)
@@ -171,10 +176,14 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
     summary.first_sync = not dry_run and first_run
     observation = None
     # Plan against Atlassian as it is: on first runs, full reads, and after an observing run that
-    # did not finish (what it adopted was not all recorded). Delta runs plan from the record.
+    # did not finish (what it adopted was not all recorded). Delta runs plan from the record, and
+    # look up the few facts it lacks (a disabled newcomer's account); writes that meet 404/409
+    # are planned again by the loader, with the same planner.
     if extracted.full or first_run or store.observation_pending():
         observation = observe_atlassian(scim, opaque(recorded))
         summary.drift = observation.drift.lines()
+    elif needed := facts_needed(validated.users, recorded, store.load_no_account()):
+        observation = look_up_atlassian(scim, opaque(recorded), opaque(needed))
     # opaque(): Prefect would otherwise walk every object of these large inputs looking for futures.
     # The deactivation guard of a first run counts the accounts it adopts, also when it is re-run after
     # stopping midway (some adoptions recorded, the rest not): as the uninterrupted run would.
@@ -193,9 +202,10 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
         summary.planned_changes = plan_row_count(plan)
     else:
         store.bind(snapshot.tenant_id, settings.atlassian.scim_url)
-        if observation is not None:
+        if observation is not None and observation.complete:
             store.set_observation_pending(True)
-        loader = Loader(scim, store, run_id, settings.sync.write_concurrency)
+        loader = Loader(scim, store, run_id, PlanInputs.of(validated), settings.sync.write_concurrency)
+        loader.check_lease = check_lease
         access_loader = AccessLoader(admin, store, run_id, access_plan) if access_plan is not None else None
         if access_loader is not None:  # a renamed group's new group gets its products before the old one goes
             loader.before_rename_delete = access_loader.grant_renamed
@@ -204,11 +214,12 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
         if access_loader is not None:
             stages.append(lambda: load_access(access_loader))
         for stage in stages:
+            check_lease()  # a run that lost its directory writes nothing more
             result = stage()
             for key, value in result["counts"].items():
                 summary.counts[key] = summary.counts.get(key, 0) + value
             summary.failures += result["failures"]
-        if observation is not None and not summary.failures:
+        if observation is not None and observation.complete and not summary.failures:
             store.set_observation_pending(False)
     with_products = access_plan.configured if access_plan is not None else frozenset()
     summary.new_groups = sorted(validated.groups[c.group_id].display_name for c in plan.groups
