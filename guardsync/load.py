@@ -137,13 +137,12 @@ class Loader:
                 self.check_lease()
             try:
                 apply(item)
-            except (NotFound, Conflict) as exc:
-                if not set_aside:
-                    raise
-                with self._record_lock:
-                    met.append(_Met(item, exc))
-            except ApiError as exc:  # Atlassian refused this object: show its words, keep going
-                self._failed(stage, describe(item), str(exc))
+            except ApiError as exc:
+                if set_aside and isinstance(exc, (NotFound, Conflict)):
+                    with self._record_lock:
+                        met.append(_Met(item, exc))
+                else:  # Atlassian refused this object: show its words, keep going
+                    self._failed(stage, describe(item), str(exc))
 
         try:
             if self.concurrency <= 1 or len(items) <= 1:
@@ -373,7 +372,8 @@ class Loader:
         holders = {g.scim_id: gid for gid, g in recorded.groups.items()}
         for group_id, item in failing.items():
             change = group_changes.get(group_id)
-            name = item.change.display_name if not isinstance(item.change, tuple) else group_id
+            desired = self.inputs.groups.get(group_id)
+            name = item.change.display_name if isinstance(item.change, GroupChange) else desired.display_name if desired else group_id
             if change is not None and isinstance(item.change, GroupChange) and _normal(change) == _normal(item.change):
                 self._failed("groups", name, f"{item.error}; {_read_group(change.display_name, reads, holders)}")
                 continue
