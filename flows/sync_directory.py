@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from contextlib import suppress
 from dataclasses import asdict
-from typing import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Callable
 
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
