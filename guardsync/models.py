@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
 import pandas as pd
@@ -144,6 +144,12 @@ def account_name(record: DesiredUser) -> str:
     """The userName an account holds: a record observed in Atlassian whose email differs from its
     userName carries both, as `userName <email>` (guardsync.observe), so that it differs from any desired one."""
     return record.user_name.partition(" <")[0]
+
+
+def own_name(record: DesiredUser) -> DesiredUser:
+    """A record fit to write back to its account: an observed record's `userName <email>` (see account_name)
+    is Atlassian's reading, never a userName; the account's own userName is, and its email follows it."""
+    return replace(record, user_name=account_name(record))
 
 
 def name_key(value: str) -> str:

@@ -158,6 +158,11 @@ class ScimClient:
         attribute, value = ("externalId", external_id) if external_id is not None else ("userName", user_name)
         return self._find("/Users", attribute, value)
 
+    def find_account(self, user: DesiredUser) -> dict | None:
+        """The account a user would be matched with, as the planner adopts: by userName, else by externalId."""
+        return self.find_user(user_name=user.user_name) or (
+            self.find_user(external_id=user.external_id) if user.external_id else None)
+
     def get_user(self, scim_id: str) -> dict:
         return self._call("GET", f"/Users/{scim_id}")
 

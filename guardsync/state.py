@@ -38,6 +38,8 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    func,
+    text,
     update,
 )
 from alembic import command as alembic_command
@@ -88,6 +90,9 @@ runs = Table(
     Column("status", String(16), nullable=False),
     Column("counts", Text),
     Column("message", Text),
+    # The order runs started in, given by the database (a worker's clock can be off): a retry asks whether
+    # another run started after it by this, never by started_at.
+    Column("seq", Integer),
 )
 audit = Table(
     "audit", metadata,
@@ -118,6 +123,12 @@ mirror = Table(  # the last Entra snapshot and Graph delta links: a delta run me
     Column("key", String(32), primary_key=True),
     Column("data", LargeBinary, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+no_account = Table(  # disabled users in scope that Atlassian was seen to hold no account for
+    "no_account", metadata,
+    Column("external_id", String(64), primary_key=True),  # Entra user id
+    Column("user_name", Text, nullable=False),  # the identifier looked up: a renamed user is looked up again
 )
 
 access_grants = Table(  # the grant ledger: the product grants of synced groups guardsync knows of, with their maker
@@ -172,6 +183,19 @@ class DirectoryBusy(GuardsyncError):
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def database_now(conn) -> datetime:
+    """The database's clock (UTC): leases are timed by it, so workers whose clocks differ agree on them.
+    SQLite's clock is the machine's own (it has no server); PostgreSQL's is the server's."""
+    if conn.dialect.name == "sqlite":
+        stamp = conn.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar()
+        return datetime.fromisoformat(stamp).replace(tzinfo=timezone.utc)
+    return _utc(conn.execute(select(func.now())).scalar())
+
+
+def _utc(stamp: datetime) -> datetime:
+    return stamp.astimezone(timezone.utc) if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
 
 
 def _sqlite_pragmas(engine: Engine) -> None:
@@ -359,9 +383,12 @@ class StateStore:
                  "active": user.active} for _, scim_id, user in written]
         audits = [_audit_row(run_id, operation, "user", user.external_id, user.user_name, "ok")
                   for operation, _, user in written]
+        created = [user.external_id for operation, _, user in written if operation == "create"]
         with self._lock, self.engine.begin() as conn:
             conn.execute(delete(users).where(users.c.external_id.in_([row["external_id"] for row in rows])))
             conn.execute(insert(users), rows)
+            if created:  # a new account is in no group yet (an account re-created after a hand deletion included)
+                conn.execute(delete(members).where(members.c.user_id.in_(created)))
             conn.execute(insert(audit), audits)
 
     def hand_over(self, run_id: str, from_id: str, scim_id: str, user: DesiredUser) -> None:
@@ -411,8 +438,9 @@ class StateStore:
             conn.execute(delete(members).where(members.c.group_id == group_id))
             self._audit(conn, run_id, operation, "group", group_id, display_name, "ok")
 
-    def save_members(self, run_id: str, changes: list[tuple[str, list[str], list[str]]]) -> None:
-        """Record member PATCHes that Atlassian applied: (group id, user ids added, user ids removed) each."""
+    def save_members(self, run_id: str, changes: list[tuple[str, list[str], list[str]]], operation: str = "members") -> None:
+        """Record member PATCHes that Atlassian applied: (group id, user ids added, user ids removed) each.
+        `operation` "members" marks the groups' members done for this run (a retried load skips them)."""
         if not changes:
             return
         with self._lock, self.engine.begin() as conn:
@@ -424,7 +452,7 @@ class StateStore:
                 if added:
                     conn.execute(insert(members), [{"group_id": group_id, "user_id": uid} for uid in added])
             conn.execute(insert(audit), [
-                _audit_row(run_id, "members", "group", group_id, None, "ok", json.dumps({"added": added, "removed": removed}))
+                _audit_row(run_id, operation, "group", group_id, None, "ok", json.dumps({"added": added, "removed": removed}))
                 for group_id, added, removed in changes])
 
     def done_in_run(self, run_id: str, operations: tuple[str, ...]) -> set[str]:
@@ -509,6 +537,26 @@ class StateStore:
                                                          access_grants.c.workspace_id == workspace_id))
             conn.execute(insert(audit), [_audit_row(run_id, "forget_grant", "group", group_id, None, "ok", workspace_id)
                                          for group_id, workspace_id in gone])
+
+    # -- disabled users without an account (what a delta run need not look up again) ----------
+    def load_no_account(self) -> dict[str, str]:
+        """Entra id -> identifier of the disabled users Atlassian was seen to hold no account for."""
+        if not inspect(self.engine).has_table("no_account"):
+            return {}  # a dry run over a store from before the table existed (read-only: not created)
+        with self.engine.connect() as conn:
+            return {row.external_id: row.user_name for row in conn.execute(select(no_account))}
+
+    def keep_no_account(self, found: dict[str, str], replace: bool = False) -> None:
+        """Keep these users as seen without an account; `replace`: they are all of them (a full read)."""
+        if not found and not replace:
+            return
+        with self._lock, self.engine.begin() as conn:
+            if replace:
+                conn.execute(delete(no_account))
+            elif found:
+                conn.execute(delete(no_account).where(no_account.c.external_id.in_(list(found))))
+            if found:
+                conn.execute(insert(no_account), [{"external_id": k, "user_name": v} for k, v in found.items()])
 
     def group_names(self) -> dict[str, str]:
         """Entra group id -> the name of its group in Atlassian, as recorded (a rename is recorded once the old group went)."""
@@ -595,12 +643,14 @@ class StateStore:
         process space that no longer exists (killed). A process on another host, or in another
         container that shares this hostname, is only ever waited out to the end of its lease.
         """
-        row = dict(name="directory", holder=lock_holder(), run_id=run_id, acquired_at=now(), expires_at=now() + lease)
         held = None
         with self._lock:
             for _attempt in range(2):
                 try:
                     with self.engine.begin() as conn:
+                        stamp = database_now(conn)
+                        row = dict(name="directory", holder=lock_holder(), run_id=run_id, acquired_at=stamp,
+                                   expires_at=stamp + lease)
                         conn.execute(insert(locks).values(**row))
                     return
                 except IntegrityError:
@@ -609,8 +659,10 @@ class StateStore:
                     held = conn.execute(select(locks).where(locks.c.name == "directory")).one_or_none()
                     if held is None:
                         continue  # released meanwhile: try again
-                    if not _lock_is_free(held, run_id):
+                    stamp = database_now(conn)
+                    if not _lock_is_free(held, run_id, stamp):
                         break
+                    row = dict(row, acquired_at=stamp, expires_at=stamp + lease)
                     # compare-and-swap: only one of two racing takers wins
                     swapped = conn.execute(
                         update(locks)
@@ -630,8 +682,14 @@ class StateStore:
         with self._lock, self.engine.begin() as conn:
             return conn.execute(
                 update(locks).where(locks.c.name == "directory", locks.c.holder == lock_holder(), locks.c.run_id == run_id)
-                .values(expires_at=now() + lease)
+                .values(expires_at=database_now(conn) + lease)
             ).rowcount == 1
+
+    def holds_lock(self, run_id: str) -> bool:
+        """Does this process still hold the lock for `run_id` (no other run took it over)?"""
+        with self.engine.connect() as conn:
+            return conn.execute(select(locks.c.run_id).where(
+                locks.c.name == "directory", locks.c.holder == lock_holder(), locks.c.run_id == run_id)).first() is not None
 
     def release_lock(self, run_id: str) -> None:
         with self._lock, self.engine.begin() as conn:
@@ -643,13 +701,15 @@ class StateStore:
         """Record the run as running. A Prefect retry reuses the run id and keeps its first start; then the
         answer is the latest other run of the directory that started after it (None when there is none)."""
         with self._lock, self.engine.begin() as conn:
-            first = conn.execute(select(runs.c.started_at).where(runs.c.run_id == run_id)).scalar()
+            first = conn.execute(select(runs.c.seq).where(runs.c.run_id == run_id)).one_or_none()
             if first is None:
-                conn.execute(insert(runs).values(run_id=run_id, started_at=now(), mode=mode, status="running"))
+                # Runs are recorded under the directory lock, one at a time: the next number is the database's.
+                seq = (conn.execute(select(func.max(runs.c.seq))).scalar() or 0) + 1
+                conn.execute(insert(runs).values(run_id=run_id, started_at=now(), mode=mode, status="running", seq=seq))
                 return None
             conn.execute(update(runs).where(runs.c.run_id == run_id).values(status="running", finished_at=None))
-            later = conn.execute(select(runs).where(runs.c.run_id != run_id, runs.c.mode == mode, runs.c.started_at > first)
-                                 .order_by(runs.c.started_at.desc()).limit(1)).one_or_none()
+            later = conn.execute(select(runs).where(runs.c.run_id != run_id, runs.c.mode == mode, runs.c.seq > first.seq)
+                                 .order_by(runs.c.seq.desc()).limit(1)).one_or_none()
             return dict(later._mapping) if later else None
 
     def finish_run(self, run_id: str, status: str, counts: dict | None = None, message: str | None = None) -> None:
@@ -668,7 +728,7 @@ class StateStore:
 
     def history(self, limit: int = 20) -> list[dict]:
         with self.engine.connect() as conn:
-            rows = conn.execute(select(runs).order_by(runs.c.started_at.desc()).limit(limit))
+            rows = conn.execute(select(runs).order_by(runs.c.seq.desc()).limit(limit))
             return [dict(row._mapping) | {"counts": json.loads(row.counts or "{}")} for row in rows]
 
     def audit_of(self, needle: str, limit: int = 200) -> list[dict]:
@@ -733,11 +793,11 @@ def snapshot_from_document(document: dict) -> Snapshot:
                     document["verified_domains"], document["initial_domain"])
 
 
-def _lock_is_free(held, run_id: str) -> bool:
+def _lock_is_free(held, run_id: str, stamp: datetime) -> bool:
+    """`stamp`: the database's clock now."""
     if held.run_id == run_id:
         return True
-    expires = held.expires_at if held.expires_at.tzinfo else held.expires_at.replace(tzinfo=timezone.utc)
-    if expires < now():
+    if _utc(held.expires_at) < stamp:
         return True
     parts = held.holder.split(":")
     if len(parts) != 4 or PID_SPACE == "unknown":  # a holder of an older guardsync: its lease decides
