@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: demo demo-ui test test-fast bench bench-quick lock clean
+.PHONY: demo demo-ui test test-fast test-deep bench bench-quick lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit("guardsync needs Python >= 3.11" if sys.version_info < (3, 11) else 0)'
@@ -31,6 +31,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -n 3 --dist loadfile -m "not slow"
+
+# The model test of random histories (tests/test_model.py) ten times deeper than `make test` runs it: 60 fresh
+# histories instead of the same 6, shrunk to a short one on failure. GUARDSYNC_MODEL_EXAMPLES=N sets the number.
+test-deep: $(STAMP)
+	GUARDSYNC_MODEL_DEEP=1 $(BIN)/pytest -q -p no:cacheprovider --timeout 0 tests/test_model.py
 
 # Performance: synthetic tenants (10k and 100k users) synced through the sandbox with 20 ms
 # injected on every request; prints a table and writes bench-results/*.json (see bench/run.py).
