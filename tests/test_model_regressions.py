@@ -122,3 +122,17 @@ def test_a_configured_grant_revoked_by_hand_is_restored_by_the_next_run(prefect_
         ("hand_edits", dict(edits=[("revoke", 0, 0)])),  # Team 0's confluence, by hand
         ("run", dict(mode="delta")),
     ], breaks="configured-grants-present")
+
+
+# -- found by the model test ------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(raises=Violation, strict=True,
+                   reason="issue 19 (as item 12): a configured grant revoked by hand on a populated first run's "
+                          "directory is not restored by a killed run nor its re-run, Entra unchanged")
+def test_found_a_grant_revoked_by_hand_then_a_killed_run(prefect_server):
+    replay(dict(seed=870, users=10, groups=5, brownfield=True), [
+        ("run", dict(mode="delta")),
+        ("hand_edits", dict(edits=[("revoke", 0, 0)])),
+        ("troubled_run", dict(k=1, kind="kill")),
+    ], breaks="configured-grants-present")
