@@ -196,7 +196,7 @@ class World:
         upn = f"{given}.x{n}@{DOMAINS[a % 2]}"
         uid = self.tenant.add_user(userPrincipalName=upn, mail=upn, displayName=f"{given.title()} X{n}",
                                    givenName=given.title(), surname=f"X{n}", jobTitle=TITLES[b % len(TITLES)],
-                                   accountEnabled=b % 5 != 0)
+                                   accountEnabled=b % 5 != 4)
         if self.groups():
             self.tenant.add_member(self.groups()[b % len(self.groups())], uid)
 
@@ -211,15 +211,18 @@ class World:
                 if upn.casefold() not in holders or not holders[upn.casefold()]  # free, or a hand-made account's
                 or fates.get(holders[upn.casefold()], EXCLUDED_FATE).state == ENABLED]
 
-    def entra_rename_user(self, a: int, b: int) -> None:
+    def entra_rename_user(self, a: int, b: int, old_name: bool = False) -> None:
         uid = self.users()[a % len(self.users())]
         retired = self.names_free_for_rename()
-        if b % 2 and retired:
+        if old_name and retired:
             upn = retired[b % len(retired)]  # a name another user gave up
         else:
             given = self.tenant.users[uid]["givenName"].lower()
             upn = f"{given}.r{self.next()}@{DOMAINS[b % 2]}"
         self.tenant.update_user(uid, userPrincipalName=upn, mail=upn, displayName=f"{upn.split('@')[0].title()}")
+
+    def entra_rename_user_to_old_name(self, a: int, b: int) -> None:
+        self.entra_rename_user(a, b, old_name=True)
 
     def entra_retitle_user(self, a: int, b: int) -> None:
         uid = self.users()[a % len(self.users())]
@@ -234,7 +237,8 @@ class World:
             self.tenant.delete_user(self.users()[a % len(self.users())])
 
     def entra_handover(self, a: int, b: int) -> None:
-        """A leaver deleted and a new user created with the leaver's identifier, in one round."""
+        """A leaver deleted and a new user created with the leaver's identifier, in one round (into the leaver's
+        first group, or none)."""
         uid = self.users()[a % len(self.users())]
         leaver = self.tenant.users[uid]
         groups = [gid for gid, members in self.tenant.members.items() if uid in members]
@@ -243,8 +247,8 @@ class World:
         new = self.tenant.add_user(userPrincipalName=leaver["userPrincipalName"], mail=leaver["mail"],
                                    displayName=f"Successor {n}", givenName="Successor", surname=f"S{n}",
                                    jobTitle=TITLES[b % len(TITLES)], accountEnabled=True)
-        for gid in groups[:1] if b % 2 else []:
-            self.tenant.add_member(gid, new)  # into the leaver's group, or none
+        for gid in groups[:1] if b % 3 != 2 else []:
+            self.tenant.add_member(gid, new)
 
     def entra_add_group(self, a: int, b: int) -> None:
         gid = self.tenant.add_group(f"Team {100 + self.next()}")
@@ -252,11 +256,14 @@ class World:
         for uid in {users[a % len(users)], users[b % len(users)]}:
             self.tenant.add_member(gid, uid)
 
-    def entra_rename_group(self, a: int, b: int) -> None:
+    def entra_rename_group(self, a: int, b: int, old_name: bool = False) -> None:
         gid = self.groups()[a % len(self.groups())]
         retired = self.retired_group_names()
-        name = retired[b % len(retired)] if b % 2 and retired else f"Team {100 + self.next()}"
+        name = retired[b % len(retired)] if old_name and retired else f"Team {100 + self.next()}"
         self.tenant.rename_group(gid, name)
+
+    def entra_rename_group_to_old_name(self, a: int, b: int) -> None:
+        self.entra_rename_group(a, b, old_name=True)
 
     def entra_recase_group(self, a: int, b: int) -> None:
         """A change of letter case only: not a rename."""
@@ -277,7 +284,7 @@ class World:
         users = self.users()
         for uid in {users[b % len(users)], users[(b // 7) % len(users)]}:
             self.tenant.add_member(new, uid)
-        if was_configured and b % 2 and not self.pilot:
+        if was_configured and b % 3 != 2 and not self.pilot:
             self.access[new] = was_configured  # the admin points the mapping at the new group
 
     def _drop_group(self, gid: str) -> None:
@@ -340,19 +347,20 @@ class World:
                 self.tainted_groups.add(gid)
 
     def hand_make_account(self, a: int, b: int) -> None:
-        """An admin invites someone: a stranger to Entra (untouchable), or someone Entra knows (adopted on a
-        full read or when guardsync next writes that user)."""
+        """An admin invites someone Entra knows (adopted on a full read, or when guardsync next writes that user)."""
         taken = {u["userName"].casefold() for u in self._scim_users()}
         known = [self.tenant.users[uid]["userPrincipalName"] for uid in self.users()] + self.retired_upns()
         known = [upn for upn in known if upn.casefold() not in taken and upn.rpartition("@")[2] in DOMAINS]
-        if b % 3 == 0 or not known:
-            upn = f"hand.{self.next()}@{DOMAINS[0]}"
-            account = self.sandbox.scim.add_user(_scim_user(upn, active=True))
-            self.ledger.foreign_users[account["id"]] = account
-            return
+        if not known:
+            return self.hand_make_stranger(a, b)
         upn = known[a % len(known)]
         account = self.sandbox.scim.add_user(_scim_user(upn.upper() if b % 4 == 1 else upn, active=b % 5 != 2))
         self._taint_user_of(account)
+
+    def hand_make_stranger(self, a: int, b: int) -> None:
+        """An admin invites someone Entra does not know: guardsync never touches that account."""
+        account = self.sandbox.scim.add_user(_scim_user(f"hand.{self.next()}@{DOMAINS[0]}", active=True))
+        self.ledger.foreign_users[account["id"]] = account
 
     def hand_delete_account(self, a: int, b: int) -> None:
         users = self._scim_users()
@@ -374,20 +382,27 @@ class World:
         self.sandbox.scim.edit_user_by_hand(account["id"], emails=[{"value": alias, "type": "work", "primary": True}])
         self._taint_user_of(account)
 
+    def _hand_members(self, a: int, b: int) -> list[str]:
+        users = self._scim_users()
+        return sorted({users[i % len(users)]["id"] for i in (a, b)}) if users and b % 3 != 2 else []
+
     def hand_make_group(self, a: int, b: int) -> None:
-        """A group made in Atlassian: a team of its own (untouchable), or one named as an Entra group."""
+        """A group made in Atlassian with the name of an Entra group (adopted when that group is synced)."""
         taken = {g["displayName"].casefold() for g in self._scim_groups()}
         entra_names = [g["displayName"] for g in self.tenant.groups.values()] + self.retired_group_names()
         claimable = [n for n in entra_names if n.casefold() not in taken]
-        users = self._scim_users()
-        members = sorted({users[i % len(users)]["id"] for i in (a, b)}) if users and b % 3 else []
-        if a % 2 == 0 or not claimable:
-            group = self.sandbox.scim.add_group(f"Hand Team {self.next()}", members)
-            self.ledger.foreign_groups[group["id"]] = (group["displayName"], set(members))
-            return
-        name = claimable[b % len(claimable)]
+        if not claimable:
+            return self.hand_make_team(a, b)
+        members = self._hand_members(a, b)
+        name = claimable[a % len(claimable)]
         group = self.sandbox.scim.add_group(name.upper() if b % 4 == 1 else name, members)
         self._taint_group_of(group)
+
+    def hand_make_team(self, a: int, b: int) -> None:
+        """A group of Atlassian's own (no Entra group has its name): guardsync never touches it."""
+        members = self._hand_members(a, b)
+        group = self.sandbox.scim.add_group(f"Hand Team {self.next()}", members)
+        self.ledger.foreign_groups[group["id"]] = (group["displayName"], set(members))
 
     def hand_delete_group(self, a: int, b: int) -> None:
         groups = self._scim_groups()
@@ -652,11 +667,11 @@ class killed_after:
 # == the state machine ======================================================================================
 
 # Kinds repeat to weigh them: renames and grants are where the contract is subtle.
-ENTRA = ("add_user", "rename_user", "rename_user", "retitle_user", "toggle_user", "toggle_user", "delete_user",
-         "handover", "add_group", "rename_group", "rename_group", "recase_group", "delete_group", "recreate_group",
-         "recreate_group", "add_member", "remove_member", "nest")
-HAND = ("make_account", "delete_account", "edit_email", "make_group", "delete_group", "grant", "grant", "revoke",
-        "revoke")
+ENTRA = ("add_user", "rename_user", "rename_user_to_old_name", "retitle_user", "toggle_user", "toggle_user",
+         "delete_user", "handover", "add_group", "rename_group", "rename_group_to_old_name", "recase_group",
+         "delete_group", "recreate_group", "recreate_group", "add_member", "remove_member", "nest")
+HAND = ("make_account", "make_stranger", "delete_account", "edit_email", "make_group", "make_team", "delete_group",
+        "grant", "grant", "revoke", "revoke")
 CONFIGURE = ("products", "pilot", "domains")
 pick = st.integers(0, 15)  # picks among what exists (modulo): small numbers make the same objects meet
 STATS = {"histories": 0, "steps": 0, "runs": 0, "run_seconds": 0.0, "kills": 0, "retries": 0}
@@ -707,7 +722,7 @@ class GuardsyncModel(RuleBasedStateMachine):
         if kind == "retry":
             self._step(lambda: self.world.retried_run(k))
         else:
-            self._step(lambda: self.world.killed_run(1 + k % 6, full=kind.endswith("--full")))
+            self._step(lambda: self.world.killed_run(1 + (k - 1) % 4, full=kind.endswith("--full")))
 
     def _step(self, step) -> None:
         STATS["steps"] += 1
