@@ -2,25 +2,26 @@
 each run checked by an oracle written from DESIGN.md alone (tests/oracle.py).
 
 A history starts from a small generated tenant (8-12 users, 3-5 groups, some nesting, a few disabled users, a
-guest and a user on the tenant's initial domain), optionally with an Atlassian that already holds accounts and
-groups, and takes up to GUARDSYNC_MODEL_STEPS steps. A step is one of:
+guest and a user on the tenant's initial domain, two groups mapped to products), sometimes with an Atlassian
+that already holds accounts and groups, and plays up to GUARDSYNC_MODEL_STEPS rounds. A round is what happens
+between two runs, then the run:
 
-- an Entra round: several changes at once (users created, renamed, retitled, disabled, enabled, deleted,
-  handed over; groups created, renamed, re-cased, deleted, re-created under their old name; members and
-  nesting added and removed);
-- hand edits in Atlassian (accounts made, deleted, their email edited; groups made and deleted; grants
-  made and revoked);
+- Entra changes (users created, renamed, retitled, disabled, enabled, deleted, handed over; groups created,
+  renamed, re-cased, deleted, re-created under their old name; members and nesting added and removed);
+- hand edits in Atlassian (accounts made, deleted, their email edited; groups made and deleted; grants made
+  and revoked);
 - a configuration change ([access.groups], the pilot groups, the domains);
-- a run: delta, `--full`, a dry run then the sync, a run killed after its K-th write then run again, a run
-  whose stage fails once and Prefect retries the flow.
+- a run: delta, `--full`, a dry run then the sync, a run killed right after its K-th write then run again, a
+  run whose load fails on some writes and that Prefect retries.
 
-After every run the oracle checks Atlassian; then the same run again must write nothing. The real flow runs
-in-process against the sandbox (HTTPS on loopback) inside the session's Prefect test server.
+After every run the oracle checks Atlassian; then the same run again must write nothing. A history that broke
+nothing ends with a full read, which must bring everything in line. The real flow runs in-process against the
+sandbox (HTTPS on loopback) inside the session's Prefect test server.
 
-Budget: GUARDSYNC_MODEL_EXAMPLES histories (default 6) of up to GUARDSYNC_MODEL_STEPS steps (default 8).
+Budget: GUARDSYNC_MODEL_EXAMPLES histories of up to GUARDSYNC_MODEL_STEPS rounds (see the defaults below).
 `make test` draws the same histories every time (derandomize, no example database: CI is reproducible);
-`make test-deep` runs ten times as many, drawn afresh each time (GUARDSYNC_MODEL_DEEP=1), and shrinks
-a failure to a short history. Every failing history found becomes a test in tests/test_model_regressions.py.
+`make test-deep` runs ten times as many, drawn afresh each time (GUARDSYNC_MODEL_DEEP=1), and shrinks a
+failure to a short history. Every failing history found becomes a test in tests/test_model_regressions.py.
 """
 
 from __future__ import annotations
@@ -494,6 +495,17 @@ class World:
     def _before(self) -> tuple[set[str], set[str]]:
         return {u["id"] for u in self._scim_users()}, {g["id"] for g in self._scim_groups()}
 
+    def run_kind(self, kind: str, k: int = 1) -> None:
+        """One of RUNS; `k`: the write a kill follows (1-4), or the faults a Prefect retry meets (a bit mask)."""
+        if kind.startswith("dry-run"):
+            self.dry_run_then_sync(full=kind.endswith("--full"))
+        elif kind.startswith("kill"):
+            self.killed_run(1 + (k - 1) % 4, full=kind.endswith("--full"))
+        elif kind == "retry":
+            self.retried_run(k)
+        else:
+            self.run(full=kind == "full")
+
     def run(self, full: bool = False) -> None:
         before = self._before()
         status, outcome = self._flow_run(full=full)
@@ -673,21 +685,22 @@ ENTRA = ("add_user", "rename_user", "rename_user_to_old_name", "retitle_user", "
 HAND = ("make_account", "make_stranger", "delete_account", "edit_email", "make_group", "make_team", "delete_group",
         "grant", "grant", "revoke", "revoke")
 CONFIGURE = ("products", "pilot", "domains")
+RUNS = ("delta", "full", "dry-run then sync", "dry-run then sync --full", "kill", "kill --full", "retry")
 pick = st.integers(0, 15)  # picks among what exists (modulo): small numbers make the same objects meet
 STATS = {"histories": 0, "steps": 0, "runs": 0, "run_seconds": 0.0, "kills": 0, "retries": 0}
 
 
 class GuardsyncModel(RuleBasedStateMachine):
-    """Rules are thin: each one is a World step. A history hypothesis prints replays as written, e.g.
+    """One rule, a round: what happens between two runs (Entra changes, hand edits in Atlassian, a configuration
+    change, each possibly none), then a run of some kind. A history hypothesis prints replays as written, e.g.
 
         state = GuardsyncModel()
         state.start(seed=0, users=8, groups=3, brownfield=False)
-        state.entra_round(changes=[("rename_group", 0, 1)])
-        state.run(mode="delta")
+        state.round(entra=[("rename_group", 0, 1)], hand=[("grant", 0, 0)], configure=[], run="delta", k=1)
         state.teardown()
 
     At the end of a history that broke nothing, a full read must bring everything in line: whatever was left
-    to it (hand edits after the last full read, changes after the last run) is checked then.
+    to it (hand edits since the last full read) is checked then.
     """
 
     world: World | None = None
@@ -698,36 +711,20 @@ class GuardsyncModel(RuleBasedStateMachine):
         self.world = World(seed, users, groups, brownfield)
         STATS["histories"] += 1
 
-    @rule(changes=st.lists(st.tuples(st.sampled_from(ENTRA), pick, pick), min_size=1, max_size=4))
-    def entra_round(self, changes):
-        self._step(lambda: [self.world.entra(kind, a, b) for kind, a, b in changes])
-
-    @rule(edits=st.lists(st.tuples(st.sampled_from(HAND), pick, pick), min_size=1, max_size=3))
-    def hand_edits(self, edits):
-        self._step(lambda: [self.world.hand(kind, a, b) for kind, a, b in edits])
-
-    @rule(kind=st.sampled_from(CONFIGURE), a=pick, b=pick)
-    def configure(self, kind, a, b):
-        self._step(lambda: self.world.configure(kind, a, b))
-
-    @rule(mode=st.sampled_from(("delta", "full", "dry-run then sync", "dry-run then sync --full")))
-    def run(self, mode):
-        if mode.startswith("dry-run"):
-            self._step(lambda: self.world.dry_run_then_sync(full=mode.endswith("--full")))
-        else:
-            self._step(lambda: self.world.run(full=mode == "full"))
-
-    @rule(kind=st.sampled_from(("kill", "kill --full", "retry")), k=st.integers(1, 2 ** len(RETRY_FAULTS) - 1))
-    def troubled_run(self, kind, k):
-        if kind == "retry":
-            self._step(lambda: self.world.retried_run(k))
-        else:
-            self._step(lambda: self.world.killed_run(1 + (k - 1) % 4, full=kind.endswith("--full")))
-
-    def _step(self, step) -> None:
+    @rule(entra=st.lists(st.tuples(st.sampled_from(ENTRA), pick, pick), max_size=3),
+          hand=st.lists(st.tuples(st.sampled_from(HAND), pick, pick), max_size=2),
+          configure=st.lists(st.tuples(st.sampled_from(CONFIGURE), pick, pick), max_size=1),
+          run=st.sampled_from(RUNS), k=st.integers(1, 2 ** len(RETRY_FAULTS) - 1))
+    def round(self, entra, hand, configure, run, k):
         STATS["steps"] += 1
         try:
-            step()
+            for kind, a, b in entra:
+                self.world.entra(kind, a, b)
+            for kind, a, b in hand:
+                self.world.hand(kind, a, b)
+            for kind, a, b in configure:
+                self.world.configure(kind, a, b)
+            self.world.run_kind(run, k)
         except BaseException:
             self.broken = True
             raise

@@ -14,13 +14,14 @@ from tests.test_model import GuardsyncModel, Violation
 pytestmark = pytest.mark.slow
 
 
-def replay(start: dict, steps: list[tuple[str, dict]], breaks: str) -> None:
-    """Run the history; a Violation of another invariant than `breaks` is a different failure and says so."""
+def replay(start: dict, rounds: list[dict], breaks: str) -> None:
+    """Play the history (each round: GuardsyncModel.round's arguments); a Violation of another invariant than
+    `breaks` is a different failure and says so."""
     state = GuardsyncModel()
     state.start(**start)
     try:
-        for rule, arguments in steps:
-            getattr(state, rule)(**arguments)
+        for arguments in rounds:
+            state.round(**{"entra": [], "hand": [], "configure": [], "run": "delta", "k": 1, **arguments})
     except Violation as exc:
         if breaks not in str(exc):
             raise AssertionError(f"the history broke another invariant than {breaks}:\n{exc}") from exc
@@ -33,95 +34,79 @@ TENANT = dict(seed=1, users=10, groups=4, brownfield=False)
 # That tenant: Team 0 (bo.1, gus.6, ivy.8, and Team 2 nested) and Team 1 (ada.0, di.3, hal.7, jo.9) are mapped to
 # confluence and to jira-software + confluence; Team 2 (cy.2, di.3, hal.7, jo.9) and Team 3 (ed.4 disabled, flo.5,
 # ivy.8) to nothing. Users in order: ada.0 bo.1 cy.2 di.3 ed.4 flo.5 gus.6 hal.7 ivy.8 jo.9 (initial domain).
+FIRST_SYNC = {}  # a round of nothing but a delta run (here: the first run)
 
-# -- issue 19's list, written as histories of the model's steps ------------------------------------------------
+# -- issue 19's list, written as histories of the model's rounds ------------------------------------------------
 
 
 @pytest.mark.xfail(raises=Violation, strict=True,
                    reason="issue 19 item 2: a synced group not in [access.groups] holding a grant made by hand is "
                           "renamed; the re-created group holds nothing")
 def test_a_hand_made_grant_of_an_unmapped_group_survives_its_rename(prefect_server):
-    replay(TENANT, [
-        ("run", dict(mode="delta")),
-        ("hand_edits", dict(edits=[("grant", 2, 2)])),  # Team 2 gets jira-servicemanagement (main site) by hand
-        ("entra_round", dict(changes=[("rename_group", 2, 0)])),
-        ("run", dict(mode="delta")),
-    ], breaks="hand-made-grant-kept")
+    replay(TENANT, [FIRST_SYNC,
+                    dict(entra=[("rename_group", 2, 0)],  # Team 2 renamed ...
+                         hand=[("grant", 2, 2)])],  # ... and given jira-servicemanagement (main site) by hand
+           breaks="hand-made-grant-kept")
 
 
 @pytest.mark.xfail(raises=Violation, strict=True,
                    reason="issue 19 item 3: a configured group deleted and re-created under its name in one round: "
                           "the new group gets none of its configured products")
 def test_a_group_recreated_under_its_name_gets_its_configured_products(prefect_server):
-    replay(TENANT, [
-        ("run", dict(mode="delta")),
-        ("entra_round", dict(changes=[("recreate_group", 0, 1)])),  # Team 0 again, the mapping pointed at the new one
-        ("run", dict(mode="delta")),
-    ], breaks="configured-grants-present")
+    replay(TENANT, [FIRST_SYNC,
+                    dict(entra=[("recreate_group", 0, 1)])],  # Team 0 again, the mapping pointed at the new one
+           breaks="configured-grants-present")
 
 
 @pytest.mark.xfail(raises=Violation, strict=True,
                    reason="issue 19 item 4: a grant made by hand of a product then configured is lost when its "
                           "group is renamed")
 def test_a_hand_made_grant_of_a_configured_product_survives_a_rename(prefect_server):
-    replay(TENANT, [
-        ("run", dict(mode="delta")),
-        ("hand_edits", dict(edits=[("grant", 0, 0)])),  # Team 0 (confluence, guardsync's) gets jira-software by hand
-        ("configure", dict(kind="products", a=0, b=3)),  # ... and jira-software is configured for it too
-        ("run", dict(mode="delta")),
-        ("entra_round", dict(changes=[("rename_group", 0, 0)])),
-        ("run", dict(mode="delta")),
-        ("configure", dict(kind="products", a=0, b=2)),  # confluence only: the hand-made jira grant must stay
-        ("run", dict(mode="delta")),
-    ], breaks="hand-made-grant-kept")
+    replay(TENANT, [FIRST_SYNC,
+                    dict(hand=[("grant", 0, 0)],  # Team 0 (confluence, guardsync's) gets jira-software by hand ...
+                         configure=[("products", 0, 3)]),  # ... and jira-software is configured for it too
+                    dict(entra=[("rename_group", 0, 0)]),
+                    dict(configure=[("products", 0, 2)])],  # confluence only: the hand-made jira grant must stay
+           breaks="hand-made-grant-kept")
 
 
 @pytest.mark.xfail(raises=Violation, strict=True,
                    reason="issue 19 item 6: a managed group deleted by hand, then a membership change in Entra: "
                           "the delta run fails with 404 on PATCH")
 def test_a_group_deleted_by_hand_then_changed_in_entra_is_made_again(prefect_server):
-    replay(TENANT, [
-        ("run", dict(mode="delta")),
-        ("hand_edits", dict(edits=[("delete_group", 0, 0)])),  # Team 0's group, by hand
-        ("entra_round", dict(changes=[("add_member", 0, 0)])),  # ada.0 joins Team 0
-        ("run", dict(mode="delta")),
-    ], breaks="run-status")
+    replay(TENANT, [FIRST_SYNC,
+                    dict(entra=[("add_member", 0, 0)],  # ada.0 joins Team 0 ...
+                         hand=[("delete_group", 0, 0)])],  # ... whose group is deleted in Atlassian by hand
+           breaks="run-status")
 
 
 @pytest.mark.xfail(raises=Violation, strict=True,
                    reason="issue 19 item 7: a disabled user entering scope whose active account already exists stays "
                           "active on delta runs")
 def test_a_disabled_user_entering_scope_with_an_active_account_is_deactivated(prefect_server):
-    replay(TENANT, [
-        ("configure", dict(kind="pilot", a=1, b=0)),  # pilot: Team 0 only
-        ("run", dict(mode="delta")),
-        ("hand_edits", dict(edits=[("make_account", 1, 4)])),  # an active account for ed.4 (disabled in Entra)
-        ("entra_round", dict(changes=[("add_member", 0, 4)])),  # ed.4 joins Team 0: in scope, disabled
-        ("run", dict(mode="delta")),
-    ], breaks="no-active-account-for-leaver")
+    replay(TENANT, [dict(configure=[("pilot", 1, 0)]),  # pilot: Team 0 only
+                    dict(entra=[("add_member", 0, 4)],  # ed.4 (disabled) joins Team 0: in scope ...
+                         hand=[("make_account", 1, 4)])],  # ... and has an active account, made by hand
+           breaks="no-active-account-for-leaver")
 
 
 @pytest.mark.xfail(raises=Violation, strict=True,
                    reason="issue 19 item 9: a hand-over whose old account was deleted by hand: the new account is "
                           "left out of the leaver's group")
 def test_a_handover_after_the_leavers_account_was_deleted_by_hand_keeps_the_group(prefect_server):
-    replay(TENANT, [
-        ("run", dict(mode="delta")),
-        ("hand_edits", dict(edits=[("delete_account", 1, 0)])),  # bo.1's account, by hand
-        ("entra_round", dict(changes=[("handover", 1, 1)])),  # bo.1 leaves, a successor takes bo.1@ into Team 0
-        ("run", dict(mode="delta")),
-    ], breaks="synced-group-exact")
+    replay(TENANT, [FIRST_SYNC,
+                    dict(hand=[("delete_account", 1, 0)]),  # bo.1's account, by hand
+                    dict(entra=[("handover", 1, 1)])],  # bo.1 leaves, a successor takes bo.1@ into Team 0
+           breaks="synced-group-exact")
 
 
 @pytest.mark.xfail(raises=Violation, strict=True,
                    reason="issue 19 item 12: with no change in Entra a configured grant removed by hand is not "
                           "restored (the run takes the nothing-changed shortcut)")
 def test_a_configured_grant_revoked_by_hand_is_restored_by_the_next_run(prefect_server):
-    replay(TENANT, [
-        ("run", dict(mode="delta")),
-        ("hand_edits", dict(edits=[("revoke", 0, 0)])),  # Team 0's confluence, by hand
-        ("run", dict(mode="delta")),
-    ], breaks="configured-grants-present")
+    replay(TENANT, [FIRST_SYNC,
+                    dict(hand=[("revoke", 0, 0)])],  # Team 0's confluence, by hand
+           breaks="configured-grants-present")
 
 
 # -- found by the model test ------------------------------------------------------------------------------------
@@ -131,8 +116,6 @@ def test_a_configured_grant_revoked_by_hand_is_restored_by_the_next_run(prefect_
                    reason="issue 19 (as item 12): a configured grant revoked by hand on a populated first run's "
                           "directory is not restored by a killed run nor its re-run, Entra unchanged")
 def test_found_a_grant_revoked_by_hand_then_a_killed_run(prefect_server):
-    replay(dict(seed=870, users=10, groups=5, brownfield=True), [
-        ("run", dict(mode="delta")),
-        ("hand_edits", dict(edits=[("revoke", 0, 0)])),
-        ("troubled_run", dict(k=1, kind="kill")),
-    ], breaks="configured-grants-present")
+    replay(dict(seed=870, users=10, groups=5, brownfield=True), [FIRST_SYNC,
+                                                                 dict(hand=[("revoke", 0, 0)], run="kill", k=1)],
+           breaks="configured-grants-present")
