@@ -32,8 +32,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -n 3 --dist loadfile -m "not slow"
 
-# The model test of random histories (tests/test_model.py) ten times deeper than `make test` runs it: 60 fresh
-# histories instead of the same 6, shrunk to a short one on failure. GUARDSYNC_MODEL_EXAMPLES=N sets the number.
+# The model test of random histories (tests/test_model.py) ten times deeper than `make test` runs it: 40 fresh
+# histories of up to 8 rounds instead of the same 4 of up to 5, a failure shrunk to a short history.
+# GUARDSYNC_MODEL_EXAMPLES=N sets the number of histories.
 test-deep: $(STAMP)
 	GUARDSYNC_MODEL_DEEP=1 $(BIN)/pytest -q -p no:cacheprovider --timeout 0 tests/test_model.py
 
