@@ -119,3 +119,16 @@ def test_found_a_grant_revoked_by_hand_then_a_killed_run(prefect_server):
     replay(dict(seed=870, users=10, groups=5, brownfield=True), [FIRST_SYNC,
                                                                  dict(hand=[("revoke", 0, 0)], run="kill", k=1)],
            breaks="configured-grants-present")
+
+
+@pytest.mark.xfail(raises=Violation, strict=True,
+                   reason="issue 19 (as item 7): a disabled user renamed to the identifier of an active account made by "
+                          "hand: the delta run leaves the account active (it never looks it up)")
+def test_found_a_disabled_user_renamed_to_an_active_accounts_name(prefect_server):
+    # Found as: start(seed=33267, groups=4, users=11, brownfield=True) and five rounds, the last renaming a disabled
+    # user to the name of a brownfield account left unadopted (its user was outside the pilot); shortened here.
+    replay(TENANT, [FIRST_SYNC,
+                    dict(entra=[("rename_user", 1, 0)]),  # bo.1 -> bo.r1: bo.1@contoso.com is free
+                    dict(entra=[("rename_user_to_old_name", 4, 0)],  # ed.4 (disabled, never created) takes it ...
+                         hand=[("make_account", 0, 0)])],  # ... and an admin made an active account of that name
+           breaks="no-active-account-for-leaver")
