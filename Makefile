@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: demo demo-ui test test-fast bench bench-quick bench-latency lock clean
+.PHONY: demo demo-ui test test-fast test-deep bench bench-quick bench-latency lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit("guardsync needs Python >= 3.11" if sys.version_info < (3, 11) else 0)'
@@ -25,12 +25,21 @@ demo: $(STAMP)
 demo-ui: $(STAMP)
 	$(BIN)/guardsync demo --ui
 
-# Three workers, one test file each at a time: most tests wait on (injected) network latency.
+# Three workers on two cores (tests wait on loopback HTTP and subprocesses as much as they compute);
+# worksteal spreads a long file's tests over the workers. Ends with the ten slowest tests.
+PYTEST := $(BIN)/pytest -q -n 3 --dist worksteal --durations=10
+
 test: $(STAMP)
-	$(BIN)/pytest -q -n 3 --dist loadfile
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -n 3 --dist loadfile -m "not slow"
+	$(PYTEST) -m "not slow"
+
+# The model test of random histories (tests/test_model.py) ten times deeper than `make test` runs it: 40 fresh
+# histories of up to 8 rounds instead of the same 4 of up to 5, a failure shrunk to a short history.
+# GUARDSYNC_MODEL_EXAMPLES=N sets the number of histories.
+test-deep: $(STAMP)
+	GUARDSYNC_MODEL_DEEP=1 $(BIN)/pytest -q -p no:cacheprovider --timeout 0 tests/test_model.py
 
 # Performance: synthetic tenants (10k and 100k users) synced through the sandbox with 20 ms
 # injected on every request; prints a table and writes bench-results/*.json (see bench/run.py).

@@ -11,7 +11,7 @@ import os
 from contextlib import suppress
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
@@ -117,7 +117,10 @@ def sync_directory(
                      or not set(needed) <= set(mirror.user_columns))  # newly mapped: the mirror lacks it
         settled = settled_digest(settings.model_dump(mode="json"), allow_mass_deactivation)
         changes = None if full_read or not run.is_settled(settled) else quick_look(graph, mirror)
-        if changes is not None and changes.is_empty:  # the fast cadence's usual run: no task, no artifact
+        unchanged = changes is not None and changes.is_empty  # Entra: nothing since a completed run
+        # With [access], the configured groups must still hold their products too (one role-assignments read
+        # a configured group): a hand revocation is repaired by this run, as the dry run (never quiet) says.
+        if unchanged and products_hold(admin, store):  # the fast cadence's usual run: no task, no artifact
             quiet = True
             store.check_binding(changes.tenant_id, settings.atlassian.scim_url)
             run.keep_mirror(None, asdict(changes.links), False, False, mirror.generation)
@@ -135,11 +138,12 @@ def sync_directory(
             store.check_binding(extracted.snapshot.tenant_id, settings.atlassian.scim_url)
             run.keep_mirror(extracted.snapshot, asdict(extracted.links), extracted.full, extracted.changed, extracted.based_on)
             summary.last_full_read = (datetime.now(timezone.utc) if extracted.full else mirror.last_full_read).isoformat(timespec="seconds")
-            if not extracted.changed and run.is_settled(settled):
+            if not extracted.changed and not unchanged and run.is_settled(settled) and products_hold(admin, store):
                 summary.message = NOTHING_TO_DO
             else:
                 run.unsettle()  # until this run completes
-                reconcile(summary, extracted, settings, graph, scim, store, dry_run, allow_mass_deactivation, admin)
+                reconcile(summary, extracted, settings, graph, scim, store, dry_run, allow_mass_deactivation, admin,
+                          check_lease=run.check_lease)
         summary.requests = {"graph": sum(graph.requests_made.values()), "scim": sum(scim.requests_made.values())}
         if admin is not None:
             summary.requests["organizations"] = sum(admin.requests_made.values())
@@ -165,15 +169,18 @@ def sync_directory(
 
 
 def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, graph: GraphClient, scim: ScimClient,
-              store: StateStore, dry_run: bool, allow_mass_deactivation: bool, admin: AdminClient | None = None) -> None:
-    """Scope, gate, plan and (unless dry_run) load one snapshot; fills the summary as it goes."""
+              store: StateStore, dry_run: bool, allow_mass_deactivation: bool, admin: AdminClient | None = None,
+              check_lease: Callable[[], None] = lambda: None) -> None:
+    """Scope, gate, plan and (unless dry_run) load one snapshot; fills the summary as it goes. `check_lease`
+    raises when the run no longer holds its directory: called before each batch of writes."""
     from guardsync.access_load import AccessLoader
     from guardsync.diff import plan_row_count, plan_rows
     from guardsync.load import Loader
     from tasks.access import load_access, plan_access
     from tasks.flatten import flatten
     from tasks.load import load_groups, load_memberships, load_users
-    from tasks.observe import observe_atlassian
+    from guardsync.plan import PlanInputs, facts_needed
+    from tasks.observe import look_up_atlassian, observe_atlassian
     from tasks.plan import plan_changes
     from tasks.scope import scope_users
     from tasks.validate import validate_gates
@@ -192,10 +199,14 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
     summary.first_sync = not dry_run and first_run
     observation = None
     # Plan against Atlassian as it is: on first runs, full reads, and after an observing run that
-    # did not finish (what it adopted was not all recorded). Delta runs plan from the record.
+    # did not finish (what it adopted was not all recorded). Delta runs plan from the record, and
+    # look up the few facts it lacks (a disabled newcomer's account); writes that meet 404/409
+    # are planned again by the loader, with the same planner.
     if extracted.full or first_run or store.observation_pending():
         observation = observe_atlassian(scim, opaque(recorded))
         summary.drift = observation.drift.lines()
+    elif needed := facts_needed(validated.users, recorded, store.load_no_account()):
+        observation = look_up_atlassian(scim, opaque(recorded), opaque(needed))
     # opaque(): Prefect would otherwise walk every object of these large inputs looking for futures.
     # The deactivation guard of a first run counts the accounts it adopts, also when it is re-run after
     # stopping midway (some adoptions recorded, the rest not): as the uninterrupted run would.
@@ -206,7 +217,7 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
     access_plan = None
     if admin is not None:  # before any write: unknown products, the access gate and guards stop the run here
         access_plan = plan_access(admin, settings.access, opaque(validated), opaque(recorded), opaque(observation),
-                                  opaque(plan), store.load_grants())
+                                  opaque(plan), opaque(store.load_grants()))
         summary.access = access_plan.lines(granting=bool(access_plan.grants))
     if dry_run:
         summary.counts = plan.counts() | (access_plan.counts() if access_plan is not None else {})
@@ -214,9 +225,10 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
         summary.planned_changes = plan_row_count(plan)
     else:
         store.bind(snapshot.tenant_id, settings.atlassian.scim_url)
-        if observation is not None:
+        if observation is not None and observation.complete:
             store.set_observation_pending(True)
-        loader = Loader(scim, store, run_id, settings.sync.write_concurrency)
+        loader = Loader(scim, store, run_id, PlanInputs.of(validated), settings.sync.write_concurrency)
+        loader.check_lease = check_lease
         access_loader = AccessLoader(admin, store, run_id, access_plan) if access_plan is not None else None
         if access_loader is not None:  # a renamed group's new group gets its products before the old one goes
             loader.before_rename_delete = access_loader.grant_renamed
@@ -225,17 +237,28 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
         if access_loader is not None:
             stages.append(lambda: load_access(access_loader))
         for stage in stages:
+            check_lease()  # a run that lost its directory writes nothing more
             result = stage()
             for key, value in result["counts"].items():
                 summary.counts[key] = summary.counts.get(key, 0) + value
             summary.failures += result["failures"]
-        if observation is not None and not summary.failures:
+        if observation is not None and observation.complete and not summary.failures:
             store.set_observation_pending(False)
     with_products = access_plan.configured if access_plan is not None else frozenset()
     summary.new_groups = sorted(validated.groups[c.group_id].display_name for c in plan.groups
                                 if c.kind == "create" and c.group_id not in with_products)
-    summary.renamed_groups = sorted(c.display_name for c in plan.groups
-                                    if c.kind == "rename" and c.group_id not in with_products)
+    # With [access], every renamed group's grants move to its new group: none needs granting again by hand.
+    summary.renamed_groups = [] if access_plan is not None else sorted(c.display_name for c in plan.groups
+                                                                       if c.kind == "rename")
+
+
+def products_hold(admin: AdminClient | None, store: StateStore) -> bool:
+    """Without [access], nothing to look at (and the access loader is never imported)."""
+    if admin is None:
+        return True
+    from guardsync.access_load import access_holds
+
+    return access_holds(admin, store)
 
 
 def quick_look(graph: GraphClient, mirror: Mirror) -> GraphChanges | None:

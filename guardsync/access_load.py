@@ -1,45 +1,73 @@
-"""Product access against Atlassian: observe the groups' grants, then apply an AccessPlan (guardsync.access).
+"""Product access against Atlassian: observe the groups' grants, apply an AccessPlan (guardsync.access), and
+check on a run with no change in Entra that the configured groups still hold their products.
 
-Grants are recorded in the state store as they succeed (table access_grants, with audit rows),
-so a retried load skips what is recorded; assign and revoke are idempotent at Atlassian too.
-The Organizations API's group ids are not SCIM ids: groups are found by name, once per run.
+The grant ledger (table access_grants) changes only once Atlassian confirmed: a grant or revocation when
+it answered (with its audit row; a retried load skips what this run's assigns confirmed, and assign and
+revoke are idempotent at Atlassian too), the rows of a renamed or deleted group once the record shows the
+old group gone. The Organizations API's group ids are not SCIM ids: groups are found by name, once per run.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from guardsync.access import AccessPlan, Grant, desired_grants
+from guardsync.access import GUARDSYNC, AccessPlan, Grant, desired_grants
 from guardsync.admin import AdminClient, Workspace
 from guardsync.config import AccessSettings
-from guardsync.errors import ApiError
+from guardsync.errors import ApiError, GuardsyncError
 from guardsync.load import LoadReport
-from guardsync.models import DesiredGroup
-from guardsync.plan import AppliedState
+from guardsync.models import AppliedState, name_key
 from guardsync.state import StateStore
+from guardsync.validate import Validated
 
 
 @dataclass
 class Observed:
     desired: dict[str, frozenset[str]]  # Entra group id -> workspace ids it should hold
-    observed: dict[str, frozenset[str]]  # Entra group id -> workspace ids it holds now (user role)
-    made: set[tuple[str, str]]  # what guardsync granted before
+    observed: dict[str, frozenset[str]]  # Entra group id -> workspace ids it holds now (user role), groups found
+    org_ids: dict[str, str]  # Entra group id -> Organizations API group id, groups found
     workspaces: dict[str, Workspace]
+    notes: list[str] = field(default_factory=list)
 
 
-def observe_access(admin: AdminClient, access: AccessSettings, groups: dict[str, DesiredGroup],
-                   applied: AppliedState, made: set[tuple[str, str]]) -> Observed:
-    """Workspaces, products resolved (ConfigError before any write), and the grants of the groups that matter."""
-    desired, workspaces = desired_grants(access.groups, groups, admin.workspaces())
-    relevant = sorted(set(desired) | {group_id for group_id, _ in made})
-    # The name each group has in Atlassian now: a renamed group is still under its old name.
-    names = {gid: applied.groups[gid].display_name if gid in applied.groups else groups[gid].display_name
-             for gid in relevant if gid in applied.groups or gid in groups}
-    org_ids = admin.find_groups(list(names.values())) if names else {}
-    observed = {gid: frozenset(admin.granted(org_ids[name.casefold()]))
-                for gid, name in names.items() if name.casefold() in org_ids}
-    return Observed(desired, observed, made, workspaces)
+def observe_access(admin: AdminClient, access: AccessSettings, validated: Validated, applied: AppliedState,
+                   ledger: dict[tuple[str, str], str], group_kinds: dict[str, str]) -> Observed:
+    """Workspaces, products resolved (ConfigError before any write), and the grants of the groups that matter:
+    the configured ones, those holding guardsync's grants, and every renamed one (its grants move to its new
+    group). Not those created this run (they hold nothing yet), deleted (they take their grants along) or
+    quarantined (left as they are): no request for them."""
+    desired, workspaces, notes = desired_grants(access.groups, validated.groups, admin.workspaces(),
+                                                validated.frozen_group_names)
+    ours = {group_id for (group_id, _), maker in ledger.items() if maker == GUARDSYNC}
+    renamed = {group_id for group_id, kind in group_kinds.items() if kind == "rename"}
+    names = {}  # the name each group has in Atlassian now: a renamed group is still under its old name
+    for group_id in sorted(set(desired) | ours | renamed):
+        if group_id in validated.frozen_groups or group_kinds.get(group_id) in ("create", "delete"):
+            continue
+        if group_id in applied.groups:
+            names[group_id] = applied.groups[group_id].display_name
+        elif group_id in validated.groups:  # adopted this run: found under its name
+            names[group_id] = validated.groups[group_id].display_name
+    found = admin.find_groups(list(names.values())) if names else {}
+    org_ids = {gid: found[name.casefold()] for gid, name in names.items() if name.casefold() in found}
+    observed = {gid: frozenset(admin.granted(org_id)) for gid, org_id in org_ids.items()}
+    return Observed(desired, observed, org_ids, workspaces, notes)
+
+
+def access_holds(admin: AdminClient | None, store: StateStore) -> bool:
+    """On a run with no change in Entra: does every configured group still hold the products the last completed
+    run left it? One role-assignments read per configured group, by the id that run found, and nothing else.
+    Any doubt (no record, a group gone, an error) answers False: the run then plans access as every run does."""
+    if admin is None:
+        return True
+    expected = store.access_check()
+    if expected is None:
+        return False
+    try:
+        return all(set(workspaces) <= admin.granted(org_id) for org_id, workspaces in sorted(expected.items()))
+    except GuardsyncError:
+        return False
 
 
 class AccessLoader:
@@ -51,31 +79,60 @@ class AccessLoader:
         self.run_id = run_id
         self.plan = plan
         self.report = LoadReport()
+        self.org_ids: dict[str, str] = {}  # Entra group id -> Organizations API id, of the groups written to
         self._lock = threading.Lock()  # the group loader's threads may call grant_renamed at once
 
     def grant_renamed(self, group_id: str) -> None:
         """Give a renamed group's re-created group its grants; the loader calls this before deleting the old group."""
         grants = self.plan.grants_for(group_id)
         if grants:
-            with self._lock:  # the records of these grants are the old group's: grant them all (assign is idempotent)
-                failed = self._apply(grants, [], skip_recorded=False)
+            with self._lock:
+                failed = self._apply(grants, [])
             if failed:  # deleting the old group now would take the products from its members
                 raise ApiError(f"{failed} product grant(s) of the re-created group failed: the old group stays, with "
                                "its product access, until a run grants them", status=424)  # 424: depends on a failed request
 
     def load(self) -> None:
-        """Grants of every group but the renamed ones (granted in load-groups), then revocations, then forgotten records."""
+        """Hand-made grants seen, into the ledger; grants of every group but the renamed ones (granted in
+        load-groups); revocations; the rows of grants that went; what a run with no change in Entra checks."""
         with self._lock:
+            self.store.note_hand_made(self.run_id, [(g.group_id, g.group_name, g.workspace_id, g.product)
+                                                    for g in self.plan.hand_made])
             self._apply(self.plan.later_grants(), self.plan.revokes)
-            self.store.forget_grants(self.run_id, self.plan.forget)
+            self.store.forget_grants(self.run_id, self._gone())
+            self.store.save_access_check(self._expected())
 
-    def _apply(self, grants: list[Grant], revokes: list[Grant], skip_recorded: bool = True) -> int:
+    def _gone(self) -> list[tuple[str, str]]:
+        """The ledger rows to forget whose group's fate Atlassian confirmed: a renamed group's old group deleted
+        (the record holds the new name), a deleted group gone from the record; other rows (grants removed by hand) now."""
+        recorded = self.store.group_names()
+
+        def confirmed(group_id: str) -> bool:
+            if group_id in self.plan.renamed:
+                return name_key(recorded.get(group_id, "")) == name_key(self.plan.renamed[group_id])
+            return group_id not in recorded if group_id in self.plan.goes else True
+
+        return [(group_id, workspace_id) for group_id, workspace_id in self.plan.forget if confirmed(group_id)]
+
+    def _expected(self) -> dict[str, list[str]] | None:
+        """Organizations API group id -> the workspaces each configured group holds now; None when a group's
+        id is unknown (it could not be found: the next run with no change in Entra plans access again)."""
+        wanted = {gid: workspaces for gid, workspaces in self.plan.expected.items() if workspaces}
+        ids = {gid: self.org_ids.get(gid) or (self.plan.org_ids.get(gid) if gid not in self.plan.renamed else None)
+               for gid in wanted}
+        if missing := [gid for gid, org_id in ids.items() if org_id is None]:  # e.g. a retried load granted nothing
+            found = self.admin.find_groups([self.plan.names[gid] for gid in missing])
+            ids.update({gid: found.get(self.plan.names[gid].casefold()) for gid in missing})
+        if any(org_id is None for org_id in ids.values()):
+            return None
+        return {ids[gid]: sorted(workspaces) for gid, workspaces in wanted.items()}
+
+    def _apply(self, grants: list[Grant], revokes: list[Grant]) -> int:
         """Apply and record each; returns how many failed (reported, not raised: the others go on)."""
-        recorded = self.store.load_grants()
-        if skip_recorded:  # a retried load skips what landed since the plan; a record from before is no proof
-            landed = recorded - self.plan.made  # the plan grants a recorded one only when Atlassian lacks it
-            grants = [g for g in grants if not (g.recorded and (g.group_id, g.workspace_id) in landed)]
-        revokes = [g for g in revokes if (g.group_id, g.workspace_id) in recorded]
+        confirmed = self.store.grants_confirmed_in(self.run_id)  # a retried load skips what landed
+        grants = [g for g in grants if (g.group_id, g.workspace_id) not in confirmed]
+        ours = {key for key, maker in self.store.load_grants().items() if maker == GUARDSYNC}
+        revokes = [g for g in revokes if (g.group_id, g.workspace_id) in ours]
         if not grants and not revokes:
             return 0
         failed = 0
@@ -93,7 +150,8 @@ class AccessLoader:
                     self.store.record_failure(self.run_id, operation, "group", grant.group_id, grant.group_name, str(exc))
                     failed += 1
                     continue
+                self.org_ids[grant.group_id] = org_id
                 self.store.save_grant(self.run_id, operation, grant.group_id, grant.group_name, grant.workspace_id,
-                                      grant.product, grant.recorded)
+                                      grant.product, grant.maker)
                 self.report.count(f"access_{'granted' if operation == 'grant' else 'revoked'}")
         return failed

@@ -52,6 +52,7 @@ import requests
 
 from guardsync.errors import ApiError, AuthError, ConfigError, Conflict, GuardsyncError, NotFound, TransientError
 from guardsync.httpclient import environment_session, full_jitter, never_connected, retry_after, secret_header
+from guardsync.models import CheckResult
 
 log = logging.getLogger(__name__)
 
@@ -277,3 +278,28 @@ def _int_or_none(value) -> int | None:
 
 def _pause(seconds: float) -> None:
     time.sleep(seconds)  # its own function so tests can see the delays without waiting
+
+
+# == guardsync check: the Organizations API probe ==================================================
+
+
+def check_organization(admin: AdminClient, key_reference: str) -> tuple[CheckResult, list[Workspace] | None]:
+    """The "access" line as far as the API answers it (the key is accepted, the org id is right, the SCIM
+    directory is the org's), and the org's workspaces, against which guardsync.check resolves the products.
+    Give a dry-run client: it only reads."""
+    try:
+        organization = admin.organization()
+    except AuthError as exc:
+        return CheckResult.fail("access", str(exc), "in Atlassian Administration > Settings > API keys, create an "
+                                f"organization API key and store it where access.api_key points ({key_reference})"), None
+    except NotFound as exc:
+        return CheckResult.fail("access", f"the organization API key does not reach organization {admin.org_id} ({exc})",
+                                "copy the organization id from the Atlassian Administration URL (admin.atlassian.com/o/"
+                                "ORG_ID) into [access] org_id, and use a key of that organization"), None
+    name = (organization.get("attributes") or {}).get("name") or admin.org_id
+    if admin.directory_id not in admin.directory_ids():
+        return CheckResult.fail("access", f"the SCIM directory {admin.directory_id} (from atlassian.scim_url) is not a "
+                                f"directory of organization {name} ({admin.org_id})", "use the organization that holds "
+                                "the SCIM directory, or the SCIM URL of a directory of this organization"), None
+    return CheckResult.ok("access", f"organization {name} ({admin.org_id}) accepts the organization API key; directory "
+                          f"{admin.directory_id} is one of its directories"), admin.workspaces()

@@ -174,7 +174,7 @@ def _audit(args) -> int:
 def _init(args) -> int:
     from pathlib import Path
 
-    from guardsync.onboarding import InitAnswers, complete_answers, write_config
+    from guardsync.init_command import InitAnswers, complete_answers, write_config
 
     answers = InitAnswers(
         tenant_id=args.tenant_id, client_id=args.client_id, client_secret_ref=args.client_secret_ref,
@@ -207,7 +207,7 @@ def _prefect_secret(name: str) -> str:
 
 
 def _check(args) -> int:
-    from guardsync.onboarding import run_checks
+    from guardsync.check import run_checks
     from guardsync.progress import print_checklist
 
     report = run_checks(args.config, prefect_lookup=_prefect_secret)

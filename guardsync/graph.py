@@ -7,6 +7,9 @@ as `GraphChanges` that `guardsync.delta.apply_changes` merges into the previous 
 an expired delta link turns into a full read, transparently. Every Graph answer is turned into data or
 a guardsync error in one place (`_interpret`), so nothing above this module sees
 HTTP. Secrets and tokens never reach a message, a log line or an exception.
+
+At the end, the probes `guardsync check` runs against Entra and Graph, and the permissions
+the app needs (which `guardsync init` prints too).
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Callable, Iterator
+from urllib.parse import quote, urlsplit
 
+import jwt
 import msal
 import numpy as np
 import pandas as pd
@@ -33,7 +38,11 @@ from msal.exceptions import MsalServiceError
 
 from guardsync.errors import ApiError, AuthError, ConfigError, GuardsyncError, NotFound, TransientError
 from guardsync.httpclient import environment_session, full_jitter, never_connected, retry_after
-from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, Snapshot, select_names, text_frame
+from guardsync.models import (EDGE_COLUMNS, GROUP_COLUMNS, USER_COLUMNS, CheckResult, Snapshot, select_names, text_frame,
+                              user_columns)
+
+if TYPE_CHECKING:  # annotations only: the client takes plain values, its `guardsync check` probes read settings
+    from guardsync.config import AttributeSettings, EntraSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +74,22 @@ PERMISSIONS = {
     "GET /v1.0/users/delta": "User.Read.All",
     "GET /v1.0/groups/delta": "GroupMember.Read.All (or Group.Read.All)",
 }
-ALL_PERMISSIONS = "User.Read.All, GroupMember.Read.All (or Group.Read.All), Domain.Read.All, Organization.Read.All"
+# What guardsync reads, and the application permissions (roles) that allow it. Broader roles count too.
+_DIRECTORY = frozenset({"Directory.Read.All", "Directory.ReadWrite.All"})
+REQUIRED_ROLES: list[tuple[str, frozenset[str]]] = [
+    ("User.Read.All", _DIRECTORY | {"User.Read.All", "User.ReadWrite.All"}),
+    ("GroupMember.Read.All (or Group.Read.All)",
+     _DIRECTORY | {"GroupMember.Read.All", "Group.Read.All", "GroupMember.ReadWrite.All", "Group.ReadWrite.All"}),
+    ("Domain.Read.All", _DIRECTORY | {"Domain.Read.All", "Domain.ReadWrite.All"}),
+    ("Organization.Read.All", _DIRECTORY | {"Organization.Read.All", "Organization.ReadWrite.All"}),
+]
+PERMISSION_REASONS = {
+    "User.Read.All": "read users (identifier, names, title, enabled)",
+    "GroupMember.Read.All (or Group.Read.All)": "read groups and their members",
+    "Domain.Read.All": "read the tenant's verified domains",
+    "Organization.Read.All": "read the tenant's name and id",
+}
+ALL_PERMISSIONS = ", ".join(PERMISSION_REASONS)
 
 # What to do about an AADSTS code from the token endpoint.
 LOGIN_ADVICE = {
@@ -196,7 +220,7 @@ class GraphClient:
         self.on_progress: Callable[[str, int, int], None] = lambda stage, done, total: None
 
         self._secret = client_secret  # kept only to scrub it from any text we pass on
-        self._credential = client_secret if client_secret is not None else _certificate_credential(certificate_path)
+        self._credential = client_secret if client_secret is not None else certificate_credential(certificate_path)
         self._scopes = [f"{self.graph_url}/.default"]
         self._app: msal.ConfidentialClientApplication | None = None  # one per client: its token cache is reused
         self._login_reached = self._graph_reached = False  # a refused first contact is a wrong URL, not a blip
@@ -641,7 +665,7 @@ def _tls_config_error(exc: requests.RequestException) -> ConfigError | None:
     return None
 
 
-def _certificate_credential(path: str) -> dict:
+def certificate_credential(path: str) -> dict:
     """msal's certificate credential from one PEM file holding the private key and the certificate."""
     try:
         pem = Path(path).read_text()
@@ -665,3 +689,144 @@ def _certificate_credential(path: str) -> dict:
         "thumbprint": certificate.fingerprint(hashes.SHA1()).hex().upper(),  # Entra identifies app certificates by SHA-1
         "public_certificate": certificates[0],
     }
+
+
+# == guardsync check: the Graph probes ============================================================
+# Each asks Entra or Graph what a run will ask and turns the client's errors into one FAIL line
+# with its fix (guardsync.check runs them; the init command prints `permission_lines`).
+
+GRAPH_UNREACHABLE_FIX = "check that Microsoft Graph is reachable from here and run guardsync check again"
+
+
+def admin_consent_url(authority_host: str, tenant_id: str, client_id: str) -> str:
+    """The page where a Global/Privileged Role Administrator grants the app's permissions for the tenant."""
+    return f"{authority_host.rstrip('/')}/{quote(tenant_id, safe='')}/adminconsent?client_id={quote(client_id, safe='')}"
+
+
+def permission_lines(authority_host: str, tenant_id: str, client_id: str) -> list[str]:
+    """What to grant in Entra, for people: the permissions, their type, and the consent URL."""
+    lines = [
+        "Grant the Entra application these Microsoft Graph permissions, of type Application (not Delegated),",
+        f"in Entra admin center > App registrations > {client_id} > API permissions, then grant admin consent:",
+    ]
+    lines += [f"  - {name:<42} to {reason}" for name, reason in PERMISSION_REASONS.items()]
+    lines.append(f"Admin consent for the tenant: {admin_consent_url(authority_host, tenant_id, client_id)}")
+    return lines
+
+
+def check_token(graph: GraphClient, entra: EntraSettings) -> tuple[CheckResult, dict | None]:
+    """The "token" line, and the token's claims when Entra issued one."""
+    try:
+        token = graph._access_token()  # the client's own msal path: same retries and AADSTS advice as a run
+    except AuthError as exc:
+        where = (f"the secret in {entra.client_secret}" if entra.client_secret
+                 else f"the certificate {entra.certificate_path}")
+        return CheckResult.fail("token", str(exc), f"check entra.tenant_id and entra.client_id, and that {where} belongs "
+                                f"to app {entra.client_id} (Entra admin center > App registrations > Certificates & "
+                                "secrets); a new secret must replace the old one where the reference points"), None
+    except TransientError as exc:
+        return CheckResult.fail("token", str(exc), f"check that {entra.authority_host} is reachable from here (proxy: "
+                                "HTTPS_PROXY; private CA: REQUESTS_CA_BUNDLE) and run guardsync check again"), None
+    except ConfigError as exc:
+        return CheckResult.fail("token", str(exc), "correct the [entra] settings named above"), None
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})  # guardsync is not the audience: read only
+    except jwt.PyJWTError:
+        claims = {}
+    valid_until = ""
+    if isinstance(claims.get("exp"), (int, float)):
+        valid_until = f", valid until {datetime.fromtimestamp(claims['exp'], timezone.utc):%H:%M} UTC"
+    detail = (f"Entra at {entra.authority_host} issued an app token to {claims.get('appid', entra.client_id)} "
+              f"for tenant {claims.get('tid', entra.tenant_id)}{valid_until}")
+    return CheckResult.ok("token", detail), claims
+
+
+def check_permissions(claims: dict, entra: EntraSettings) -> CheckResult:
+    """The "permissions" line: the token carries every role in REQUIRED_ROLES (or a broader one)."""
+    consent = admin_consent_url(entra.authority_host, entra.tenant_id, entra.client_id)
+    if not claims:
+        return CheckResult.fail(
+            "permissions", "the access token is not a JWT, so its application roles cannot be read",
+            f"check in Entra admin center > App registrations > {entra.client_id} > API permissions that the app has "
+            f"{', '.join(PERMISSION_REASONS)} (Application) with admin consent: {consent}")
+    roles = set(claims.get("roles") or [])
+    missing = [name for name, accepted in REQUIRED_ROLES if not roles & accepted]
+    granted = ", ".join(sorted(roles)) or "none"
+    if missing:
+        return CheckResult.fail(
+            "permissions", f"the token lacks the application permission(s) {', '.join(missing)} (granted: {granted})",
+            f"in Entra admin center > App registrations > {entra.client_id} > API permissions, add Microsoft Graph > "
+            f"Application permissions > {', '.join(missing)}, then grant admin consent ({consent}); "
+            "tokens issued after the consent carry them",
+        )
+    return CheckResult.ok("permissions", f"the token carries the application roles {granted}")
+
+
+def check_tenant(graph: GraphClient) -> tuple[CheckResult, Snapshot | None]:
+    """The "tenant" line, and the tenant (organization and domains, no users or groups) when Graph returned it."""
+    try:
+        facts = graph._tenant_facts()  # what every run reads first
+    except (AuthError, NotFound) as exc:
+        return CheckResult.fail("tenant", str(exc), "grant the permission the message names (Application type) with "
+                                "admin consent, or check entra.graph_url"), None
+    except TransientError as exc:
+        return CheckResult.fail("tenant", str(exc), GRAPH_UNREACHABLE_FIX), None
+    tenant = Snapshot(users=pd.DataFrame(columns=USER_COLUMNS), groups=pd.DataFrame(columns=GROUP_COLUMNS),
+                      edges=pd.DataFrame(columns=EDGE_COLUMNS), **facts)
+    detail = (f"{tenant.organization or '(no name)'} ({tenant.tenant_id}); verified domains: "
+              f"{', '.join(tenant.verified_domains) or 'none'}; make sure this is the tenant you mean to sync")
+    return CheckResult.ok("tenant", detail), tenant
+
+
+def read_tenant(graph: GraphClient) -> tuple[CheckResult | None, Snapshot | None]:
+    """The whole tenant as a run reads it (for the "groups" line), or that line's FAIL when Graph refuses."""
+    try:
+        return None, graph.extract()
+    except (AuthError, NotFound) as exc:
+        return CheckResult.fail("groups", str(exc), "grant the permission the message names (Application type) with "
+                                "admin consent"), None
+    except TransientError as exc:
+        return CheckResult.fail("groups", str(exc), GRAPH_UNREACHABLE_FIX), None
+
+
+def check_attributes(graph: GraphClient, attributes: AttributeSettings) -> CheckResult:
+    """The "attributes" line: Graph returns every mapped source in a user list (what runs read), and the app may read it.
+
+    One page of one user with the run's $select; when Graph refuses it, each source alone, so
+    the line names every source at fault."""
+    mapping = attributes.mapping()
+    columns = user_columns(attributes.sources())
+    if _user_list_refused(graph, columns) is None:
+        shown = ", ".join(f"{attributes.key_of(field)} = {source}" for field, source in mapping.items())
+        return CheckResult.ok("attributes", f"Graph returns every mapped source in user lists: {shown}")
+    problems, fixes = [], set()
+    for field, source in mapping.items():
+        failure = _user_list_refused(graph, [*USER_COLUMNS[:1], source])
+        if failure is None:
+            continue
+        problems.append(f"[attributes] {attributes.key_of(field)} = {source!r}: {failure[0]}")
+        fixes.add(failure[1])
+    if not problems:  # only together (unlikely): report what Graph said of the whole selection
+        failure = _user_list_refused(graph, columns)
+        problems, fixes = [f"$select={','.join(select_names(columns))}: {failure[0]}"], {failure[1]}
+    return CheckResult.fail("attributes", "; ".join(problems), "; ".join(sorted(fixes)))
+
+
+def _user_list_refused(graph: GraphClient, columns: list[str]) -> tuple[str, str] | None:
+    """None if Graph lists a user with these columns selected, else (what went wrong, the fix)."""
+    try:
+        graph.get("/users", {"$select": ",".join(select_names(columns)), "$top": 1}, page=True)
+    except ConfigError:  # the client's reading of Graph's 400 for an unknown property
+        return ("Microsoft Graph has no such user property",
+                "correct the source: a Graph user property as $select names it (Graph Explorer lists them), "
+                "onPremisesExtensionAttributes.extensionAttribute1..15, or extension_<appId>_<name> of a directory "
+                "extension registered in the tenant (GET /applications/{id}/extensionProperties), or \"\" to turn it off")
+    except AuthError:
+        return ("the app may not read it",
+                f"grant app {graph.client_id} the application permission that property needs (its Graph "
+                "reference names it) with admin consent, or map another property")
+    except GuardsyncError as exc:
+        return (f"Microsoft Graph does not return it when listing users ({exc})",
+                "map a property Graph returns in user lists and delta queries (some, such as aboutMe or "
+                "preferredName, only come with a single user's read)")
+    return None

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from guardsync.config import SyncSettings
 from guardsync.errors import GuardsyncBlocked
-from guardsync.plan import AppliedState, Plan
+from guardsync.changes import Plan
+from guardsync.models import AppliedState
 
 
 def managed_active_users(applied: AppliedState, plan: Plan, first_run: bool) -> int:

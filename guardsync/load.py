@@ -2,14 +2,24 @@
 
 Safe to re-run at any point: a retried load (same flow run) skips what the audit
 shows this run already wrote; a create whose earlier attempt reached Atlassian but
-not the store answers 409 and is adopted (looked up by userName or displayName),
-so nothing is ever duplicated.
+not the store answers 409 and is planned again (below), so nothing is ever duplicated.
+
+One planner: a write that meets 404 (the object was deleted by hand) or 409 (a name it
+needs is taken) is set aside until its wave is done. Then the loader reads those objects
+(by id, userName, externalId, displayName), plans again with guardsync.plan's functions
+against the record corrected by what it read (a partial Observation, as a full read makes
+a whole one) and applies what that plan does for them: an account deleted by hand is
+re-created in its groups, or recorded as gone for a leaver; a name found taken is
+adopted where the adoption rule says so. What the load does besides is what the plan
+shown (and, in a dry run, counted) says. A write of the new plan that meets 404 or 409
+again is reported with what was read: it is no longer a race but a fact someone must see.
 
 User writes and member PATCHes are recorded a batch at a time (RECORD_EVERY writes,
 and whatever is left when a stage ends), in one transaction: one transaction a write
 was a third of a write's client CPU. A kill loses the records of at most one batch,
 and the re-run converges as above (creates are adopted, updates and PATCHes repeat
-harmlessly). Group creates, renames and deletes are recorded one by one.
+harmlessly). Group creates, renames and deletes are recorded one by one. Before every
+batch the loader checks that its run still holds the directory (check_lease).
 """
 
 from __future__ import annotations
@@ -18,24 +28,28 @@ import json
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, TypeVar
 
+from guardsync.changes import PAST, GroupChange, MemberChange, Plan, UserChange
 from guardsync.errors import ApiError, Conflict, NotFound
-from guardsync.models import DesiredUser
-from guardsync.plan import PAST, GroupChange, MemberChange, UserChange
+from guardsync.models import AppliedState, DesiredUser, name_key
+from guardsync.observe import observe_some
+from guardsync.plan import PlanInputs
 from guardsync.scim import ScimClient
 from guardsync.state import StateStore
 from guardsync.throttle import AdaptiveLimit
 
-RECORD_EVERY = 100  # writes recorded in one transaction
+RECORD_EVERY = 100  # writes recorded in one transaction (and the lease checked before each such batch)
 # Threads a stage runs beyond write_concurrency: while `write_concurrency` requests are out at
 # Atlassian (the limit holds that), the spares prepare the next requests and read the answers,
 # so the client's own work never leaves a slot empty.
 SPARE_THREADS = 4
 # Audit operations that mean "this object is done for this run" (a retried load skips it).
-USER_OPERATIONS = ("create", "recreate", "update", "deactivate", "reactivate", "adopt", "handover")
-GROUP_OPERATIONS = ("create", "adopt", "adopt_existing", "rename", "delete")
+USER_OPERATIONS = ("create", "update", "deactivate", "reactivate", "adopt", "handover")
+GROUP_OPERATIONS = ("create", "adopt", "rename", "delete")
+# A group whose members were set by a re-plan this run (its member changes and foreign members are done).
+REPLANNED = "replanned"
 T = TypeVar("T")
 
 
@@ -54,17 +68,40 @@ class LoadReport:
             self.failures.append(line)
 
 
-class Loader:
-    """One run's writes: users, then groups, then memberships."""
+@dataclass
+class _Met:
+    """A write set aside: it met 404 or 409."""
 
-    def __init__(self, scim: ScimClient, store: StateStore, run_id: str, concurrency: int = 4,
+    change: UserChange | GroupChange | MemberChange | tuple[str, tuple[str, ...]]  # (group id, foreign SCIM ids)
+    error: ApiError
+
+
+@dataclass
+class _Reads:
+    """What a re-plan read of Atlassian."""
+
+    users: dict[str, dict] = field(default_factory=dict)  # SCIM id -> account
+    groups: dict[str, dict] = field(default_factory=dict)  # SCIM id -> group
+    missing_users: set[str] = field(default_factory=set)  # SCIM ids answered 404
+    missing_groups: set[str] = field(default_factory=set)
+    names: set[str] = field(default_factory=set)  # identifiers looked up (name_key)
+
+
+class Loader:
+    """One run's writes: users, then groups, then memberships. `inputs` is what the plan was made from
+    (the desired state): a write that meets 404 or 409 is planned again from it."""
+
+    def __init__(self, scim: ScimClient, store: StateStore, run_id: str, inputs: PlanInputs, concurrency: int = 4,
                  on_progress: Callable[[str, int, int], None] | None = None):
         self.scim = scim
         self.store = store
         self.run_id = run_id
+        self.inputs = inputs
         self.concurrency = concurrency
         self.report = LoadReport()
         self.on_progress = on_progress or (lambda stage, done, total: None)
+        # Called before each batch of writes; raises when the run no longer holds the directory (DirectoryRun).
+        self.check_lease: Callable[[], None] = lambda: None
         # Called with a renamed group's Entra id once its re-created group holds the members and before the
         # old group is deleted: product access moves to the new group first ([access], AccessLoader.grant_renamed).
         self.before_rename_delete: Callable[[str], None] | None = None
@@ -72,11 +109,15 @@ class Loader:
         self._users_to_record: list[tuple[str, str, DesiredUser]] = []
         self._members_to_record: list[tuple[str, list[str], list[str]]] = []
         self._record_lock = threading.Lock()
+        self._writes = 0  # writes started: the lease is checked before every RECORD_EVERY-th
 
     # -- plumbing ------------------------------------------------------------------
-    def _each(self, stage: str, items: list[T], apply: Callable[[T], None], describe: Callable[[T], str]) -> None:
-        """Apply every item with a few threads; a 4xx on one item is recorded and the rest go on."""
+    def _each(self, stage: str, items: list[T], apply: Callable[[T], None], describe: Callable[[T], str],
+              set_aside: bool = True) -> list[_Met]:
+        """Apply every item with a few threads; a 4xx on one item is recorded and the rest go on. With
+        `set_aside`, an item that meets 404 or 409 is returned instead, to be planned again."""
         done = 0
+        met: list[_Met] = []
 
         def tick() -> None:  # report from the caller's thread, where the Prefect run context lives
             nonlocal done
@@ -89,28 +130,40 @@ class Loader:
         self.scim.limit = AdaptiveLimit(self.concurrency)  # a 429 halves the requests in flight
 
         def one(item: T) -> None:
+            with self._record_lock:
+                batch_starts = self._writes % RECORD_EVERY == 0
+                self._writes += 1
+            if batch_starts:
+                self.check_lease()
             try:
                 apply(item)
-            except ApiError as exc:  # Atlassian refused this object: show its words, keep going
-                name = describe(item)
-                self.report.fail(f"{stage} {name}: {exc}")
-                self.store.record_failure(self.run_id, stage, stage.rstrip("s"), name, None, str(exc))
+            except ApiError as exc:
+                if set_aside and isinstance(exc, (NotFound, Conflict)):
+                    with self._record_lock:
+                        met.append(_Met(item, exc))
+                else:  # Atlassian refused this object: show its words, keep going
+                    self._failed(stage, describe(item), str(exc))
 
         try:
             if self.concurrency <= 1 or len(items) <= 1:
                 for item in items:
                     one(item)
                     tick()
-                return
+                return met
             pool = ThreadPoolExecutor(self.concurrency + SPARE_THREADS, thread_name_prefix=f"load-{stage}")
             try:
                 for future in as_completed([pool.submit(one, item) for item in items]):
-                    future.result()  # re-raises a fatal error (auth, transient after retries) here
+                    future.result()  # re-raises a fatal error (auth, transient after retries, a lost lease) here
                     tick()
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
+            return met
         finally:
             self._record()  # whatever landed, even when the stage fails
+
+    def _failed(self, stage: str, name: str, detail: str) -> None:
+        self.report.fail(f"{stage} {name}: {detail}")
+        self.store.record_failure(self.run_id, stage, stage.rstrip("s"), name, None, detail)
 
     def _record(self) -> None:
         """Write the pending records to the store, in one transaction."""
@@ -129,10 +182,11 @@ class Loader:
             self._members_to_record.append((group_id, added, removed))
 
     # -- users -----------------------------------------------------------------------
-    def load_users(self, changes: Iterable[UserChange], forget: Iterable[str] = ()) -> None:
-        """Forget the accounts deleted by hand whose users left, then write the changes wave by wave
-        (a change that takes an identifier runs after the one that gives it up)."""
-        changes, forget = list(changes), list(forget)
+    def load_users(self, plan: Plan) -> None:
+        """Forget the accounts deleted by hand whose users left, keep who was seen without an account, then
+        write the changes wave by wave (a change that takes an identifier runs after the one that gives it up)."""
+        changes, forget = list(plan.users), list(plan.forget_users)
+        self.store.keep_no_account(plan.no_account, replace=plan.no_account_all)
         if not changes and not forget:
             return  # nothing to do: not even a read of the state
         applied = self.store.load()
@@ -140,94 +194,113 @@ class Loader:
             self.store.forget_users(self.run_id, [u for u in forget if u in applied.users])
             self.report.count("users_gone", len(forget))
         done = self.store.done_in_run(self.run_id, USER_OPERATIONS)
-        managed = {user.scim_id: uid for uid, user in applied.users.items()}
         # A released account is written again on a retry (the same PUT): its user's id is done by then.
         for wave in _waves([c for c in changes if c.release or c.user.external_id not in done]):
-            self._each("users", wave, lambda c: self._apply_user(c, managed), lambda c: c.user.user_name)
+            met = self._each("users", wave, self._apply_user, lambda c: c.user.user_name)
+            if met:
+                self._replan_users(plan, met)
 
-    def _apply_user(self, change: UserChange, managed: dict[str, str]) -> None:
+    def _apply_user(self, change: UserChange) -> None:
         user = change.user
         if change.scim_id is None:
-            _, operation = self._create_user(user, managed)
-            if operation == "adopt":  # a delta run found the account at write time (409)
-                self.report.count("users_adopted")
-            else:
-                self._count_user(change)
-            return
-        if change.release:  # an old account left behind: deactivated, and recorded for no one
-            try:
-                self.scim.replace_user(change.scim_id, user)
-            except NotFound:
-                pass  # deleted by hand meanwhile: the goal is reached
+            created = self.scim.create_user(user)
+            self._user_written("create", created["id"], user)
+        elif change.release:  # an old account left behind: deactivated, and recorded for no one
+            self.scim.replace_user(change.scim_id, user)
             self.store.note(self.run_id, "release", "user", change.handed_from, user.user_name,
                             json.dumps({"scim_id": change.scim_id, "deactivated": True}))
-            self._count_user(change)
-            return
-        try:
+        else:
             if change.write:
                 self.scim.replace_user(change.scim_id, user)
-        except NotFound:  # deleted in Atlassian by hand meanwhile
-            self._account_gone(change, managed)
-            return
-        if change.handed_from:  # the account passes to this Entra user; the old id no longer maps to it
-            self._record()
-            self.store.hand_over(self.run_id, change.handed_from, change.scim_id, user)
-        else:
-            self._user_written(_user_operation(change), change.scim_id, user)
-        self._count_user(change)
-
-    def _account_gone(self, change: UserChange, managed: dict[str, str]) -> None:
-        """An account deleted by hand: an enabled user in scope gets a new one, in the groups it was in
-        (drift); a leaver is recorded as gone, never created again."""
-        user = change.user
-        if change.handed_from:
-            self.store.forget_users(self.run_id, [change.handed_from])
-        if not user.active:
-            self.store.forget_users(self.run_id, [user.external_id])
-            self.report.count("users_gone")
-            return
-        scim_id, _ = self._create_user(user, managed, "recreate")
-        self.report.count("users_created")
-        if not change.adopted and not change.handed_from:
-            self._rejoin_groups(user.external_id, scim_id)
-
-    def _create_user(self, user: DesiredUser, managed: dict[str, str], operation: str = "create") -> tuple[str, str]:
-        """(SCIM id, audit operation): POST, or on 409 adopt the account unless another Entra user holds it."""
-        try:
-            created = self.scim.create_user(user)
-        except Conflict:  # exists already (made by hand meanwhile, or by an earlier attempt): take it over
-            existing = self.scim.find_user(user_name=user.user_name)
-            if existing is None:
-                raise
-            holder = managed.get(existing["id"])
-            if holder is not None and holder != user.external_id:
-                raise Conflict(f"userName {user.user_name} is held by the account guardsync manages for Entra user "
-                               f"{holder}; it is handed over once that user gives the identifier up") from None
-            created = self.scim.replace_user(existing["id"], user)
-            operation = "adopt"
-        self._user_written(operation, created["id"], user)
-        return created["id"], operation
-
-    def _count_user(self, change: UserChange) -> None:
+            if change.handed_from:  # the account passes to this Entra user; the old id no longer maps to it
+                self._record()
+                self.store.hand_over(self.run_id, change.handed_from, change.scim_id, user)
+            else:
+                self._user_written(_user_operation(change), change.scim_id, user)
         for key in change.count_keys():
             self.report.count(key)
 
-    def _rejoin_groups(self, user_id: str, scim_id: str) -> None:
-        """A re-created account has a new SCIM id: put it back in the managed groups the state says it is in."""
+    def _replan_users(self, plan: Plan, met: list[_Met]) -> None:
+        """Read the accounts these user writes met 404 or 409 on, plan them again, apply that."""
+        reads = _Reads()
+        for item in met:
+            change = item.change
+            if isinstance(item.error, NotFound):
+                reads.missing_users.add(change.scim_id)  # deleted by hand since the plan was made
+            if isinstance(item.error, Conflict) or (change.user.active and not change.release):
+                # it may need an account, or its identifier is taken: who holds that identifier now?
+                self._read_account(change.user, reads)
         self._record()
-        state = self.store.load()
-        for group_id, members in state.members.items():
-            if user_id in members and group_id in state.groups:
-                self.scim.patch_members(state.groups[group_id].scim_id, [scim_id], [])
-                self.store.note(self.run_id, "rejoin", "group", group_id, state.groups[group_id].display_name,
-                                json.dumps({"added": [user_id]}))
+        recorded = self.store.load()
+        replanned = self._plan_again(recorded, reads)
+        # What this concerns: the users set aside, whose accounts were read, and the accounts they held.
+        failing = {_user_key(item.change): item for item in met}
+        users = {c.user.external_id for c in (item.change for item in met) if not c.release}
+        users |= {c.handed_from for c in (item.change for item in met) if c.handed_from}
+        owners = {u.scim_id: uid for uid, u in recorded.users.items()}
+        accounts = set(reads.users) | reads.missing_users | {item.change.scim_id for item in met if item.change.scim_id}
+        users |= {owners[s] for s in accounts if s in owners}
+        accounts |= {recorded.users[u].scim_id for u in users if u in recorded.users}
+        planned = {_normal(c) for c in plan.users}
+        todo = []
+        for change in replanned.users:
+            item = failing.pop(_user_key(change), None)
+            if item is not None:
+                if _normal(change) == _normal(item.change):  # the same write again: a fact, not a race
+                    self._failed("users", change.user.user_name, f"{item.error}; {_read_users(change.user, reads, owners)}")
+                    continue
+                todo.append(change)
+            elif (change.user.external_id in users or change.scim_id in accounts or change.handed_from in users) \
+                    and _normal(change) not in planned:
+                todo.append(change)
+        gone = [u for u in replanned.forget_users if u in users]
+        if gone:  # deleted by hand, and its user left (or gave its identifier to another): never created again
+            self.store.forget_users(self.run_id, gone)
+            self.report.count("users_gone", len(gone))
+        for wave in _waves(todo):
+            self._each("users", wave, self._apply_user, lambda c: c.user.user_name, set_aside=False)
+        self._record()
+        self._apply_member_news(plan, replanned, users, accounts)
+
+    def _read_account(self, user: DesiredUser, reads: _Reads) -> None:
+        found = self.scim.find_account(user)
+        reads.names.add(name_key(user.user_name))
+        if found is not None:
+            reads.users[found["id"]] = found
+
+    def _apply_member_news(self, plan: Plan, replanned: Plan, users: set[str], accounts: set[str]) -> None:
+        """Memberships a user re-plan adds to the plan (an account re-created, adopted or released in existing
+        groups), applied now; the rest of each group's changes stay with the plan's own stages."""
+        groups = self.store.load().groups
+        planned = {c.group_id: c for c in plan.members}
+        for change in replanned.members:
+            before = planned.get(change.group_id, MemberChange(change.group_id, (), ()))
+            add = [u for u in change.add if u in users and u not in before.add]
+            remove = [u for u in change.remove if u in users and u not in before.remove]
+            if (add or remove) and change.group_id in groups:
+                group = groups[change.group_id]
+                try:
+                    self._patch_now(change.group_id, group.scim_id, add, remove, operation="rejoin")
+                except ApiError as exc:
+                    self._failed("members", group.display_name, str(exc))
+        for group_id, scim_ids in replanned.foreign.items():
+            extra = [s for s in scim_ids if s in accounts and s not in plan.foreign.get(group_id, ())]
+            if extra and group_id in groups:  # accounts let go: out of the groups
+                group = groups[group_id]
+                try:
+                    self.scim.patch_members(group.scim_id, [], extra)
+                except ApiError as exc:
+                    self._failed("members", group.display_name, str(exc))
+                    continue
+                self.store.note(self.run_id, "release_member", "group", group_id, group.display_name,
+                                f"removed {len(extra)} accounts let go this run: {', '.join(extra)}")
+                self.report.count("members_removed", len(extra))
 
     # -- groups ----------------------------------------------------------------------
-    def load_groups(self, changes: Iterable[GroupChange], member_changes: Iterable[MemberChange],
-                    forget: Iterable[str] = ()) -> None:
+    def load_groups(self, plan: Plan) -> None:
         """Create, rename, adopt and delete groups, wave by wave (a name is taken after it is freed);
         renamed groups get their members here, new and adopted ones in load_members."""
-        changes, forget = list(changes), list(forget)
+        changes, forget = list(plan.groups), list(plan.forget_groups)
         if not changes and not forget:
             return
         applied = self.store.load()
@@ -235,69 +308,95 @@ class Loader:
             if group_id in applied.groups:
                 self.store.drop_group(self.run_id, group_id, applied.groups[group_id].display_name, operation="gone")
         done = self.store.done_in_run(self.run_id, GROUP_OPERATIONS)
-        # A created or renamed group starts empty in the plan: its adds are all its members.
-        members_of = {change.group_id: frozenset(change.add) for change in member_changes}
-        managed = {group.scim_id: gid for gid, group in applied.groups.items()}
+        members = {change.group_id: change for change in plan.members}
         for wave in _waves([c for c in changes if c.group_id not in done]):
-            self._each("groups", wave, lambda c: self._apply_group(c, applied, members_of, managed), lambda c: c.display_name)
+            met = self._each("groups", wave, lambda c: self._apply_group(c, applied, members), lambda c: c.display_name)
+            if met:
+                self._replan_groups(plan, met)
 
-    def _apply_group(self, change: GroupChange, applied, members_of: dict[str, frozenset[str]], managed) -> None:
+    def _apply_group(self, change: GroupChange, applied: AppliedState, members: dict[str, MemberChange]) -> None:
         before = applied.groups.get(change.group_id)
         if change.kind == "delete":
             self._delete_group(before.scim_id)
             self.store.drop_group(self.run_id, change.group_id, change.display_name)
             self.report.count("groups_deleted")
             return
-        if change.kind == "adopt":  # planned from the observation: it is ours now, matched by Entra id
-            self.scim.set_group_external_id(change.scim_id, change.group_id)
-            self.store.save_group(self.run_id, "adopt", change.group_id, change.scim_id, change.display_name,
-                                  members=change.members)
-            self.report.count("groups_adopted")
-            return
-        scim_id, adopted, current = self._create_group(change.display_name, change.group_id, managed)
-        members = None
-        if change.kind == "rename" or adopted:
-            # Atlassian refuses renames, so the new group takes the members before the old one
-            # goes; an adopted group's members become exactly ours, whoever else was in it.
-            target = members_of.get(change.group_id, frozenset())
-            members = self._make_members_exact(scim_id, target, current, applied.users)
+        if change.takes_existing:  # it is ours now, matched by Entra id; its name stays
+            scim_id = change.scim_id
+            self.scim.set_group_external_id(scim_id, change.group_id)
+        else:
+            scim_id = self.scim.create_group(change.display_name, change.group_id)["id"]
+        held = change.members if change.kind == "adopt" else frozenset()
         if change.kind == "rename":
+            # Atlassian refuses renames: the new group takes the members before the old one goes.
+            moved = members.get(change.group_id, MemberChange(change.group_id, (), ()))
+            added, removed = self._patch_now(change.group_id, scim_id, list(moved.add), list(moved.remove),
+                                             operation=None, users=applied.users)
+            held = frozenset((set(change.members) | set(added)) - set(removed))
             if self.before_rename_delete is not None:
                 self.before_rename_delete(change.group_id)
             self._delete_group(before.scim_id)
-        # "adopt_existing": found at write time (409), its members made exact here, not in load_members
-        self.store.save_group(self.run_id, "adopt_existing" if adopted else change.kind, change.group_id, scim_id,
-                              change.display_name)
-        if members is not None:
-            self.store.save_members(self.run_id, [(change.group_id, members, [])])
-        self.report.count("groups_adopted" if adopted else f"groups_{PAST[change.kind]}")
+        self.store.save_group(self.run_id, change.kind, change.group_id, scim_id, change.display_name, members=held)
+        for key in change.count_keys():
+            self.report.count(key)
 
-    def _create_group(self, display_name: str, group_id: str, managed: dict[str, str]) -> tuple[str, bool, set[str]]:
-        """(scim id, adopted?, scim ids of the members it already has)."""
-        try:
-            return self.scim.create_group(display_name, group_id)["id"], False, set()
-        except Conflict:
-            existing = self.scim.find_group(display_name)
-            if existing is None:
-                raise
-            holder = managed.get(existing["id"])
-            if holder is not None and holder != group_id:
-                raise Conflict(f"the name {display_name!r} is held by the group guardsync manages for Entra group "
-                               f"{holder}; it is taken once that group is renamed or deleted") from None
-            if existing.get("externalId") != group_id:
-                self.scim.set_group_external_id(existing["id"], group_id)  # it is ours now: match it by Entra id
-            return existing["id"], True, {member["value"] for member in existing.get("members") or []}
+    def _replan_groups(self, plan: Plan, met: list[_Met]) -> None:
+        """Read the groups these writes met 409 (a name taken) or 404 (a group to adopt, gone) on, plan them
+        again, apply that: the group and its members, done for this run."""
+        reads = _Reads()
+        for item in met:
+            self._read_group(item.change.display_name, reads)
+        self._replan_group_ids(plan, {item.change.group_id: item for item in met}, reads)
 
-    def _make_members_exact(self, group_scim_id: str, members: frozenset[str], current: set[str], users) -> list[str]:
-        """PATCH a group to exactly `members` (Entra ids); returns the Entra ids now in it."""
-        wanted = {users[u].scim_id: u for u in members if u in users}
-        add = [s for s in wanted if s not in current]
-        remove = [s for s in current if s not in wanted]
-        if add or remove:
-            self.scim.patch_members(group_scim_id, add, remove)
-        self.report.count("members_added", len(add))
-        self.report.count("members_removed", len(remove))
-        return sorted(wanted.values())
+    def _read_group(self, display_name: str, reads: _Reads) -> None:
+        """The group holding a name, and (when frozen users keep their memberships) its members' accounts."""
+        found = self.scim.find_group(display_name)
+        if found is None:
+            return
+        reads.groups[found["id"]] = found
+        if not self.inputs.frozen_names:
+            return
+        managed = {u.scim_id for u in self.store.load().users.values()}
+        for member in found.get("members") or []:
+            if member["value"] not in managed and member["value"] not in reads.users:
+                try:  # whose account is it? a frozen user's stays in the group
+                    reads.users[member["value"]] = self.scim.get_user(member["value"])
+                except NotFound:
+                    continue
+
+    def _replan_group_ids(self, plan: Plan, failing: dict[str, _Met], reads: _Reads) -> None:
+        recorded = self.store.load()
+        replanned = self._plan_again(recorded, reads)
+        group_changes = {c.group_id: c for c in replanned.groups}
+        members = {c.group_id: c for c in replanned.members}
+        holders = {g.scim_id: gid for gid, g in recorded.groups.items()}
+        for group_id, item in failing.items():
+            change = group_changes.get(group_id)
+            desired = self.inputs.groups.get(group_id)
+            name = item.change.display_name if isinstance(item.change, GroupChange) else desired.display_name if desired else group_id
+            if change is not None and isinstance(item.change, GroupChange) and _normal(change) == _normal(item.change):
+                self._failed("groups", name, f"{item.error}; {_read_group(change.display_name, reads, holders)}")
+                continue
+            try:
+                if change is not None:
+                    self._apply_group(change, recorded, members)
+                    recorded = self.store.load()
+                group = recorded.groups.get(group_id)
+                if group is None:
+                    continue
+                if change is None or change.kind != "rename":  # a rename moved its members itself
+                    moved = members.get(group_id)
+                    if moved is not None:
+                        self._patch_now(group_id, group.scim_id, list(moved.add), list(moved.remove), operation="members",
+                                        users=recorded.users)
+                if foreign := replanned.foreign.get(group_id):
+                    self.scim.patch_members(group.scim_id, [], list(foreign))
+                    self.report.count("members_removed", len(foreign))
+                self.store.note(self.run_id, REPLANNED, "group", group_id, group.display_name,
+                                f"planned again after {item.error.__class__.__name__}; removed {len(foreign or ())} "
+                                "members guardsync does not manage")
+            except ApiError as exc:  # again: reported, not chased
+                self._failed("groups", name, f"{exc} (after {item.error})")
 
     def _delete_group(self, scim_id: str) -> None:
         try:
@@ -306,15 +405,21 @@ class Loader:
             pass  # already gone: the goal is reached
 
     # -- memberships -------------------------------------------------------------------
-    def load_members(self, changes: Iterable[MemberChange]) -> None:
-        changes = list(changes)
-        if not changes:
+    def load_members(self, plan: Plan) -> None:
+        """Accounts guardsync does not manage taken out of its groups (found by an observation: people added by
+        hand to a managed group, and other members of an adopted one), then the members to add and remove."""
+        if not plan.members and not plan.foreign:
             return
         applied = self.store.load()
-        # renamed, or adopted at write time: members set in load_groups
-        done = self.store.done_in_run(self.run_id, ("members", "rename", "adopt_existing"))
+        replanned = self.store.done_in_run(self.run_id, (REPLANNED,))
+        # renamed, or planned again after a 404/409: members set in load_groups
+        done = self.store.done_in_run(self.run_id, ("members", "rename")) | replanned
+        foreign_done = self.store.done_in_run(self.run_id, ("remove_foreign",)) | replanned
+        work = [(group_id, applied.groups[group_id].scim_id, list(scim_ids)) for group_id, scim_ids in plan.foreign.items()
+                if group_id in applied.groups and group_id not in foreign_done]
+        met = self._each("members", work, lambda w: self._remove_foreign(*w, names=applied.groups), lambda w: w[0])
         work = []
-        for change in changes:
+        for change in plan.members:
             group = applied.groups.get(change.group_id)
             if group is None or change.group_id in done:
                 continue  # its create failed (reported there), or this run already set its members
@@ -322,24 +427,26 @@ class Loader:
         # A group's PATCHes go one after the other (up to 220 of them for a 22k-member group):
         # the longest chains start first, so the stage does not end waiting on one of them.
         work.sort(key=lambda w: len(w[2]) + len(w[3]), reverse=True)
-        self._each("members", work, lambda w: self._patch(*w, scim_ids=applied), lambda w: w[0])
+        met += self._each("members", work, lambda w: self._patch(*w, users=applied.users), lambda w: w[0])
+        if met:  # a group deleted by hand meanwhile: read its name, plan it again
+            reads = _Reads()
+            failing = {}
+            for item in met:
+                group_id, scim_id = item.change[0], item.change[1]
+                reads.missing_groups.add(scim_id)
+                if group_id in self.inputs.groups:
+                    self._read_group(self.inputs.groups[group_id].display_name, reads)
+                failing[group_id] = _Met((group_id, ()), item.error)
+            reads.missing_groups -= set(reads.groups)  # found by its name after all: the 404 was about something else
+            self._replan_group_ids(plan, failing, reads)
 
-    def remove_foreign_members(self, foreign: dict[str, tuple[str, ...]]) -> None:
-        """Take accounts guardsync does not manage out of its groups (found by the observation):
-        people added by hand to a managed group, and other members of an adopted one."""
-        if not foreign:
-            return
-        groups = self.store.load().groups
-        done = self.store.done_in_run(self.run_id, ("remove_foreign",))
-        for group_id, scim_ids in foreign.items():
-            if group_id in groups and group_id not in done:
-                self.scim.patch_members(groups[group_id].scim_id, [], list(scim_ids))
-                self.store.note(self.run_id, "remove_foreign", "group", group_id, groups[group_id].display_name,
-                                f"removed {len(scim_ids)} members added by hand: {', '.join(scim_ids[:20])}")
-                self.report.count("members_removed", len(scim_ids))
+    def _remove_foreign(self, group_id: str, group_scim_id: str, scim_ids: list[str], names) -> None:
+        self.scim.patch_members(group_scim_id, [], scim_ids)
+        self.store.note(self.run_id, "remove_foreign", "group", group_id, names[group_id].display_name,
+                        f"removed {len(scim_ids)} members added by hand: {', '.join(scim_ids[:20])}")
+        self.report.count("members_removed", len(scim_ids))
 
-    def _patch(self, group_id: str, group_scim_id: str, add: list[str], remove: list[str], scim_ids) -> None:
-        users = scim_ids.users
+    def _patch(self, group_id: str, group_scim_id: str, add: list[str], remove: list[str], users) -> None:
         add = [u for u in add if u in users]  # a user whose create failed cannot join yet
         remove_scim = [users[u].scim_id for u in remove if u in users]
         self.scim.patch_members(group_scim_id, [users[u].scim_id for u in add], remove_scim)
@@ -347,10 +454,65 @@ class Loader:
         self.report.count("members_added", len(add))
         self.report.count("members_removed", len(remove))
 
+    def _patch_now(self, group_id: str, group_scim_id: str, add: list[str], remove: list[str],
+                   operation: str | None, users=None) -> tuple[list[str], list[str]]:
+        """PATCH a group's members at once (outside the members stage); recorded under `operation` unless None.
+        Returns the user ids added and removed."""
+        users = users if users is not None else self.store.load().users
+        add = [u for u in add if u in users]  # a user whose create failed cannot join yet
+        remove = [u for u in remove if u in users]
+        if add or remove:
+            self.scim.patch_members(group_scim_id, [users[u].scim_id for u in add], [users[u].scim_id for u in remove])
+        if operation is not None:
+            self.store.save_members(self.run_id, [(group_id, add, remove)], operation=operation)
+        self.report.count("members_added", len(add))
+        self.report.count("members_removed", len(remove))
+        return add, remove
+
+    # -- planning again ------------------------------------------------------------------
+    def _plan_again(self, recorded: AppliedState, reads: _Reads) -> Plan:
+        """The plan of the whole desired state against the record as this run left it so far, corrected by
+        what was just read: guardsync.plan's functions, as an observing run calls them."""
+        observation = observe_some(recorded, list(reads.users.values()), list(reads.groups.values()),
+                                   reads.missing_users, reads.missing_groups, frozenset(reads.names))
+        return self.inputs.plan(recorded, observation)
+
 
 def _user_operation(change: UserChange) -> str:
     """The audit operation of a user write ("adopt" for every adoption, whatever else it changed)."""
     return "adopt" if change.adopted else change.kind
+
+
+def _user_key(change: UserChange) -> tuple[str, str]:
+    """What a user change writes: an account let go (by its SCIM id), else the user's account."""
+    return ("account", change.scim_id) if change.release else ("user", change.user.external_id)
+
+
+def _normal(change):
+    """A change as compared across two plans: its wave is the plan's ordering, not what it writes."""
+    return replace(change, wave=0)
+
+
+def _read_users(user: DesiredUser, reads: _Reads, owners: dict[str, str]) -> str:
+    """What a user's re-plan read, for the operator: why the same write would meet the same answer."""
+    held = next((r for r in reads.users.values() if name_key(r.get("userName") or "") == name_key(user.user_name)), None)
+    if held is not None and held["id"] in owners and owners[held["id"]] != user.external_id:
+        return (f"userName {user.user_name} is held by the account guardsync manages for Entra user {owners[held['id']]}; "
+                "it passes to this user once that user gives it up (renamed, deleted or out of scope in Entra)")
+    if held is None:
+        return (f"read again, Atlassian holds no account named {user.user_name}: a stale record of that email may hold "
+                "it; remove it in Atlassian administration, then run again")
+    return f"read again, the account {held['id']} holds userName {user.user_name}"
+
+
+def _read_group(display_name: str, reads: _Reads, holders: dict[str, str]) -> str:
+    held = next((g for g in reads.groups.values() if name_key(g.get("displayName") or "") == name_key(display_name)), None)
+    if held is not None and held["id"] in holders:
+        return (f"the name {display_name!r} is held by the group guardsync manages for Entra group {holders[held['id']]}; "
+                "it is taken once that group is renamed or deleted")
+    if held is None:
+        return f"read again, Atlassian holds no group named {display_name!r}"
+    return f"read again, the group {held['id']} holds the name {display_name!r}"
 
 
 Change = TypeVar("Change", UserChange, GroupChange)
@@ -362,4 +524,3 @@ def _waves(changes: list[Change]) -> list[list[Change]]:
     for change in changes:
         by_wave.setdefault(change.wave, []).append(change)
     return [by_wave[wave] for wave in sorted(by_wave)]
-

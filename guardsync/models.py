@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 
 import pandas as pd
 
@@ -145,6 +146,12 @@ def account_name(record: DesiredUser) -> str:
     return record.user_name.partition(" <")[0]
 
 
+def own_name(record: DesiredUser) -> DesiredUser:
+    """A record fit to write back to its account: an observed record's `userName <email>` (see account_name)
+    is Atlassian's reading, never a userName; the account's own userName is, and its email follows it."""
+    return replace(record, user_name=account_name(record))
+
+
 def name_key(value: str) -> str:
     """What makes two identifiers or names the same: letter case and Unicode normalisation aside
     (é typed as one code point or as e + accent is one name to a person, and to Atlassian).
@@ -156,3 +163,60 @@ def content_digest(record: dict) -> str:
     """Stable short hash of a JSON-able record: the plan compares these, not fields."""
     raw = json.dumps(record, sort_keys=True, default=sorted, ensure_ascii=False)
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+class Status(str, Enum):
+    PASS = "PASS"
+    FAIL = "FAIL"
+    SKIP = "SKIP"  # not checked: an item it depends on failed
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One line of `guardsync check`: what a probe of one prerequisite found, and on FAIL the fix."""
+
+    item: str  # one of guardsync.check.ITEMS
+    status: Status
+    detail: str  # what was found, for a person
+    fix: str = ""  # what to do, on FAIL
+
+    @property
+    def passed(self) -> bool:
+        return self.status is Status.PASS
+
+    @classmethod
+    def ok(cls, item: str, detail: str) -> CheckResult:
+        return cls(item, Status.PASS, detail)
+
+    @classmethod
+    def fail(cls, item: str, detail: str, fix: str) -> CheckResult:
+        return cls(item, Status.FAIL, detail, fix)
+
+    @classmethod
+    def skip(cls, item: str, needs: str) -> CheckResult:
+        return cls(item, Status.SKIP, f"not checked: needs {needs}")
+
+
+# == the record: Atlassian as guardsync last wrote or observed it ==========================================
+
+
+@dataclass(frozen=True)
+class AppliedUser:
+    scim_id: str
+    record: DesiredUser  # exactly what was last written to Atlassian (or observed there)
+
+
+@dataclass(frozen=True)
+class AppliedGroup:
+    scim_id: str
+    display_name: str
+
+
+@dataclass
+class AppliedState:
+    users: dict[str, AppliedUser] = field(default_factory=dict)  # by Entra id
+    groups: dict[str, AppliedGroup] = field(default_factory=dict)  # by Entra id
+    members: dict[str, frozenset[str]] = field(default_factory=dict)  # group id -> user ids
+
+    def active_users(self) -> int:
+        return sum(1 for user in self.users.values() if user.record.active)

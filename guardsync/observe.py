@@ -9,15 +9,18 @@ Atlassian before planning. This module turns that listing into an Observation:
   displayName, case-insensitive) and otherwise never touches;
 - for each managed group, the members Atlassian holds that are not managed accounts
   (foreign): the plan removes them, unless it adopts their account this run.
+
+Delta runs read only what they need (observe_some): the objects a write met 404 or 409 on, and
+the one fact a delta plan lacks (does a disabled newcomer have an account?). That partial
+observation is the record corrected where something was read, planned by the same planner.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from guardsync.diff import AttributeChange, hand_edits
-from guardsync.models import DesiredUser
-from guardsync.plan import AppliedGroup, AppliedState, AppliedUser
+from guardsync.changes import AttributeChange, hand_edits
+from guardsync.models import AppliedGroup, AppliedState, AppliedUser, DesiredUser
 from guardsync.scim import user_from_resource
 
 
@@ -77,6 +80,8 @@ class Observation:
     gone_users: list[str]  # Entra ids of managed accounts deleted by hand
     gone_groups: list[str]  # Entra ids of managed groups deleted by hand
     drift: DriftReport
+    complete: bool = True  # a listing of everything; False: some objects read, the rest as the record has them
+    names_read: frozenset[str] = frozenset()  # (not complete) identifiers looked up (name_key), found or not
 
 
 def observed_record(resource: dict) -> DesiredUser:
@@ -86,16 +91,36 @@ def observed_record(resource: dict) -> DesiredUser:
 
 
 def observe(recorded: AppliedState, scim_users: list[dict], scim_groups: list[dict]) -> Observation:
-    """What Atlassian holds, split into managed (corrected from the record) and unmanaged objects."""
+    """What Atlassian holds, from a listing of all of it: managed objects (corrected from the record; those
+    not listed are gone) and unmanaged ones."""
+    listed_users = {user["id"] for user in scim_users}
+    listed_groups = {group["id"] for group in scim_groups}
+    return observe_some(recorded, scim_users, scim_groups,
+                        missing_users={u.scim_id for u in recorded.users.values() if u.scim_id not in listed_users},
+                        missing_groups={g.scim_id for g in recorded.groups.values() if g.scim_id not in listed_groups},
+                        complete=True)
+
+
+def observe_some(recorded: AppliedState, scim_users: list[dict], scim_groups: list[dict],
+                 missing_users: set[str] = frozenset(), missing_groups: set[str] = frozenset(),
+                 names_read: frozenset[str] = frozenset(), complete: bool = False) -> Observation:
+    """What Atlassian holds, from the objects a run read (by id, userName, externalId, displayName): the
+    record, corrected where an object was read. `missing_*` are SCIM ids Atlassian answered 404 for.
+
+    A partial observation is planned exactly as a full one (guardsync.plan.make_plan): the planner
+    cannot tell them apart, so a delta run that reads a few objects plans them as a full read would."""
     drift = DriftReport()
     by_scim_user = {user["id"]: user for user in scim_users}
     users: dict[str, AppliedUser] = {}
     gone_users = []
     for user_id, before in recorded.users.items():
-        resource = by_scim_user.get(before.scim_id)
-        if resource is None:
+        if before.scim_id in missing_users:
             drift.users_missing.append(before.record.user_name)
             gone_users.append(user_id)
+            continue
+        resource = by_scim_user.get(before.scim_id)
+        if resource is None:  # not read: as recorded
+            users[user_id] = before
             continue
         seen = observed_record(resource)
         if seen != before.record:
@@ -112,10 +137,14 @@ def observe(recorded: AppliedState, scim_users: list[dict], scim_groups: list[di
     foreign: dict[str, tuple[str, ...]] = {}
     gone_groups = []
     for group_id, before in recorded.groups.items():
-        resource = by_scim_group.pop(before.scim_id, None)
-        if resource is None:
+        if before.scim_id in missing_groups:
             drift.groups_missing.append(before.display_name)
             gone_groups.append(group_id)
+            continue
+        resource = by_scim_group.pop(before.scim_id, None)
+        if resource is None:  # not read: as recorded, less the accounts found gone (they left every group)
+            groups[group_id] = before
+            members[group_id] = recorded.members.get(group_id, frozenset()) - set(gone_users)
             continue
         groups[group_id] = AppliedGroup(before.scim_id, resource.get("displayName") or before.display_name)
         present = [member["value"] for member in resource.get("members") or []]
@@ -130,4 +159,4 @@ def observe(recorded: AppliedState, scim_users: list[dict], scim_groups: list[di
         for scim_id, resource in by_scim_group.items()
     ]
     return Observation(AppliedState(users, groups, members), unmanaged_users, unmanaged_groups, foreign,
-                       gone_users, gone_groups, drift)
+                       gone_users, gone_groups, drift, complete, frozenset(names_read))

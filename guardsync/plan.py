@@ -21,128 +21,16 @@ a name runs after the change that frees it.
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Literal, TypeVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, TypeVar
 
-from guardsync.models import DesiredGroup, DesiredUser, account_name, name_key
+from guardsync.changes import GroupChange, HandOver, MemberChange, Plan, UserChange, UserKind
+from guardsync.models import (AppliedGroup, AppliedState, AppliedUser, DesiredGroup, DesiredUser, account_name, name_key,
+                              own_name)
+from guardsync.observe import AtlassianUser, Observation
 
 if TYPE_CHECKING:
-    from guardsync.observe import Observation
-
-UserKind = Literal["create", "update", "deactivate", "reactivate", "adopt"]
-GroupKind = Literal["create", "delete", "rename", "adopt"]
-PAST = {"create": "created", "update": "updated", "deactivate": "deactivated", "reactivate": "reactivated",
-        "adopt": "adopted", "rename": "renamed", "delete": "deleted"}
-
-
-@dataclass(frozen=True)
-class AppliedUser:
-    scim_id: str
-    record: DesiredUser  # exactly what was last written to Atlassian (or observed there)
-
-
-@dataclass(frozen=True)
-class AppliedGroup:
-    scim_id: str
-    display_name: str
-
-
-@dataclass
-class AppliedState:
-    users: dict[str, AppliedUser] = field(default_factory=dict)  # by Entra id
-    groups: dict[str, AppliedGroup] = field(default_factory=dict)  # by Entra id
-    members: dict[str, frozenset[str]] = field(default_factory=dict)  # group id -> user ids
-
-    def active_users(self) -> int:
-        return sum(1 for user in self.users.values() if user.record.active)
-
-
-@dataclass(frozen=True)
-class UserChange:
-    kind: UserKind
-    user: DesiredUser  # the record to write
-    scim_id: str | None = None  # the account written; None: a new account (POST)
-    write: bool = True  # False: an adopted account that already holds exactly this record (recorded only)
-    adopted: bool = False  # an account guardsync did not manage before this run
-    handed_from: str | None = None  # the Entra id whose account this was (its identifier passed to this user)
-    release: bool = False  # the user's old account, left behind for one it took over: deactivated, no longer its
-    wave: int = 0
-
-    def count_keys(self) -> list[str]:
-        """The summary counts this change adds to (the dry run and the sync count alike)."""
-        keys = [f"users_{PAST[self.kind]}"]
-        if self.adopted and self.kind != "adopt":
-            keys.append("users_adopted")  # adopted and deactivated (or reactivated) in one write
-        return keys
-
-
-@dataclass(frozen=True)
-class GroupChange:
-    kind: GroupKind
-    group_id: str
-    display_name: str  # the new name for create/rename, the current one for delete and adopt
-    scim_id: str | None = None  # adopt: the existing group
-    members: frozenset[str] = frozenset()  # adopt: the user ids it holds already (after the users load)
-    wave: int = 0
-
-
-@dataclass(frozen=True)
-class MemberChange:
-    group_id: str
-    add: tuple[str, ...]
-    remove: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class HandOver:
-    user_name: str
-    from_id: str  # the Entra user that gave the identifier up
-    to_id: str  # the Entra user that takes the account
-
-    def line(self) -> str:
-        return f"{self.user_name}: the account passes from Entra user {self.from_id} to {self.to_id}"
-
-
-@dataclass
-class Plan:
-    users: list[UserChange] = field(default_factory=list)
-    groups: list[GroupChange] = field(default_factory=list)
-    members: list[MemberChange] = field(default_factory=list)
-    foreign: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group id -> SCIM ids of members to remove
-    forget_users: list[str] = field(default_factory=list)  # managed accounts deleted by hand whose users left: gone
-    forget_groups: list[str] = field(default_factory=list)  # managed groups deleted by hand that left scope
-    handovers: list[HandOver] = field(default_factory=list)
-    not_created_disabled: int = 0  # disabled users with no account: nothing to do
-    adopted_active: int = 0  # active accounts adopted (a first run's deactivation guard counts them)
-
-    def counts(self) -> dict[str, int]:
-        users = Counter(key for change in self.users for key in change.count_keys())
-        groups = Counter(change.kind for change in self.groups)
-        return {
-            "users_created": users["users_created"],
-            "users_updated": users["users_updated"],
-            "users_deactivated": users["users_deactivated"],
-            "users_reactivated": users["users_reactivated"],
-            "users_adopted": users["users_adopted"],
-            "users_gone": len(self.forget_users),  # deleted by hand, user left: recorded, not written
-            "groups_created": groups["create"],
-            "groups_renamed": groups["rename"],
-            "groups_deleted": groups["delete"],
-            "groups_adopted": groups["adopt"],
-            "members_added": sum(len(change.add) for change in self.members),
-            "members_removed": sum(len(change.remove) for change in self.members)
-            + sum(len(scim_ids) for scim_ids in self.foreign.values()),
-        }
-
-    def is_empty(self) -> bool:
-        return not (self.users or self.groups or self.members or self.foreign or self.forget_users or self.forget_groups)
-
-    def deprovisions(self) -> int:
-        """Deactivations plus group deletions (renames are not deletions): what the guard counts."""
-        counts = self.counts()
-        return counts["users_deactivated"] + counts["groups_deleted"]
-
+    from guardsync.validate import Validated
 
 # == users ==========================================================================================
 
@@ -158,7 +46,7 @@ def _active_kind(was_active: bool, is_active: bool, otherwise: UserKind) -> User
 def plan_users(
     desired: dict[str, DesiredUser], applied: dict[str, AppliedUser], frozen: frozenset[str],
     observation: Observation | None = None,
-) -> tuple[list[UserChange], list[HandOver], int, int]:
+) -> tuple[list[UserChange], list[HandOver], list[DesiredUser], int]:
     """(changes, hand-overs, disabled users not created, active accounts adopted); see the module docstring."""
     holder = {name_key(account_name(u.record)): uid for uid, u in applied.items()}
     handovers: dict[str, HandOver] = {}  # by the Entra id that gives its account up
@@ -172,38 +60,53 @@ def plan_users(
             handovers[previous] = HandOver(user.user_name, previous, user_id)
 
     changes: list[UserChange] = []
+    adoptable = _Adoptable(observation)
     taken_over = {h.to_id: applied[h.from_id] for h in handovers.values()}
     unplaced = []
+    not_created = []
+    adopted_active = 0
     for user_id, user in desired.items():
         before = taken_over.get(user_id) or (applied.get(user_id) if user_id not in handovers else None)
-        if before is None:
+        found = None
+        if before is not None and user_id not in taken_over and name_key(account_name(before.record)) != name_key(user.user_name):
+            # Renamed onto an identifier an account guardsync does not manage holds: Atlassian keys accounts by
+            # email, so that account is the user's now (adopted, as on a first run) and its own is let go.
+            found = adoptable.take(user, by_external_id=False)
+        if found is not None:
+            changes.append(_adoption(user, found))
+            adopted_active += found.record.active
+        elif before is None:
             unplaced.append(user)  # new, or renamed with its old identifier gone to someone else
         elif before.record != user:
             kind = _active_kind(before.record.active, user.active, "update")
             changes.append(UserChange(kind, user, before.scim_id, handed_from=_from(handovers, user_id)))
         own = applied.get(user_id)
-        if user_id in taken_over and own is not None and user_id not in handovers and own.record.active:
+        if (user_id in taken_over or found is not None) and own is not None and user_id not in handovers:
             # Its old account (its old identifier) is nobody's now: deactivated, its externalId cleared (no
             # two accounts carry one Entra id), no longer recorded; handed_from names whose it was.
-            changes.append(UserChange("deactivate", replace(own.record, active=False, external_id=""), own.scim_id,
+            changes.append(UserChange("deactivate" if own.record.active else "update",
+                                      replace(own_name(own.record), active=False, external_id=""), own.scim_id,
                                       handed_from=user_id, release=True))
-    adoptable = _Adoptable(observation)
-    not_created = adopted_active = 0
     for user in unplaced:
         found = adoptable.take(user)
         if found is not None:
-            kind = _active_kind(found.record.active, user.active, "adopt")
-            changes.append(UserChange(kind, user, found.scim_id, write=found.record != user, adopted=True))
+            changes.append(_adoption(user, found))
             adopted_active += found.record.active
         elif user.active:
             changes.append(UserChange("create", user))
         else:
-            not_created += 1  # a disabled user with no account in Atlassian is not created
+            not_created.append(user)  # a disabled user with no account in Atlassian is not created
     for user_id, before in applied.items():
         if user_id not in desired and user_id not in frozen and user_id not in handovers and before.record.active:
-            # Left scope (or was deleted in Entra): deactivate, never delete.
-            changes.append(UserChange("deactivate", replace(before.record, active=False), before.scim_id))
+            # Left scope (or was deleted in Entra): deactivate, never delete; what Atlassian holds stays,
+            # but never an observed `userName <email>` (Atlassian refuses it as a userName).
+            changes.append(UserChange("deactivate", replace(own_name(before.record), active=False), before.scim_id))
     return _in_waves(changes, _user_takes, _user_frees(applied)), list(handovers.values()), not_created, adopted_active
+
+
+def _adoption(user: DesiredUser, found: AtlassianUser) -> UserChange:
+    kind = _active_kind(found.record.active, user.active, "adopt")
+    return UserChange(kind, user, found.scim_id, write=found.record != user, adopted=True)
 
 
 def _from(handovers: dict[str, HandOver], user_id: str) -> str | None:
@@ -225,9 +128,9 @@ class _Adoptable:
         self.by_external_id = {a.record.external_id: a for a in reversed(accounts) if a.record.external_id}
         self.taken: set[str] = set()
 
-    def take(self, user: DesiredUser):
+    def take(self, user: DesiredUser, by_external_id: bool = True) -> AtlassianUser | None:
         found = self.by_name.get(name_key(user.user_name))
-        if found is None:
+        if found is None and by_external_id:
             found = self.by_external_id.get(user.external_id)
             if found is not None and name_key(user.user_name) in self.by_name:
                 found = None  # its new name is another account's: taking this one would collide
@@ -258,28 +161,28 @@ def plan_groups(
     desired: dict[str, DesiredGroup], applied: dict[str, AppliedGroup], frozen: frozenset[str],
     observation: Observation | None = None, scim_to_user: dict[str, str] | None = None,
 ) -> tuple[list[GroupChange], dict[str, tuple[str, ...]]]:
-    """(changes, foreign members of adopted groups). An unmanaged group with the name is adopted
-    unless a managed group holds that name (then it is freed first, and the group created)."""
+    """(changes, foreign members of adopted groups). A group that needs a name (new, or renamed) an unmanaged
+    group holds takes that group over (adopted; a renamed one's old group then goes), unless a managed group
+    holds that name (then it is freed first, and the group created)."""
     changes = []
     held = {name_key(g.display_name) for g in applied.values()}
     unmanaged = {name_key(g.display_name): g for g in (observation.unmanaged_groups if observation else [])}
+    ours = scim_to_user or {}
     foreign: dict[str, tuple[str, ...]] = {}
     for group_id, group in desired.items():
         before = applied.get(group_id)
         if group_id in frozen:
             continue
-        if before is not None:
-            if name_key(before.display_name) != name_key(group.display_name):
-                changes.append(GroupChange("rename", group_id, group.display_name))
-            continue
         key = name_key(group.display_name)
+        if before is not None and name_key(before.display_name) == key:
+            continue
+        kind = "rename" if before is not None else "create"
         found = unmanaged.pop(key, None) if key not in held else None
         if found is None:
-            changes.append(GroupChange("create", group_id, group.display_name))
+            changes.append(GroupChange(kind, group_id, group.display_name))
             continue
-        ours = scim_to_user or {}
-        changes.append(GroupChange("adopt", group_id, found.display_name, found.scim_id,
-                                   frozenset(ours[s] for s in found.members if s in ours)))
+        changes.append(GroupChange("adopt" if kind == "create" else "rename", group_id, found.display_name,
+                                   found.scim_id, frozenset(ours[s] for s in found.members if s in ours)))
         if outside := tuple(s for s in found.members if s not in ours):
             foreign[group_id] = outside
     for group_id, before in applied.items():
@@ -298,18 +201,22 @@ def plan_members(
     frozen_users: frozenset[str],
     frozen_groups: frozenset[str],
 ) -> list[MemberChange]:
-    recreated = {change.group_id for change in group_changes if change.kind in ("create", "rename")}
-    adopted = {change.group_id: change.members for change in group_changes if change.kind == "adopt"}
+    recreated = {c.group_id for c in group_changes if c.kind in ("create", "rename") and not c.takes_existing}
+    adopted = {c.group_id: c.members for c in group_changes if c.takes_existing}
+    renamed = {c.group_id for c in group_changes if c.kind == "rename"}
     changes = []
     for group_id, group in desired.items():
         if group_id in frozen_groups:
             continue
-        before = adopted.get(group_id, applied.members.get(group_id, frozenset()))
+        recorded = applied.members.get(group_id, frozenset())
+        carried = recorded & frozen_users if group_id in renamed else frozenset()  # a renamed group's frozen members go along
+        before = adopted.get(group_id, recorded)
         target = group.members - frozen_users
-        if group_id in recreated:  # starts empty, and takes its frozen members along unchanged
-            current, target = frozenset(), target | (before & frozen_users)
+        if group_id in recreated:  # starts empty
+            current, target = frozenset(), target | carried
         else:
             current = before - frozen_users
+            target = target | (carried - before)
         add, remove = target - current, current - target
         if add or remove:
             changes.append(MemberChange(group_id, tuple(sorted(add)), tuple(sorted(remove))))
@@ -339,6 +246,8 @@ def make_plan(
         forget_groups = [g for g in observation.gone_groups if g not in groups and g not in frozen_groups]
         foreign = dict(observation.foreign_members)
     user_changes, handovers, not_created, adopted_active = plan_users(users, applied.users, frozen_users, observation)
+    no_account = {user.external_id: user.user_name for user in not_created if observation is not None
+                  and (observation.complete or name_key(user.user_name) in observation.names_read)}
 
     # Who holds which account once the users load is done: hand-overs and adoptions included.
     owner = {u.scim_id: uid for uid, u in applied.users.items()}
@@ -368,7 +277,7 @@ def make_plan(
     foreign = _not_frozen(foreign, observation, frozen_names)
     member_changes = plan_members(groups, mapped, group_changes, frozen_users, frozen_groups)
     return Plan(user_changes, group_changes, member_changes, foreign, forget_users, forget_groups, handovers,
-                not_created, adopted_active)
+                len(not_created), adopted_active, no_account, observation is not None and observation.complete)
 
 
 def _not_frozen(foreign: dict[str, tuple[str, ...]], observation: Observation | None,
@@ -379,6 +288,36 @@ def _not_frozen(foreign: dict[str, tuple[str, ...]], observation: Observation | 
     frozen = {a.scim_id for a in observation.unmanaged_users if name_key(account_name(a.record)) in frozen_names}
     kept = {gid: tuple(s for s in scim_ids if s not in frozen) for gid, scim_ids in foreign.items()}
     return {gid: scim_ids for gid, scim_ids in kept.items() if scim_ids}
+
+
+def facts_needed(users: dict[str, DesiredUser], applied: AppliedState, no_account: dict[str, str]) -> list[DesiredUser]:
+    """What a delta plan cannot know from the record: whether a disabled user it holds no account for has one
+    in Atlassian (made by hand, or by another sync). A full read would adopt and deactivate it; a delta run
+    looks up these users, each once: those seen without an account are kept (Plan.no_account)."""
+    return [user for user_id, user in users.items()
+            if not user.active and user_id not in applied.users
+            and name_key(no_account.get(user_id, "")) != name_key(user.user_name)]
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What the plan is made from besides Atlassian: the desired state and who is frozen. The loader keeps it
+    to plan again the objects a write met 404 or 409 on, with what it read of them (one planner)."""
+
+    users: dict[str, DesiredUser]
+    groups: dict[str, DesiredGroup]
+    frozen_users: frozenset[str] = frozenset()
+    frozen_groups: frozenset[str] = frozenset()
+    frozen_names: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, validated: Validated) -> PlanInputs:
+        return cls(validated.users, validated.groups, validated.frozen_users, validated.frozen_groups,
+                   validated.frozen_names)
+
+    def plan(self, applied: AppliedState, observation: Observation | None = None) -> Plan:
+        return make_plan(self.users, self.groups, applied, self.frozen_users, self.frozen_groups, observation,
+                         self.frozen_names)
 
 
 Change = TypeVar("Change", UserChange, GroupChange)

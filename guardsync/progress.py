@@ -256,7 +256,7 @@ def print_checklist(report, stream: IO[str] | None = None, force_terminal: bool 
         console.print(f"{marker}  {escape(result.item.ljust(width))}  {escape(result.detail)}")
         if result.fix:
             console.print(f"{'':4}  {'':{width}}  fix: {escape(result.fix)}")
-    counts = {status.value: count for status, count in report.counts().items()}  # by name: onboarding sits above
+    counts = {status.value: count for status, count in report.counts().items()}  # by name: the check command sits above
     verdict = (f"{len(report.results)} checks: {counts['PASS']} passed, {counts['FAIL']} failed, "
                f"{counts['SKIP']} not checked")
     if report.passed:

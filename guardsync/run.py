@@ -106,6 +106,17 @@ class DirectoryRun:
             except Exception as exc:  # the database hiccuped: try again at the next beat, the lease has slack
                 log.warning("could not renew the directory lock (%s); trying again", type(exc).__name__)
 
+    def check_lease(self) -> None:
+        """Before a batch of writes: stop (DirectoryBusy) if another run took the directory over. The heartbeat
+        may have seen it already; else the lock row says it (a frozen worker's lease runs out unrenewed)."""
+        if self.dry_run or not self.locked:
+            return
+        if self.lost_lock or not self.store.holds_lock(self.run_id):
+            self.lost_lock = True
+            raise DirectoryBusy(f"run {self.run_id} lost the directory lock while it ran (its lease of {self.lease} ran "
+                                "out and another run took the directory): it stopped before its next write; run it "
+                                "again once that run is done")
+
     # -- the mirror ------------------------------------------------------------------------------
     def keep_mirror(self, snapshot: Snapshot, links: dict, full: bool, changed: bool, based_on: int) -> None:
         """Save what the extract read: the merged snapshot when it changed, else Graph's new delta links.

@@ -158,6 +158,11 @@ class ScimClient:
         attribute, value = ("externalId", external_id) if external_id is not None else ("userName", user_name)
         return self._find("/Users", attribute, value)
 
+    def find_account(self, user: DesiredUser) -> dict | None:
+        """The account a user would be matched with, as the planner adopts: by userName, else by externalId."""
+        return self.find_user(user_name=user.user_name) or (
+            self.find_user(external_id=user.external_id) if user.external_id else None)
+
     def get_user(self, scim_id: str) -> dict:
         return self._call("GET", f"/Users/{scim_id}")
 
@@ -379,3 +384,29 @@ def _scim_error(response: requests.Response) -> tuple[str, str | None]:
 
 def _scim_detail(response: requests.Response) -> str:
     return _scim_error(response)[0]
+
+
+# == guardsync check: the SCIM probe ===============================================================
+
+
+def check_directory(scim: ScimClient, key_reference: str):
+    """The "atlassian" line: one `GET /Users?count=1` (give a dry-run client: it cannot write) proves the URL and key."""
+    from guardsync.models import CheckResult  # imported here: this section stands alone
+
+    try:
+        page = scim._call("GET", "/Users", params={"startIndex": 1, "count": 1})
+    except AuthError as exc:
+        return CheckResult.fail("atlassian", str(exc), "in Atlassian Administration > Security > Identity providers > "
+                                "your directory, regenerate the API key and store it where atlassian.api_key points "
+                                f"({key_reference})")
+    except NotFound as exc:
+        return CheckResult.fail("atlassian", str(exc), "copy the directory's SCIM base URL from Atlassian "
+                                "Administration > Security > Identity providers > your directory into atlassian.scim_url")
+    except TransientError as exc:
+        return CheckResult.fail("atlassian", str(exc), f"check that {scim.scim_url} is reachable from here (proxy: "
+                                "HTTPS_PROXY; private CA: REQUESTS_CA_BUNDLE) and run guardsync check again")
+    except GuardsyncError as exc:
+        return CheckResult.fail("atlassian", str(exc), "check atlassian.scim_url: it is the directory's SCIM base URL, "
+                                "https://api.atlassian.com/scim/directory/DIRECTORY_ID")
+    total = page.get("totalResults", "?") if isinstance(page, dict) else "?"
+    return CheckResult.ok("atlassian", f"{scim.scim_url} answers and accepts the API key; the directory holds {total} users")

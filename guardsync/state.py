@@ -35,8 +35,11 @@ from sqlalchemy import (
     event,
     insert,
     inspect,
+    literal,
     or_,
     select,
+    func,
+    text,
     update,
 )
 from alembic import command as alembic_command
@@ -51,7 +54,7 @@ from guardsync.errors import ConfigError, GuardsyncBlocked, GuardsyncError
 import pandas as pd
 
 from guardsync.models import DesiredUser, Snapshot, text_frame
-from guardsync.plan import AppliedGroup, AppliedState, AppliedUser
+from guardsync.models import AppliedGroup, AppliedState, AppliedUser
 
 metadata = MetaData()
 
@@ -87,6 +90,9 @@ runs = Table(
     Column("status", String(16), nullable=False),
     Column("counts", Text),
     Column("message", Text),
+    # The order runs started in, given by the database (a worker's clock can be off): a retry asks whether
+    # another run started after it by this, never by started_at.
+    Column("seq", Integer),
 )
 audit = Table(
     "audit", metadata,
@@ -119,11 +125,20 @@ mirror = Table(  # the last Entra snapshot and Graph delta links: a delta run me
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
-access_grants = Table(  # product grants guardsync made (never a hand-made one): only these may be revoked
+no_account = Table(  # disabled users in scope that Atlassian was seen to hold no account for
+    "no_account", metadata,
+    Column("external_id", String(64), primary_key=True),  # Entra user id
+    Column("user_name", Text, nullable=False),  # the identifier looked up: a renamed user is looked up again
+)
+
+access_grants = Table(  # the grant ledger: the product grants of synced groups guardsync knows of, with their maker
     "access_grants", metadata,
-    Column("group_id", String(64), primary_key=True),  # Entra group id
+    Column("group_id", String(64), primary_key=True),  # Entra group id: a rename keeps it, and the grant its maker
     Column("workspace_id", String(255), primary_key=True),
     Column("product", Text, nullable=False),  # key@site-host, for people
+    # "guardsync" (only these may be revoked) or "hand"; rows from before makers were kept are guardsync's
+    Column("maker", String(16), nullable=False, server_default="guardsync"),
+    Column("run_id", String(64)),  # the run whose assign Atlassian confirmed last (None: seen, made by hand)
 )
 
 
@@ -168,6 +183,19 @@ class DirectoryBusy(GuardsyncError):
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def database_now(conn) -> datetime:
+    """The database's clock (UTC): leases are timed by it, so workers whose clocks differ agree on them.
+    SQLite's clock is the machine's own (it has no server); PostgreSQL's is the server's."""
+    if conn.dialect.name == "sqlite":
+        stamp = conn.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar()
+        return datetime.fromisoformat(stamp).replace(tzinfo=timezone.utc)
+    return _utc(conn.execute(select(func.now())).scalar())
+
+
+def _utc(stamp: datetime) -> datetime:
+    return stamp.astimezone(timezone.utc) if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
 
 
 def _sqlite_pragmas(engine: Engine) -> None:
@@ -355,9 +383,12 @@ class StateStore:
                  "active": user.active} for _, scim_id, user in written]
         audits = [_audit_row(run_id, operation, "user", user.external_id, user.user_name, "ok")
                   for operation, _, user in written]
+        created = [user.external_id for operation, _, user in written if operation == "create"]
         with self._lock, self.engine.begin() as conn:
             conn.execute(delete(users).where(users.c.external_id.in_([row["external_id"] for row in rows])))
             conn.execute(insert(users), rows)
+            if created:  # a new account is in no group yet (an account re-created after a hand deletion included)
+                conn.execute(delete(members).where(members.c.user_id.in_(created)))
             conn.execute(insert(audit), audits)
 
     def hand_over(self, run_id: str, from_id: str, scim_id: str, user: DesiredUser) -> None:
@@ -407,8 +438,9 @@ class StateStore:
             conn.execute(delete(members).where(members.c.group_id == group_id))
             self._audit(conn, run_id, operation, "group", group_id, display_name, "ok")
 
-    def save_members(self, run_id: str, changes: list[tuple[str, list[str], list[str]]]) -> None:
-        """Record member PATCHes that Atlassian applied: (group id, user ids added, user ids removed) each."""
+    def save_members(self, run_id: str, changes: list[tuple[str, list[str], list[str]]], operation: str = "members") -> None:
+        """Record member PATCHes that Atlassian applied: (group id, user ids added, user ids removed) each.
+        `operation` "members" marks the groups' members done for this run (a retried load skips them)."""
         if not changes:
             return
         with self._lock, self.engine.begin() as conn:
@@ -420,7 +452,7 @@ class StateStore:
                 if added:
                     conn.execute(insert(members), [{"group_id": group_id, "user_id": uid} for uid in added])
             conn.execute(insert(audit), [
-                _audit_row(run_id, "members", "group", group_id, None, "ok", json.dumps({"added": added, "removed": removed}))
+                _audit_row(run_id, operation, "group", group_id, None, "ok", json.dumps({"added": added, "removed": removed}))
                 for group_id, added, removed in changes])
 
     def done_in_run(self, run_id: str, operations: tuple[str, ...]) -> set[str]:
@@ -442,27 +474,61 @@ class StateStore:
     def _audit(conn, run_id, operation, object_type, object_id, name, outcome, detail=None) -> None:
         conn.execute(insert(audit).values(**_audit_row(run_id, operation, object_type, object_id, name, outcome, detail)))
 
-    # -- product access ([access]) ------------------------------------------------------------
-    def load_grants(self) -> set[tuple[str, str]]:
-        """(Entra group id, workspace id) of every grant guardsync made and has not revoked."""
-        if not inspect(self.engine).has_table("access_grants"):
-            return set()  # a dry run over a store from before [access] existed (read-only: not created)
+    # -- product access ([access]): the grant ledger ------------------------------------------
+    def load_grants(self) -> dict[tuple[str, str], str]:
+        """The maker ("guardsync" or "hand") of each (Entra group id, workspace id) grant in the ledger."""
+        inspector = inspect(self.engine)
+        if not inspector.has_table("access_grants"):
+            return {}  # a dry run over a store from before [access] existed (read-only: not created)
+        # A dry run reads a store behind the schema's head as it is: before makers were kept, every row was guardsync's.
+        kept = any(column["name"] == "maker" for column in inspector.get_columns("access_grants"))
+        maker = access_grants.c.maker if kept else literal("guardsync").label("maker")
         with self.engine.connect() as conn:
-            return {(row.group_id, row.workspace_id) for row in conn.execute(select(access_grants))}
+            rows = conn.execute(select(access_grants.c.group_id, access_grants.c.workspace_id, maker))
+            return {(row.group_id, row.workspace_id): row.maker for row in rows}
+
+    def grants_confirmed_in(self, run_id: str) -> set[tuple[str, str]]:
+        """(group id, workspace id) of the assigns of this run that Atlassian confirmed: a retried load skips them."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(access_grants.c.group_id, access_grants.c.workspace_id)
+                                .where(access_grants.c.run_id == run_id))
+            return {(row.group_id, row.workspace_id) for row in rows}
 
     def save_grant(self, run_id: str, operation: str, group_id: str, group_name: str, workspace_id: str,
-                   product: str, recorded: bool = True) -> None:
-        """A grant ("grant") or revocation ("revoke") Atlassian applied, with its audit row; an unrecorded
-        grant (a hand-made one carried to a renamed group) is audited but never becomes guardsync's."""
+                   product: str, maker: str) -> None:
+        """A grant ("grant") or revocation ("revoke") Atlassian confirmed, with its audit row. A grant keeps the
+        maker it is given: a hand-made grant carried to a renamed group stays hand-made."""
         with self._lock, self.engine.begin() as conn:
             conn.execute(delete(access_grants).where(access_grants.c.group_id == group_id,
                                                      access_grants.c.workspace_id == workspace_id))
-            if operation == "grant" and recorded:
-                conn.execute(insert(access_grants).values(group_id=group_id, workspace_id=workspace_id, product=product))
-            self._audit(conn, run_id, operation, "group", group_id, group_name, "ok", f"{product} ({workspace_id})")
+            if operation == "grant":
+                conn.execute(insert(access_grants).values(group_id=group_id, workspace_id=workspace_id, product=product,
+                                                          maker=maker, run_id=run_id))
+            self._audit(conn, run_id, operation, "group", group_id, group_name, "ok",
+                        f"{product} ({workspace_id})" + (f", made by {maker}" if maker != "guardsync" else ""))
+
+    def note_hand_made(self, run_id: str, seen: list[tuple[str, str, str, str]]) -> None:
+        """Grants seen on a synced group that guardsync did not make, (group id, group name, workspace id, product)
+        each: in the ledger as hand-made, so they stay so whatever happens to the group (a rename included).
+        A row the ledger has by now (a renamed group's grant, carried this run with its maker) stays as it is."""
+        if not seen:
+            return
+        with self._lock, self.engine.begin() as conn:
+            have = {(row.group_id, row.workspace_id) for row in conn.execute(
+                select(access_grants.c.group_id, access_grants.c.workspace_id)
+                .where(access_grants.c.group_id.in_(sorted({group_id for group_id, *_ in seen}))))}
+            new = [(group_id, name, workspace_id, product) for group_id, name, workspace_id, product in seen
+                   if (group_id, workspace_id) not in have]
+            if not new:
+                return
+            conn.execute(insert(access_grants), [{"group_id": group_id, "workspace_id": workspace_id, "product": product,
+                                                  "maker": "hand", "run_id": None} for group_id, _, workspace_id, product in new])
+            conn.execute(insert(audit), [_audit_row(run_id, "hand_grant", "group", group_id, name, "ok",
+                                                    f"{product} ({workspace_id}), made by hand")
+                                         for group_id, name, workspace_id, product in new])
 
     def forget_grants(self, run_id: str, gone: list[tuple[str, str]]) -> None:
-        """Drop records of grants that are gone without a revocation (their group was deleted, or a person removed them)."""
+        """Drop ledger rows of grants that are gone without a revocation (their group was deleted, or a person removed them)."""
         if not gone:
             return
         with self._lock, self.engine.begin() as conn:
@@ -471,6 +537,43 @@ class StateStore:
                                                          access_grants.c.workspace_id == workspace_id))
             conn.execute(insert(audit), [_audit_row(run_id, "forget_grant", "group", group_id, None, "ok", workspace_id)
                                          for group_id, workspace_id in gone])
+
+    # -- disabled users without an account (what a delta run need not look up again) ----------
+    def load_no_account(self) -> dict[str, str]:
+        """Entra id -> identifier of the disabled users Atlassian was seen to hold no account for."""
+        if not inspect(self.engine).has_table("no_account"):
+            return {}  # a dry run over a store from before the table existed (read-only: not created)
+        with self.engine.connect() as conn:
+            return {row.external_id: row.user_name for row in conn.execute(select(no_account))}
+
+    def keep_no_account(self, found: dict[str, str], replace: bool = False) -> None:
+        """Keep these users as seen without an account; `replace`: they are all of them (a full read)."""
+        if not found and not replace:
+            return
+        with self._lock, self.engine.begin() as conn:
+            if replace:
+                conn.execute(delete(no_account))
+            elif found:
+                conn.execute(delete(no_account).where(no_account.c.external_id.in_(list(found))))
+            if found:
+                conn.execute(insert(no_account), [{"external_id": k, "user_name": v} for k, v in found.items()])
+
+    def group_names(self) -> dict[str, str]:
+        """Entra group id -> the name of its group in Atlassian, as recorded (a rename is recorded once the old group went)."""
+        with self.engine.connect() as conn:
+            return {row.external_id: row.display_name for row in conn.execute(select(groups.c.external_id, groups.c.display_name))}
+
+    def access_check(self) -> dict[str, list[str]] | None:
+        """What the last run with [access] left each configured group holding: Organizations API group id ->
+        workspace ids. A run with no change in Entra reads those groups' grants against it (None: nothing recorded)."""
+        value = self.binding().get("access_check")
+        return json.loads(value) if value is not None else None
+
+    def save_access_check(self, expected: dict[str, list[str]] | None) -> None:
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(delete(binding).where(binding.c.key == "access_check"))
+            if expected is not None:
+                conn.execute(insert(binding).values(key="access_check", value=json.dumps(expected, sort_keys=True)))
 
     # -- the Entra mirror (delta sync) ----------------------------------------------------
     def load_mirror(self, snapshot: bool = True) -> Mirror:
@@ -540,12 +643,14 @@ class StateStore:
         process space that no longer exists (killed). A process on another host, or in another
         container that shares this hostname, is only ever waited out to the end of its lease.
         """
-        row = dict(name="directory", holder=lock_holder(), run_id=run_id, acquired_at=now(), expires_at=now() + lease)
         held = None
         with self._lock:
             for _attempt in range(2):
                 try:
                     with self.engine.begin() as conn:
+                        stamp = database_now(conn)
+                        row = dict(name="directory", holder=lock_holder(), run_id=run_id, acquired_at=stamp,
+                                   expires_at=stamp + lease)
                         conn.execute(insert(locks).values(**row))
                     return
                 except IntegrityError:
@@ -554,8 +659,10 @@ class StateStore:
                     held = conn.execute(select(locks).where(locks.c.name == "directory")).one_or_none()
                     if held is None:
                         continue  # released meanwhile: try again
-                    if not _lock_is_free(held, run_id):
+                    stamp = database_now(conn)
+                    if not _lock_is_free(held, run_id, stamp):
                         break
+                    row = dict(row, acquired_at=stamp, expires_at=stamp + lease)
                     # compare-and-swap: only one of two racing takers wins
                     swapped = conn.execute(
                         update(locks)
@@ -575,8 +682,14 @@ class StateStore:
         with self._lock, self.engine.begin() as conn:
             return conn.execute(
                 update(locks).where(locks.c.name == "directory", locks.c.holder == lock_holder(), locks.c.run_id == run_id)
-                .values(expires_at=now() + lease)
+                .values(expires_at=database_now(conn) + lease)
             ).rowcount == 1
+
+    def holds_lock(self, run_id: str) -> bool:
+        """Does this process still hold the lock for `run_id` (no other run took it over)?"""
+        with self.engine.connect() as conn:
+            return conn.execute(select(locks.c.run_id).where(
+                locks.c.name == "directory", locks.c.holder == lock_holder(), locks.c.run_id == run_id)).first() is not None
 
     def release_lock(self, run_id: str) -> None:
         with self._lock, self.engine.begin() as conn:
@@ -588,13 +701,15 @@ class StateStore:
         """Record the run as running. A Prefect retry reuses the run id and keeps its first start; then the
         answer is the latest other run of the directory that started after it (None when there is none)."""
         with self._lock, self.engine.begin() as conn:
-            first = conn.execute(select(runs.c.started_at).where(runs.c.run_id == run_id)).scalar()
+            first = conn.execute(select(runs.c.seq).where(runs.c.run_id == run_id)).one_or_none()
             if first is None:
-                conn.execute(insert(runs).values(run_id=run_id, started_at=now(), mode=mode, status="running"))
+                # Runs are recorded under the directory lock, one at a time: the next number is the database's.
+                seq = (conn.execute(select(func.max(runs.c.seq))).scalar() or 0) + 1
+                conn.execute(insert(runs).values(run_id=run_id, started_at=now(), mode=mode, status="running", seq=seq))
                 return None
             conn.execute(update(runs).where(runs.c.run_id == run_id).values(status="running", finished_at=None))
-            later = conn.execute(select(runs).where(runs.c.run_id != run_id, runs.c.mode == mode, runs.c.started_at > first)
-                                 .order_by(runs.c.started_at.desc()).limit(1)).one_or_none()
+            later = conn.execute(select(runs).where(runs.c.run_id != run_id, runs.c.mode == mode, runs.c.seq > first.seq)
+                                 .order_by(runs.c.seq.desc()).limit(1)).one_or_none()
             return dict(later._mapping) if later else None
 
     def finish_run(self, run_id: str, status: str, counts: dict | None = None, message: str | None = None) -> None:
@@ -613,7 +728,7 @@ class StateStore:
 
     def history(self, limit: int = 20) -> list[dict]:
         with self.engine.connect() as conn:
-            rows = conn.execute(select(runs).order_by(runs.c.started_at.desc()).limit(limit))
+            rows = conn.execute(select(runs).order_by(runs.c.seq.desc()).limit(limit))
             return [dict(row._mapping) | {"counts": json.loads(row.counts or "{}")} for row in rows]
 
     def audit_of(self, needle: str, limit: int = 200) -> list[dict]:
@@ -678,11 +793,11 @@ def snapshot_from_document(document: dict) -> Snapshot:
                     document["verified_domains"], document["initial_domain"])
 
 
-def _lock_is_free(held, run_id: str) -> bool:
+def _lock_is_free(held, run_id: str, stamp: datetime) -> bool:
+    """`stamp`: the database's clock now."""
     if held.run_id == run_id:
         return True
-    expires = held.expires_at if held.expires_at.tzinfo else held.expires_at.replace(tzinfo=timezone.utc)
-    if expires < now():
+    if _utc(held.expires_at) < stamp:
         return True
     parts = held.holder.split(":")
     if len(parts) != 4 or PID_SPACE == "unknown":  # a holder of an older guardsync: its lease decides
@@ -705,3 +820,71 @@ def _process_alive(pid: int) -> bool:
         return True
     return True
 
+
+
+# == guardsync check: the state store probe ========================================================
+
+
+def check_store(url: str, tenant_id: str | None, scim_url: str):
+    """The "state" line: the store can be opened and belongs to this tenant and SCIM directory (or to none yet).
+
+    Nothing is created: a SQLite file that does not exist is not opened, a database without
+    guardsync's tables is not given them. `tenant_id` None: the tenant could not be read."""
+    from pathlib import Path  # imported here: this section stands alone
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from guardsync.models import CheckResult
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return CheckResult.fail("state", "[sync] state is not a SQLAlchemy URL",
+                                "give one such as sqlite:///guardsync-state.db or postgresql+psycopg://user@host/db")
+    shown = redacted_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:") or database.startswith("file::memory:"):
+            return CheckResult.fail("state", f"{shown} is an in-memory database: nothing would survive a run",
+                                    "give a file, e.g. sqlite:///guardsync-state.db, or a PostgreSQL URL")
+        path = Path(database).expanduser()
+        if not path.exists():  # opening it would create it: say what the first sync will do instead
+            parent = path.absolute().parent
+            if not parent.is_dir():
+                return CheckResult.fail("state", f"{shown}: the directory {parent} does not exist",
+                                        f"create {parent}, or point [sync] state at a file in an existing directory")
+            if not os.access(parent, os.W_OK):
+                return CheckResult.fail("state", f"{shown}: the directory {parent} is not writable",
+                                        f"let this user write to {parent}, or point [sync] state elsewhere")
+            return CheckResult.ok("state", f"{shown} is empty (not created yet); the first sync creates it and binds "
+                                  "it to this tenant and directory")
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            has_tables = inspect(connection).has_table("binding")
+    except (SQLAlchemyError, ImportError) as exc:
+        return CheckResult.fail("state", f"cannot open {shown} ({type(exc).__name__})",
+                                "check that the database is up and reachable from here, and the URL, user and password")
+    finally:
+        engine.dispose()
+    if not has_tables:
+        return CheckResult.ok("state", f"{shown} is reachable and empty; the first sync binds it to this tenant and "
+                              "directory")
+    store = StateStore(url, read_only=True)  # read only: check neither migrates the store nor changes its file mode
+    try:
+        bound = store.binding()
+        if not bound:
+            return CheckResult.ok("state", f"{shown} is reachable and not bound yet; the first sync binds it")
+        try:
+            store.check_binding(tenant_id or bound.get("tenant_id", ""), scim_url)
+        except GuardsyncBlocked as exc:
+            return CheckResult.fail("state", str(exc), "point [sync] state at this tenant and directory's own store (a "
+                                    "new SQLite file or database); one store serves one tenant and one SCIM directory")
+        last = store.history(1)
+        runs = f"; last run {last[0]['started_at']:%Y-%m-%d %H:%M} {last[0]['status']}" if last else ""
+        compared = "" if tenant_id else " (tenant not compared: it could not be read)"
+        return CheckResult.ok("state", f"{shown} is bound to tenant {bound.get('tenant_id')} and this directory"
+                              f"{compared}{runs}")
+    finally:
+        store.dispose()

@@ -26,6 +26,7 @@ class Validated:
     frozen_groups: frozenset[str]
     results: list[GateResult]
     values_left_out: dict[str, int] = field(default_factory=dict)  # Atlassian attribute -> users sent without it
+    frozen_group_names: dict[str, str] = field(default_factory=dict)  # quarantined group id -> its name
 
     @property
     def frozen_users(self) -> frozenset[str]:
@@ -66,7 +67,7 @@ def validate(scoped: Scoped, max_group_size: int) -> Validated:
 
     members_result = run_gate("memberships", memberships_gate_frame(groups))
     return Validated(users, groups, quarantined, frozen_groups, [users_result, groups_result, members_result],
-                     values_left_out)
+                     values_left_out, {gid: all_groups[gid].display_name for gid in sorted(frozen_groups) if gid in all_groups})
 
 
 @functools.cache

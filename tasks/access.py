@@ -12,7 +12,8 @@ from guardsync.config import AccessSettings
 from guardsync.errors import GuardsyncBlocked
 from guardsync.gates import blocked_message, run_gate
 from guardsync.observe import Observation
-from guardsync.plan import AppliedState, Plan
+from guardsync.changes import Plan
+from guardsync.models import AppliedState
 from guardsync.validate import Validated
 from tasks.common import PERSISTED, transient_only
 from tasks.load import LOAD_OPTIONS
@@ -24,18 +25,21 @@ ACCESS_GATE_KEYS = ("group_id", "workspace_id")
 @task(name="plan-access", **PERSISTED, retries=2, retry_delay_seconds=30,
       retry_condition_fn=transient_only)
 def plan_access(admin: AdminClient, access: AccessSettings, validated: Validated, recorded: AppliedState,
-                observation: Observation | None, plan: Plan, made: set[tuple[str, str]]) -> AccessPlan:
-    """Resolve the products (config errors stop the run here), observe the groups' grants, plan, gate, guard."""
+                observation: Observation | None, plan: Plan, ledger: dict[tuple[str, str], str]) -> AccessPlan:
+    """Resolve the products (config errors stop the run here), observe the groups' grants, plan, gate, guard.
+    `ledger`: the maker of each grant the state store knows of."""
     applied = observation.applied if observation is not None else recorded
-    seen = observe_access(admin, access, validated.groups, applied, made)
+    group_kinds = {change.group_id: change.kind for change in plan.groups}
+    seen = observe_access(admin, access, validated, applied, ledger, group_kinds)
     access_plan = make_access_plan(
-        seen.desired, seen.observed, seen.made,
-        group_kinds={change.group_id: change.kind for change in plan.groups},
+        seen.desired, seen.observed, ledger, group_kinds,
         names={gid: group.display_name for gid, group in validated.groups.items()},
         workspaces=seen.workspaces,
         members_before=applied.members,
         members_after={gid: group.members for gid, group in validated.groups.items()},
         frozen_groups=validated.frozen_groups,
+        org_ids=seen.org_ids,
+        notes=seen.notes,
     )
     publish_plan(plan, validated, recorded, observation, access_plan)
     gate = run_gate("access", gate_frame(access_plan), key_columns=ACCESS_GATE_KEYS)
@@ -44,7 +48,10 @@ def plan_access(admin: AdminClient, access: AccessSettings, validated: Validated
     for blocked in (too_many_revocations(access_plan, access.max_revocations), over_capacity(access_plan, seen.workspaces)):
         if blocked:
             raise blocked
-    get_run_logger().info("access plan: %s", "; ".join(access_plan.lines(granting=bool(access_plan.grants))) or "no change")
+    logger = get_run_logger()
+    for note in access_plan.notes:
+        logger.warning("%s", note)
+    logger.info("access plan: %s", "; ".join(access_plan.seat_lines(granting=bool(access_plan.grants))) or "no change")
     return access_plan
 
 

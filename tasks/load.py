@@ -24,7 +24,7 @@ from prefect.exceptions import ObjectNotFound
 
 from guardsync.load import Loader, LoadReport
 from guardsync.progress import chain, progress_reporter
-from guardsync.plan import Plan
+from guardsync.changes import Plan
 from tasks.common import PERSISTED, transient_only
 
 _UNTHROTTLED_SAID: set[tuple[str, str]] = set()  # (flow run id, limit name): "no limit" said for this run
@@ -102,7 +102,7 @@ def _result(loader: Loader) -> dict:
 def load_users(loader: Loader, plan: Plan) -> dict:
     _start(loader, "users")
     with scim_write_slots(loader, len(plan.users)):
-        loader.load_users(plan.users, plan.forget_users)
+        loader.load_users(plan)
     return _result(loader)
 
 
@@ -110,7 +110,7 @@ def load_users(loader: Loader, plan: Plan) -> dict:
 def load_groups(loader: Loader, plan: Plan) -> dict:
     _start(loader, "groups")
     with scim_write_slots(loader, len(plan.groups)):
-        loader.load_groups(plan.groups, plan.members, plan.forget_groups)
+        loader.load_groups(plan)
     return _result(loader)
 
 
@@ -119,6 +119,5 @@ def load_memberships(loader: Loader, plan: Plan) -> dict:
     """Members to add and remove, and (observing runs) accounts guardsync does not manage, taken out of its groups."""
     _start(loader, "memberships")
     with scim_write_slots(loader, len(plan.members) + len(plan.foreign)):
-        loader.remove_foreign_members(plan.foreign)
-        loader.load_members(plan.members)
+        loader.load_members(plan)
     return _result(loader)

@@ -10,7 +10,9 @@ from guardsync.config import SyncSettings
 from guardsync.diff import plan_row_count, plan_rows
 from guardsync.guards import empty_scope, managed_active_users, too_many_deprovisions
 from guardsync.observe import Observation
-from guardsync.plan import AppliedState, Plan, make_plan
+from guardsync.changes import Plan
+from guardsync.models import AppliedState
+from guardsync.plan import PlanInputs
 from guardsync.validate import Validated
 from tasks.common import PERSISTED
 
@@ -20,11 +22,11 @@ MAX_ROWS = 500  # the artifact table shows the first changes; the counts cover a
 @task(name="plan", **PERSISTED)
 def plan_changes(validated: Validated, recorded: AppliedState, observation: Observation | None, sync: SyncSettings,
                  allow_mass_deactivation: bool, first_run: bool | None = None) -> Plan:
-    """`recorded` is the state store's record; `observation` (first runs, full reads) what Atlassian holds.
+    """`recorded` is the state store's record; `observation` what Atlassian holds (all of it on first runs and
+    full reads; on delta runs, the few objects looked up: guardsync.plan.facts_needed).
     `first_run`: no sync of this store has completed yet (a first run, or the re-run of one that stopped
     midway); by default, an empty record."""
-    plan = make_plan(validated.users, validated.groups, recorded, validated.frozen_users, validated.frozen_groups,
-                     observation, validated.frozen_names)
+    plan = PlanInputs.of(validated).plan(recorded, observation)
     applied = observation.applied if observation is not None else recorded
     publish_plan(plan, validated, recorded, observation)
     active_in_scope = sum(1 for user in validated.users.values() if user.active)

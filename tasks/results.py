@@ -22,7 +22,7 @@ import guardsync.access
 import guardsync.graph
 import guardsync.models
 import guardsync.observe
-import guardsync.plan
+import guardsync.changes
 from guardsync.models import Snapshot
 from guardsync.state import frame_document, snapshot_document, snapshot_from_document
 
@@ -35,7 +35,7 @@ def _dataclasses_of(*modules) -> dict[str, type]:
 
 
 # The stage results' types (extract, observe, plan, plan-access; the loads return plain dicts): nothing else is ever built.
-RESULT_TYPES = _dataclasses_of(guardsync.models, guardsync.plan, guardsync.observe, guardsync.graph, guardsync.access)
+RESULT_TYPES = _dataclasses_of(guardsync.models, guardsync.changes, guardsync.observe, guardsync.graph, guardsync.access)
 
 
 def persisted(cls: type) -> type:
@@ -109,6 +109,51 @@ class ResultSerializer(Serializer):
 
 
 SERIALIZER = ResultSerializer()
+
+
+def _serializer_named(record: bytes) -> str | None:
+    """The serializer type a result file names in its metadata (None: not a Prefect result record)."""
+    try:
+        document = json.loads(record)
+    except ValueError:
+        return None
+    serializer = document.get("metadata", {}).get("serializer") if isinstance(document, dict) else None
+    if isinstance(serializer, dict):
+        return serializer.get("type")
+    return serializer if isinstance(serializer, str) else None
+
+
+def refuse_foreign_results() -> None:
+    """Prefect reads a result file with the serializer the file itself names, so a file forged in the
+    result storage naming `pickle` (or `json`, which imports any class a document names) would run code
+    on a retry's cache read. guardsync persists nothing but guardsync-json: in its processes, Prefect
+    reads nothing else (a file that names another serializer is refused before it is loaded)."""
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+
+    if getattr(ResultRecord, "_guardsync_guarded", False):
+        return
+    deserialize = ResultRecord.deserialize.__func__
+    from_parts = ResultRecord.deserialize_from_result_and_metadata.__func__
+
+    def check(named: str | None) -> None:
+        if named not in (None, SERIALIZER.type):
+            raise UnknownResultType(f"a persisted result names serializer {named!r}; guardsync reads only "
+                                    f"{SERIALIZER.type} results (was the result storage written by someone else?)")
+
+    def guarded(cls, data: bytes, backup_serializer=None):
+        check(_serializer_named(data))
+        return deserialize(cls, data, backup_serializer)
+
+    def guarded_parts(cls, result: bytes, metadata: bytes):
+        check(ResultRecordMetadata.load_bytes(metadata).serializer.type)
+        return from_parts(cls, result, metadata)
+
+    ResultRecord.deserialize = classmethod(guarded)
+    ResultRecord.deserialize_from_result_and_metadata = classmethod(guarded_parts)
+    ResultRecord._guardsync_guarded = True
+
+
+refuse_foreign_results()
 
 
 def local_result_storage() -> Path | None:

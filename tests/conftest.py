@@ -62,20 +62,23 @@ def state_url(tmp_path):
     return f"sqlite:///{tmp_path / 'state.db'}"
 
 
+def run_sync(settings, flow=None, **options):
+    """Run the flow in-process (inside the session's Prefect server): (exit status, RunSummary or the error).
+    `flow`: the flow with other options (e.g. `sync_directory.with_options(retries=1)`)."""
+    from flows.sync_directory import WritesFailed, sync_directory
+
+    try:
+        return 0, RunSummary(**(flow or sync_directory)(settings=settings, **options))
+    except WritesFailed as exc:
+        return 1, exc.summary
+    except GuardsyncError as exc:
+        return exc.exit_code, exc
+
+
 @pytest.fixture
 def sync(prefect_server):
     """Run the flow in-process: (exit status, RunSummary or the error)."""
-    from flows.sync_directory import WritesFailed, sync_directory
-
-    def run(settings, **options):
-        try:
-            return 0, RunSummary(**sync_directory(settings=settings, **options))
-        except WritesFailed as exc:
-            return 1, exc.summary
-        except GuardsyncError as exc:
-            return exc.exit_code, exc
-
-    return run
+    return run_sync
 
 
 @pytest.fixture
@@ -95,3 +98,15 @@ def fresh_postgres():
         with admin.connect() as conn:
             conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.dispose()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Tests that measure themselves (the model test: histories, steps, runs) say so at the end of the run,
+    also under xdist (a report's user_properties travel from the worker)."""
+    lines = [f"{report.nodeid}: {value}" for reports in terminalreporter.stats.values() for report in reports
+             if getattr(report, "when", None) == "call"
+             for name, value in getattr(report, "user_properties", ()) if name == "measured"]
+    if lines:
+        terminalreporter.write_sep("-", "measured")
+        for line in lines:
+            terminalreporter.write_line(line)

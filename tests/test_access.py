@@ -326,7 +326,8 @@ def test_killed_between_the_renamed_groups_grants_and_the_old_groups_deletion(sa
     assert status == 0, summary
     assert sandbox.org.grants() == {"Engineering Everyone": {JIRA, CONFLUENCE, JPD}}
     assert "Engineering All" not in {g["displayName"] for g in sandbox.scim.groups()}
-    assert {row[1] for row in state_rows(state_url)["access_grants"] if row[0] == engineering} == {"ws-jira", "ws-confluence"}
+    assert {(row[1], row[3]) for row in state_rows(state_url)["access_grants"] if row[0] == engineering} == {
+        ("ws-jira", "guardsync"), ("ws-confluence", "guardsync"), ("ws-jpd", "hand")}
     sandbox.org.reset_counts()
     assert sync(settings, full=True)[0] == 0 and org_writes(sandbox) == 0
 
@@ -373,10 +374,8 @@ def test_a_renamed_groups_grant_that_fails_keeps_the_old_group_and_its_access(sa
     assert "Engineering All" not in {g["displayName"] for g in sandbox.scim.groups()}
 
 
-@pytest.mark.xfail(strict=True, reason="review: a dry run never takes the settled shortcut and observes the grants; the "
-                   "sync right after does take it (no change in Entra) and never looks at Atlassian's grants, so the "
-                   "plan shows a grant the sync does not make (until Entra changes or a full read)")
 def test_a_plan_right_after_a_hand_revocation_counts_what_the_sync_then_does(sandbox, state_url, sync):
+    """The sync right after takes no "nothing changed" shortcut past a configured grant Atlassian lacks."""
     settings = sandbox.settings(state_url, MAPPING)
     assert sync(settings)[0] == 0
     revoke_by_hand(sandbox, "Engineering All", "ws-jira")
@@ -384,7 +383,8 @@ def test_a_plan_right_after_a_hand_revocation_counts_what_the_sync_then_does(san
     assert status == 0, preview
     status, summary = sync(settings)
     assert status == 0, summary
-    assert preview.counts.get("access_granted", 0) == summary.counts.get("access_granted", 0)
+    assert preview.counts.get("access_granted", 0) == summary.counts.get("access_granted", 0) == 1
+    assert preview.access == summary.access
 
 
 def test_a_product_dropped_from_a_group_renamed_in_the_same_round_counts_as_a_revocation(sandbox, state_url, sync):

@@ -313,7 +313,8 @@ def test_escaped_filter_values_parse_back_to_themselves(value):
 
 from guardsync.flatten import effective_memberships  # noqa: E402
 from guardsync.models import EDGE_COLUMNS, DesiredGroup, DesiredUser  # noqa: E402
-from guardsync.plan import AppliedGroup, AppliedState, AppliedUser, apply_plan, make_plan  # noqa: E402
+from guardsync.models import AppliedGroup, AppliedState, AppliedUser
+from guardsync.plan import apply_plan, make_plan  # noqa: E402
 
 _ids = st.sampled_from([f"u{i}" for i in range(8)])
 _users = st.dictionaries(_ids, st.tuples(st.booleans(), st.sampled_from(["A", "B"])), max_size=8)

@@ -6,8 +6,6 @@ the end state is, checked against the real sandbox.
 
 from __future__ import annotations
 
-import pytest
-
 from guardsync.sandbox.http import Fault
 from guardsync.state import StateStore
 from tests.test_brownfield import disabled_in_scope, entra_by_upn, scim_user
@@ -229,9 +227,6 @@ def test_pilot_mode_on_a_populated_directory_touches_only_the_pilot(sandbox, sta
     assert sync(settings, full=True)[0] == 0 and scim_writes(sandbox) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="review-12: plan_groups plans a rename without looking at the observed unmanaged "
-                   "groups: the dry run says renamed, the sync POSTs, gets 409, looks the group up and adopts it "
-                   "(groups_adopted, members_removed)")
 def test_a_full_read_that_renames_a_group_to_the_name_of_a_hand_made_group_is_previewed_exactly(sandbox, state_url, sync):
     """Full reads plan against Atlassian as it is: an Entra group renamed to the name of a group made by hand
     in Atlassian. The dry run and the sync count alike, and the sync needs no 409 to find it."""

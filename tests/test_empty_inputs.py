@@ -16,7 +16,8 @@ from guardsync.config import SyncSettings
 from guardsync.flatten import effective_memberships
 from guardsync.models import EDGE_COLUMNS, GROUP_COLUMNS, MEMBERSHIP_COLUMNS, USER_COLUMNS, DesiredGroup, DesiredUser, Snapshot, text_frame
 from guardsync.observe import AtlassianGroup, AtlassianUser, Observation, DriftReport
-from guardsync.plan import AppliedState, AppliedUser, apply_plan, make_plan
+from guardsync.models import AppliedState, AppliedUser
+from guardsync.plan import apply_plan, make_plan
 from guardsync.scope import scope
 from guardsync.validate import validate
 

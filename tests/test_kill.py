@@ -5,11 +5,13 @@ this test process (HTTPS on loopback) and is killed with SIGKILL at a chosen poi
 found by polling the SCIM server's request counters: during the users load, at the
 first group create, at the first membership PATCH, and in the gap between a write
 Atlassian applied and its record in the state store (the server applies the request,
-then holds the answer while the child is killed). Then the same command runs again to
-completion, and the Atlassian state must equal that of an uninterrupted run on an
-identical fresh sandbox (same tenant seed): same userNames and attributes, same active
-flags, same groups with the same members, no duplicate, nothing missing. A third run
-must write nothing.
+then holds the answer while the child is killed). Then the run goes again to completion
+(the flow in this process, on the same configuration and state store: the killed child's
+lock is taken over as a dead process's), and the Atlassian state must equal that of an
+uninterrupted run on an identical fresh sandbox (same tenant seed): same userNames and
+attributes, same active flags, same groups with the same members, no duplicate, nothing
+missing. A third run must write nothing. The uninterrupted reference is computed once per
+kind of history and test process (the tenant is generated from a fixed seed).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from guardsync.sandbox.http import Fault
-from tests.test_config import GUARDSYNC, cli_env, run_cli, write_config
+from tests.test_config import GUARDSYNC, cli_env, write_config
 from tests.test_faults import assert_same_state, atlassian_state, enabled_members_in_scope, nontrivial, scim_writes
 
 pytestmark = pytest.mark.slow
@@ -70,15 +72,15 @@ def children():
         child.kill()
 
 
-def finish(sandbox, config: Path, home: Path) -> None:
+def finish(sandbox, settings, sync) -> None:
     """Run again to completion, then once more: the second must write nothing."""
     sandbox.scim.latency = 0.0
     sandbox.scim.clear_faults()
-    result = run_cli(["sync", "--config", str(config)], cli_env(sandbox, home))
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    status, summary = sync(settings)
+    assert status == 0, summary
     sandbox.scim.reset_counts()
-    result = run_cli(["sync", "--config", str(config)], cli_env(sandbox, home))
-    assert result.returncode == 0, result.stderr[-3000:]
+    status, summary = sync(settings)
+    assert status == 0, summary
     assert scim_writes(sandbox) == 0, sandbox.scim.requests
 
 
@@ -90,24 +92,40 @@ def recorded(state_db: Path) -> tuple[set[str], set[str]]:
     return users, groups
 
 
+REFERENCES: dict[str, dict] = {}  # kind of history -> the Atlassian state an uninterrupted run ends in
+
+
+def reference_state(kind: str, make_reference) -> dict:
+    """The uninterrupted run's end state, computed once per kind in this test process."""
+    if kind not in REFERENCES:
+        REFERENCES[kind] = make_reference()
+    return REFERENCES[kind]
+
+
 @pytest.fixture
 def kill_setup(make_sandbox, sync, tmp_path, prefect_server):
-    """(sandbox, config file, Prefect home, expected state) for a first run of a fresh tenant."""
+    """(sandbox, config file, settings, Prefect home, expected state) for a first run of a fresh tenant."""
 
-    def make(populate=None, **sync_options):
-        """`populate(sandbox)`: what Atlassian holds before the first run (default: nothing)."""
-        reference = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
-        if populate:
-            populate(reference)
-        status, summary = sync(reference.settings(f"sqlite:///{tmp_path / 'reference.db'}", **sync_options))
-        assert status == 0, summary
-        expected = nontrivial(atlassian_state(reference))
-        reference.stop()
+    def make(kind="first run", populate=None, **sync_options):
+        """`populate(sandbox)`: what Atlassian holds before the first run (default: nothing); `kind` names
+        the history (populate and options) for the reference."""
+
+        def uninterrupted() -> dict:
+            reference = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
+            if populate:
+                populate(reference)
+            status, summary = sync(reference.settings(f"sqlite:///{tmp_path / 'reference.db'}", **sync_options))
+            assert status == 0, summary
+            reference.stop()
+            return nontrivial(atlassian_state(reference))
+
+        expected = reference_state(kind, uninterrupted)
         sandbox = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
         if populate:
             populate(sandbox)
-        config = write_config(tmp_path / "guardsync.toml", sandbox.config(f"sqlite:///{tmp_path / 'state.db'}", **sync_options))
-        return sandbox, config, tmp_path / "prefect-home", expected
+        state = f"sqlite:///{tmp_path / 'state.db'}"
+        config = write_config(tmp_path / "guardsync.toml", sandbox.config(state, **sync_options))
+        return sandbox, config, sandbox.settings(state, **sync_options), tmp_path / "prefect-home", expected
 
     return make
 
@@ -128,8 +146,8 @@ KILL_POINTS = {
 
 
 @pytest.mark.parametrize("stage", list(KILL_POINTS))
-def test_killed_during_a_load_stage_the_next_run_ends_where_an_uninterrupted_run_ends(stage, kill_setup, children, tmp_path):
-    sandbox, config, home, expected = kill_setup()
+def test_killed_during_a_load_stage_the_next_run_ends_where_an_uninterrupted_run_ends(stage, kill_setup, children, tmp_path, sync):
+    sandbox, config, settings, home, expected = kill_setup()
     condition, landed = KILL_POINTS[stage]
     sandbox.scim.latency = LATENCY
     child = Child(sandbox, config, home, tmp_path / "killed.log")
@@ -138,7 +156,7 @@ def test_killed_during_a_load_stage_the_next_run_ends_where_an_uninterrupted_run
     time.sleep(3 * LATENCY)  # requests in flight when the child died reach the server and are applied
     assert child.process.returncode == -signal.SIGKILL
     assert landed(sandbox, expected), f"the kill did not land inside the {stage} load"
-    finish(sandbox, config, home)
+    finish(sandbox, settings, sync)
     assert_same_state(atlassian_state(sandbox), expected)
 
 
@@ -156,11 +174,12 @@ BROWNFIELD_KILLS = {
 
 
 @pytest.mark.parametrize("point", list(BROWNFIELD_KILLS))
-def test_killed_during_a_brownfield_first_run_the_next_run_ends_as_an_uninterrupted_one(point, kill_setup, children, tmp_path):
+def test_killed_during_a_brownfield_first_run_the_next_run_ends_as_an_uninterrupted_one(point, kill_setup, children, tmp_path, sync):
     from tests.test_brownfield import PopulatedWorld
 
     worlds = []
-    sandbox, config, home, expected = kill_setup(populate=lambda s: worlds.append(PopulatedWorld(s)), max_deactivations=5)
+    sandbox, config, settings, home, expected = kill_setup(
+        "brownfield first run", populate=lambda s: worlds.append(PopulatedWorld(s)), max_deactivations=5)
     world = worlds[-1]
     assert all(expected["users"][upn][1] is False for upn in world.disabled)  # the reference deactivated the leavers
     sandbox.scim.latency = LATENCY
@@ -168,7 +187,7 @@ def test_killed_during_a_brownfield_first_run_the_next_run_ends_as_an_uninterrup
     children.append(child)
     child.kill_when(lambda: BROWNFIELD_KILLS[point](sandbox))
     time.sleep(3 * LATENCY)
-    finish(sandbox, config, home)
+    finish(sandbox, settings, sync)
     assert_same_state(atlassian_state(sandbox), expected)
     assert sandbox.scim.get_user(world.foreign_user_id) == world.foreign_user  # never touched, killed or not
 
@@ -185,8 +204,8 @@ GAPS = {
 
 
 @pytest.mark.parametrize("gap", list(GAPS))
-def test_killed_after_atlassian_applied_a_write_but_before_it_was_recorded(gap, kill_setup, children, tmp_path):
-    sandbox, config, home, expected = kill_setup()
+def test_killed_after_atlassian_applied_a_write_but_before_it_was_recorded(gap, kill_setup, children, tmp_path, sync):
+    sandbox, config, settings, home, expected = kill_setup()
     counter, after, fault = GAPS[gap]
     fault = copy.deepcopy(fault)
     sandbox.scim.latency = LATENCY
@@ -212,7 +231,7 @@ def test_killed_after_atlassian_applied_a_write_but_before_it_was_recorded(gap, 
             recorded_members = connection.execute("SELECT count(*) FROM members").fetchone()[0]
         in_atlassian = sum(len(g.get("members") or []) for g in sandbox.scim.groups())
         assert in_atlassian > recorded_members, "memberships applied in Atlassian that the state store never recorded"
-    finish(sandbox, config, home)
+    finish(sandbox, settings, sync)
     assert_same_state(atlassian_state(sandbox), expected)
 
 
@@ -242,19 +261,24 @@ SECOND_RUN_KILLS = {
 
 @pytest.mark.parametrize("point", list(SECOND_RUN_KILLS))
 def test_a_killed_second_run_deactivates_nobody_wrongly(point, make_sandbox, sync, tmp_path, children, prefect_server):
-    reference = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
-    reference_db = f"sqlite:///{tmp_path / 'reference.db'}"
-    assert sync(reference.settings(reference_db))[0] == 0
-    changes(reference.tenant)
-    assert sync(reference.settings(reference_db))[0] == 0
-    expected = nontrivial(atlassian_state(reference))
+    def uninterrupted() -> dict:
+        reference = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
+        reference_db = f"sqlite:///{tmp_path / 'reference.db'}"
+        assert sync(reference.settings(reference_db))[0] == 0
+        changes(reference.tenant)
+        assert sync(reference.settings(reference_db))[0] == 0
+        reference.stop()
+        return nontrivial(atlassian_state(reference))
+
+    expected = reference_state("second run", uninterrupted)
     assert sum(1 for u in expected["users"].values() if u[1] is False) == 4
-    reference.stop()
 
     sandbox = make_sandbox(users=USERS, groups=GROUPS, seed=SEED)
-    config = write_config(tmp_path / "guardsync.toml", sandbox.config(f"sqlite:///{tmp_path / 'state.db'}"))
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    config = write_config(tmp_path / "guardsync.toml", sandbox.config(state))
     home = tmp_path / "prefect-home"
-    assert sync(sandbox.settings(f"sqlite:///{tmp_path / 'state.db'}"))[0] == 0
+    settings = sandbox.settings(state)
+    assert sync(settings)[0] == 0
     changes(sandbox.tenant)
     sandbox.scim.reset_counts()
     sandbox.scim.latency = LATENCY
@@ -262,7 +286,7 @@ def test_a_killed_second_run_deactivates_nobody_wrongly(point, make_sandbox, syn
     children.append(child)
     child.kill_when(lambda: SECOND_RUN_KILLS[point](sandbox))
     time.sleep(3 * LATENCY)
-    finish(sandbox, config, home)
+    finish(sandbox, settings, sync)
     state = atlassian_state(sandbox)
     assert_same_state(state, expected)
     assert sorted(n for n, u in state["users"].items() if u[1] is False) == sorted(n for n, u in expected["users"].items() if u[1] is False)

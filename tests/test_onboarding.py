@@ -28,7 +28,7 @@ import pytest
 
 from guardsync.cli import main
 from guardsync.config import load_settings
-from guardsync.onboarding import ITEMS
+from guardsync.check import ITEMS
 from guardsync.progress import print_summary_table, progress_reporter
 from guardsync.sandbox.stack import API_KEY_ENV, SECRET_ENV, to_toml
 from guardsync.state import StateStore

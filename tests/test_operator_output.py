@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from guardsync.diff import AttributeChange, user_changes
+from guardsync.changes import AttributeChange, user_changes
 from guardsync.models import DesiredUser
 from guardsync.sandbox.stack import to_toml
 from guardsync.summary import RunSummary

@@ -4,7 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardsync.models import DesiredGroup, DesiredUser
-from guardsync.plan import AppliedGroup, AppliedState, AppliedUser, apply_plan, make_plan
+from guardsync.models import AppliedGroup, AppliedState, AppliedUser
+from guardsync.plan import apply_plan, make_plan
 
 
 def user(uid, name=None, active=True, title="Engineer"):
@@ -109,3 +110,52 @@ def test_applying_the_plan_yields_the_desired_state_and_replanning_is_empty(u1, 
     assert names == {gid: g.display_name.casefold() for gid, g in groups.items()}
     assert members == {gid: g.members for gid, g in groups.items()}
     assert make_plan(users, groups, after).is_empty()
+
+
+# -- one planner: a partial observation is planned as a full one (issue 19) ----------------------------
+
+
+def _resource(record: DesiredUser, scim_id: str, email: str | None = None) -> dict:
+    from guardsync.scim import user_resource
+
+    resource = {**user_resource(record), "id": scim_id}
+    if email:
+        resource["emails"] = [{"value": email, "type": "work", "primary": True}]
+    return resource
+
+
+def test_a_leaver_whose_email_was_edited_by_hand_is_written_with_its_own_user_name():
+    from guardsync.observe import observe
+
+    a = user("a")
+    before = applied_from([a], [])
+    observation = observe(before, [_resource(a, "scim-a", email="other@contoso.com")], [])
+    assert observation.applied.users["a"].record.user_name == "a@contoso.com <other@contoso.com>"
+    plan = make_plan({}, {}, before, observation=observation)
+    assert [(c.kind, c.user.user_name, c.user.active) for c in plan.users] == [("deactivate", "a@contoso.com", False)]
+
+
+def test_a_partial_observation_corrects_only_what_was_read():
+    from guardsync.observe import observe_some
+
+    group = DesiredGroup("g", "Staff", frozenset({"a", "b"}))
+    before = applied_from([user("a"), user("b")], [group])
+    observation = observe_some(before, [], [], missing_users={"scim-a"})
+    assert set(observation.applied.users) == {"b"} and observation.gone_users == ["a"]
+    assert observation.applied.members["g"] == {"b"} and not observation.complete
+    plan = make_plan({"a": user("a"), "b": user("b")}, {"g": group}, before, observation=observation)
+    assert [(c.kind, c.user.external_id) for c in plan.users] == [("create", "a")]  # re-created, back in its group
+    assert [(c.group_id, c.add, c.remove) for c in plan.members] == [("g", ("a",), ())]
+
+
+def test_a_renamed_user_adopts_the_unmanaged_account_of_its_new_identifier_and_lets_its_own_go():
+    from guardsync.observe import observe_some
+
+    group = DesiredGroup("g", "Staff", frozenset({"a"}))
+    before = applied_from([user("a")], [group])
+    renamed = user("a", "new@contoso.com")
+    observation = observe_some(before, [_resource(replace(renamed, external_id=""), "scim-x")], [])
+    plan = make_plan({"a": renamed}, {"g": group}, before, observation=observation)
+    assert {(c.kind, c.scim_id, c.user.external_id, c.release) for c in plan.users} == {
+        ("adopt", "scim-x", "a", False), ("deactivate", "scim-a", "", True)}
+    assert plan.foreign == {"g": ("scim-a",)} and [(c.add, c.remove) for c in plan.members] == [(("a",), ())]

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from guardsync.plan import AppliedState, AppliedUser, MemberChange, Plan, UserChange
+from guardsync.changes import MemberChange, Plan, UserChange
+from guardsync.models import AppliedState, AppliedUser
 from guardsync.models import DesiredUser
 from tasks.results import SERIALIZER, UnknownResultType
 

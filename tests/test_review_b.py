@@ -58,9 +58,6 @@ class _RunsCodeWhenUnpickled:
         return (Path.touch, (self.marker,))
 
 
-@pytest.mark.xfail(strict=True, reason="Prefect deserializes a result with the serializer its file names (metadata."
-                   "serializer), not the task's: a file naming 'pickle' is unpickled on the retry's cache read; "
-                   "guardsync-json only guards results that say they are guardsync-json")
 def test_a_forged_result_file_naming_pickle_runs_no_code_on_a_retry(tmp_path):
     """README: 'someone who can write the storage cannot make a retry run code'. A retry's cached stage is read
     by Prefect's ResultStore from the result storage, as here, with guardsync's serializer configured."""

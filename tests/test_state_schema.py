@@ -40,7 +40,8 @@ def test_an_empty_database_gets_the_schema_of_the_code(database, tmp_path, reque
         store.dispose()
 
 
-LATER_TABLES = {"access_grants"}  # added by revision 0003, after migrations began
+LATER_TABLES = {"access_grants", "no_account"}  # added by revisions 0003 and 0005, after migrations began
+LATER_COLUMNS = {"runs": {"seq"}}  # added by revision 0005
 
 
 def test_a_store_made_before_migrations_is_adopted_with_its_rows(fresh_postgres):
@@ -48,13 +49,16 @@ def test_a_store_made_before_migrations_is_adopted_with_its_rows(fresh_postgres)
     old = sqlalchemy.MetaData()
     for table in metadata.tables.values():
         if table.name not in LATER_TABLES:
-            table.to_metadata(old)
+            later = LATER_COLUMNS.get(table.name, set())
+            sqlalchemy.Table(table.name, old, *[column.copy() for column in table.columns if column.name not in later])
     old.tables["audit"].indexes.clear()
     engine = sqlalchemy.create_engine(fresh_postgres)
     old.create_all(engine)
     user = DesiredUser("e1", "ada@contoso.com", "Ada", "Ada", "L", "", True)
     with engine.begin() as conn:
         conn.execute(old.tables["binding"].insert().values(key="tenant_id", value="t1"))
+        for n, started in enumerate(("2024-05-02 10:00:00+00", "2024-05-01 10:00:00+00")):
+            conn.execute(old.tables["runs"].insert().values(run_id=f"r{n}", started_at=started, mode="sync", status="completed"))
         conn.execute(old.tables["users"].insert().values(external_id="e1", scim_id="s1", active=True,
                                                          record=json.dumps(user.__dict__)))
     engine.dispose()
@@ -64,7 +68,42 @@ def test_a_store_made_before_migrations_is_adopted_with_its_rows(fresh_postgres)
         assert schema_revision(store.engine) == schema_head()
         assert store.binding() == {"tenant_id": "t1"}
         assert store.load().users["e1"].record == user
+        assert [run["run_id"] for run in store.history()] == ["r0", "r1"]  # numbered in the order they started
+        assert store.start_run("r1", "sync")["run_id"] == "r0"  # so a retry of r1 knows r0 ran after it
         assert _schema_differences(store.engine) == []
+    finally:
+        store.dispose()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_store_from_before_grant_makers_keeps_its_grants_as_guardsyncs(database, tmp_path, request):
+    """Revision 0003 recorded only the grants guardsync made: upgraded, they stay guardsync's (the only ones it
+    may revoke). A dry run reads such a store as it is, without migrating it."""
+    from alembic import command
+
+    from guardsync.state import _alembic_config
+
+    url = f"sqlite:///{tmp_path / 'state.db'}" if database == "sqlite" else request.getfixturevalue("fresh_postgres")
+    engine = sqlalchemy.create_engine(url)
+    config = _alembic_config()
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0003")
+        conn.execute(sqlalchemy.text("INSERT INTO access_grants (group_id, workspace_id, product) "
+                                     "VALUES ('g1', 'ws-jira', 'jira-software@contoso.atlassian.net')"))
+    engine.dispose()
+    preview = StateStore(url, read_only=True)
+    try:
+        assert preview.load_grants() == {("g1", "ws-jira"): "guardsync"} and schema_revision(preview.engine) == "0003"
+    finally:
+        preview.dispose()
+    store = StateStore(url)
+    try:
+        assert schema_revision(store.engine) == schema_head() and _schema_differences(store.engine) == []
+        assert store.load_grants() == {("g1", "ws-jira"): "guardsync"}
+        store.save_grant("run-1", "grant", "g2", "Two", "ws-jpd", "jira-product-discovery@contoso.atlassian.net", "hand")
+        assert store.load_grants() == {("g1", "ws-jira"): "guardsync", ("g2", "ws-jpd"): "hand"}
+        assert store.grants_confirmed_in("run-1") == {("g2", "ws-jpd")}
     finally:
         store.dispose()
 

@@ -102,6 +102,19 @@ class OrgApiServer(SandboxServer):
         with self._state_lock:
             self._grants.setdefault(scim_id, set()).add((workspace_id, role))
 
+    def revoke_by_hand(self, group_name: str, workspace_id: str, role: str = "atlassian/user") -> None:
+        """An admin takes a product away from a group in Atlassian administration."""
+        scim_id = next(i for i, n in self._group_names_by_scim_id().items() if n.casefold() == group_name.casefold())
+        with self._state_lock:
+            self._grants.get(scim_id, set()).discard((workspace_id, role))
+
+    def held(self) -> dict[str, set[str]]:
+        """SCIM group id -> the workspace ids it holds with the user role (groups holding nothing left out)."""
+        with self._state_lock:
+            self._drop_deleted_groups()
+            return {scim_id: {w for w, role in held if role == "atlassian/user"}
+                    for scim_id, held in self._grants.items() if any(role == "atlassian/user" for _, role in held)}
+
     def throttle(self, times: int = 1, path_re: str = r"^/admin/", reset_in: float = 0.2) -> None:
         """The next `times` requests whose path matches answer 429 with Atlassian's rate-limit headers
         (X-RateLimit-Reset `reset_in` seconds after the answer; no Retry-After)."""

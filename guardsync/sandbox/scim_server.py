@@ -442,6 +442,23 @@ class AtlassianScimServer(SandboxServer):
         with self.service.provider:
             return resource.model_dump(scim_ctx=Context.RESOURCE_QUERY_RESPONSE)
 
+    # -- hand edits: an admin's changes in Atlassian administration, written to the store (not counted) --
+    def delete_by_hand(self, resource_type_name: str, scim_id: str) -> None:
+        """Delete a user ("User") or group ("Group"); a deleted user leaves its groups, as over the API."""
+        self.storage.delete(self.service.get_resource_type(resource_type_name), scim_id)
+
+    def edit_user_by_hand(self, scim_id: str, **attributes) -> dict:
+        """Replace top-level attributes of a stored user (`emails=[...]`, `active=False`, ...); Atlassian's
+        rules still hold (a primary email on a verified domain)."""
+        resource_type = self.service.get_resource_type("User")
+        model = self.service.get_model(resource_type)
+        current = self.get_user(scim_id)
+        payload = {key: value for key, value in current.items() if key != "meta"} | attributes
+        with self.service.provider:
+            resource = model.model_validate(payload, scim_ctx=Context.RESOURCE_REPLACEMENT_REQUEST)
+            resource.id = scim_id
+            return self._dump(self.storage.update(resource_type, resource))
+
     def get_user(self, scim_id: str) -> dict:
         return self._get("User", scim_id)
 
