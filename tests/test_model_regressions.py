@@ -1,8 +1,8 @@
 """Histories that broke the contract, replayed step by step through the model test's World and oracle.
 
 Each test is a history as hypothesis prints it for tests/test_model.py (the same rules, the same arguments),
-and names the invariant it breaks (tests/oracle.py). Those found before their fix landed are strict xfails
-(issue 19): the day a fix makes one pass, the xfail turns red and is removed.
+and names the invariant it broke (tests/oracle.py). Each failed before its fix landed (issue 19) and must
+pass now: a history that breaks an invariant again fails here with the oracle's words.
 """
 
 from __future__ import annotations
@@ -39,9 +39,8 @@ FIRST_SYNC = {}  # a round of nothing but a delta run (here: the first run)
 # -- issue 19's list, written as histories of the model's rounds ------------------------------------------------
 
 
-@pytest.mark.xfail(raises=Violation, strict=True,
-                   reason="issue 19 item 2: a synced group not in [access.groups] holding a grant made by hand is "
-                          "renamed; the re-created group holds nothing")
+# Found by issue 19's list (fixed since) item 2: a synced group not in [access.groups] holding a grant made by hand is renamed; the
+# re-created group holds nothing
 def test_a_hand_made_grant_of_an_unmapped_group_survives_its_rename(prefect_server):
     replay(TENANT, [FIRST_SYNC,
                     dict(entra=[("rename_group", 2, 0)],  # Team 2 renamed ...
@@ -49,18 +48,15 @@ def test_a_hand_made_grant_of_an_unmapped_group_survives_its_rename(prefect_serv
            breaks="hand-made-grant-kept")
 
 
-@pytest.mark.xfail(raises=Violation, strict=True,
-                   reason="issue 19 item 3: a configured group deleted and re-created under its name in one round: "
-                          "the new group gets none of its configured products")
+# Found by issue 19's list (fixed since) item 3: a configured group deleted and re-created under its name in one round: the new group gets
+# none of its configured products
 def test_a_group_recreated_under_its_name_gets_its_configured_products(prefect_server):
     replay(TENANT, [FIRST_SYNC,
                     dict(entra=[("recreate_group", 0, 1)])],  # Team 0 again, the mapping pointed at the new one
            breaks="configured-grants-present")
 
 
-@pytest.mark.xfail(raises=Violation, strict=True,
-                   reason="issue 19 item 4: a grant made by hand of a product then configured is lost when its "
-                          "group is renamed")
+# Found by issue 19's list (fixed since) item 4: a grant made by hand of a product then configured is lost when its group is renamed
 def test_a_hand_made_grant_of_a_configured_product_survives_a_rename(prefect_server):
     replay(TENANT, [FIRST_SYNC,
                     dict(hand=[("grant", 0, 0)],  # Team 0 (confluence, guardsync's) gets jira-software by hand ...
@@ -70,9 +66,8 @@ def test_a_hand_made_grant_of_a_configured_product_survives_a_rename(prefect_ser
            breaks="hand-made-grant-kept")
 
 
-@pytest.mark.xfail(raises=Violation, strict=True,
-                   reason="issue 19 item 6: a managed group deleted by hand, then a membership change in Entra: "
-                          "the delta run fails with 404 on PATCH")
+# Found by issue 19's list (fixed since) item 6: a managed group deleted by hand, then a membership change in Entra: the delta run fails
+# with 404 on PATCH
 def test_a_group_deleted_by_hand_then_changed_in_entra_is_made_again(prefect_server):
     replay(TENANT, [FIRST_SYNC,
                     dict(entra=[("add_member", 0, 0)],  # ada.0 joins Team 0 ...
@@ -80,9 +75,8 @@ def test_a_group_deleted_by_hand_then_changed_in_entra_is_made_again(prefect_ser
            breaks="run-status")
 
 
-@pytest.mark.xfail(raises=Violation, strict=True,
-                   reason="issue 19 item 7: a disabled user entering scope whose active account already exists stays "
-                          "active on delta runs")
+# Found by issue 19's list (fixed since) item 7: a disabled user entering scope whose active account already exists stays active on delta
+# runs
 def test_a_disabled_user_entering_scope_with_an_active_account_is_deactivated(prefect_server):
     replay(TENANT, [dict(configure=[("pilot", 1, 0)]),  # pilot: Team 0 only
                     dict(entra=[("add_member", 0, 4)],  # ed.4 (disabled) joins Team 0: in scope ...
@@ -90,9 +84,8 @@ def test_a_disabled_user_entering_scope_with_an_active_account_is_deactivated(pr
            breaks="no-active-account-for-leaver")
 
 
-@pytest.mark.xfail(raises=Violation, strict=True,
-                   reason="issue 19 item 9: a hand-over whose old account was deleted by hand: the new account is "
-                          "left out of the leaver's group")
+# Found by issue 19's list (fixed since) item 9: a hand-over whose old account was deleted by hand: the new account is left out of the
+# leaver's group
 def test_a_handover_after_the_leavers_account_was_deleted_by_hand_keeps_the_group(prefect_server):
     replay(TENANT, [FIRST_SYNC,
                     dict(hand=[("delete_account", 1, 0)]),  # bo.1's account, by hand
@@ -100,9 +93,8 @@ def test_a_handover_after_the_leavers_account_was_deleted_by_hand_keeps_the_grou
            breaks="synced-group-exact")
 
 
-@pytest.mark.xfail(raises=Violation, strict=True,
-                   reason="issue 19 item 12: with no change in Entra a configured grant removed by hand is not "
-                          "restored (the run takes the nothing-changed shortcut)")
+# Found by issue 19's list (fixed since) item 12: with no change in Entra a configured grant removed by hand is not restored (the run takes
+# the nothing-changed shortcut)
 def test_a_configured_grant_revoked_by_hand_is_restored_by_the_next_run(prefect_server):
     replay(TENANT, [FIRST_SYNC,
                     dict(hand=[("revoke", 0, 0)])],  # Team 0's confluence, by hand
@@ -112,18 +104,16 @@ def test_a_configured_grant_revoked_by_hand_is_restored_by_the_next_run(prefect_
 # -- found by the model test ------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(raises=Violation, strict=True,
-                   reason="issue 19 (as item 12): a configured grant revoked by hand on a populated first run's "
-                          "directory is not restored by a killed run nor its re-run, Entra unchanged")
+# Found by issue 19's list (fixed since) (as item 12): a configured grant revoked by hand on a populated first run's directory is not
+# restored by a killed run nor its re-run, Entra unchanged
 def test_found_a_grant_revoked_by_hand_then_a_killed_run(prefect_server):
     replay(dict(seed=870, users=10, groups=5, brownfield=True), [FIRST_SYNC,
                                                                  dict(hand=[("revoke", 0, 0)], run="kill", k=1)],
            breaks="configured-grants-present")
 
 
-@pytest.mark.xfail(raises=Violation, strict=True,
-                   reason="issue 19 (as item 7): a disabled user renamed to the identifier of an active account made by "
-                          "hand: the delta run leaves the account active (it never looks it up)")
+# Found by issue 19's list (fixed since) (as item 7): a disabled user renamed to the identifier of an active account made by hand: the delta
+# run leaves the account active (it never looks it up)
 def test_found_a_disabled_user_renamed_to_an_active_accounts_name(prefect_server):
     # Found as: start(seed=33267, groups=4, users=11, brownfield=True) and five rounds, the last renaming a disabled
     # user to the name of a brownfield account left unadopted (its user was outside the pilot); shortened here.
