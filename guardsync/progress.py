@@ -45,7 +45,7 @@ class ProgressReporter:
     """
 
     def __init__(self, stream: IO[str] | None = None, *, every_percent: int = 10, force_terminal: bool | None = None):
-        self.stream = stream or sys.stderr
+        self._stream = stream  # None: whatever sys.stderr is when it writes (tests swap it, and close theirs)
         self.every_percent = max(1, min(100, every_percent))
         self.console = console_for(self.stream, force_terminal)
         self.draws = self.console.is_interactive
@@ -55,6 +55,10 @@ class ProgressReporter:
         self._stage: str | None = None  # the stage with a live bar (terminal mode)
         self._progress: Progress | None = None
         self._task = None
+
+    @property
+    def stream(self) -> IO[str]:
+        return self._stream or sys.stderr
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         with self._lock:

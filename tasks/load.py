@@ -28,7 +28,7 @@ from guardsync.changes import Plan
 from tasks.common import PERSISTED, transient_only
 
 _UNTHROTTLED_SAID: set[tuple[str, str]] = set()  # (flow run id, limit name): "no limit" said for this run
-TERMINAL_PROGRESS = progress_reporter(sys.stderr)  # bars on a terminal, a plain line every 10% elsewhere
+TERMINAL_PROGRESS = progress_reporter()  # to sys.stderr as it is when a stage reports: bars on a terminal, a plain line every 10% elsewhere
 
 LOAD_OPTIONS = dict(**PERSISTED, retries=2, retry_delay_seconds=30,
                     retry_condition_fn=transient_only)

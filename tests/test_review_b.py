@@ -87,9 +87,9 @@ def test_a_retry_after_beyond_the_budget_is_not_asked_again_sooner_by_the_task_r
     """Graph asks for a wait longer than [sync] retry_budget_seconds: the run fails at once with which setting
     (README), and the extract's task retry (sooner than the asked wait) must not send Graph the same requests
     again, the whole extract restarted (issue 15, item 7)."""
-    import flows.sync_directory as flow_module
+    import tasks.extract as extract_module  # the flow imports its stages where it runs them
 
-    monkeypatch.setattr(flow_module, "extract", flow_module.extract.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(extract_module, "extract", extract_module.extract.with_options(retry_delay_seconds=0))
     settings = sandbox.settings(state_url)
     tight = settings.model_copy(update={"sync": settings.sync.model_copy(update={"retry_budget_seconds": 2})})
     throttled = sandbox.graph.inject(Fault("GET", r"^/v1\.0/users", 429, times=10, headers={"Retry-After": "60"}))
