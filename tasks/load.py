@@ -11,7 +11,6 @@ The limit is optional: when nobody created it, the load runs unthrottled.
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import urlsplit
