@@ -39,9 +39,9 @@ def test_an_unexpected_error_is_one_line_that_says_where_the_details_are(sandbox
 
 def test_a_retry_after_within_the_budget_is_waited_out_and_one_beyond_it_says_which_setting(sandbox, state_url, sync,
                                                                                              monkeypatch):
-    import flows.sync_directory as flow_module
+    import tasks.extract as extract_module  # the flow imports its stages where it runs them
 
-    monkeypatch.setattr(flow_module, "extract", flow_module.extract.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(extract_module, "extract", extract_module.extract.with_options(retry_delay_seconds=0))
     settings = sandbox.settings(state_url)
     assert (settings.sync.retry_budget_seconds, settings.sync.request_timeout_seconds) == (900, 60)  # safe defaults
     tight = settings.model_copy(update={"sync": settings.sync.model_copy(update={"retry_budget_seconds": 2})})

@@ -133,16 +133,19 @@ def reference(make_sandbox, sync, tmp_path_factory):
 @pytest.fixture
 def fast_retries(monkeypatch):
     """Client retry budgets of 1.5 s and task retries without the 30 s pause: a permanent fault fails fast."""
-    import flows.sync_directory as flow_module
     from guardsync.graph import GraphClient
     from guardsync.scim import ScimClient
 
     monkeypatch.setitem(GraphClient.__init__.__kwdefaults__, "max_retry_seconds", 1.5)
     monkeypatch.setitem(ScimClient.__init__.__kwdefaults__, "max_retry_seconds", 1.5)
     _tune_clients(monkeypatch, max_retry_seconds=1.5)  # the flow passes [sync] retry_budget_seconds
-    for name in ("extract", "read_drift", "load_users", "load_groups", "load_memberships"):
-        if hasattr(flow_module, name):
-            monkeypatch.setattr(flow_module, name, getattr(flow_module, name).with_options(retry_delay_seconds=0))
+    import tasks.extract
+    import tasks.load
+
+    # The flow imports its stages where it runs them: patched in their modules, it finds the patched tasks.
+    for module, name in ((tasks.extract, "extract"), (tasks.load, "load_users"), (tasks.load, "load_groups"),
+                         (tasks.load, "load_memberships")):
+        monkeypatch.setattr(module, name, getattr(module, name).with_options(retry_delay_seconds=0))
 
 
 @pytest.fixture
