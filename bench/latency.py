@@ -41,7 +41,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.run import ROOT, PrefectServer, SandboxProcess, Scenario
+from bench.run import ROOT, PrefectServer, SandboxProcess, Scenario, terminate
 from flows.prune_quiet_runs import QUIET_TAG
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -149,13 +149,7 @@ class Worker:
 
     def stop(self) -> None:
         self._stop.set()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         self.log.close()
 
 

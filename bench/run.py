@@ -39,6 +39,17 @@ WRITES = ("POST", "PUT", "PATCH", "DELETE")
 MB_PER_GIB = 1024.0
 
 
+def terminate(process: subprocess.Popen) -> None:
+    """Stop a child: SIGTERM, and SIGKILL if it is still there after 30 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -157,13 +168,7 @@ class PrefectServer:
         return timings
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         self.log.close()
 
 
