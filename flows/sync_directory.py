@@ -26,7 +26,7 @@ from guardsync.models import user_columns
 from guardsync.graph import DeltaLinks, GraphChanges, GraphClient
 from guardsync.run import DirectoryRun, settled_digest
 from guardsync.scim import ScimClient
-from guardsync.state import Mirror, StateStore
+from guardsync.state import Mirror, StateStore, WaitingForApproval
 from guardsync.summary import SUMMARY_LOG_MARK, RunSummary
 from flows.prune_quiet_runs import tag_quiet_run
 from tasks.load import TERMINAL_PROGRESS
@@ -100,8 +100,13 @@ def sync_directory(
     dry_run: bool = False,
     full: bool = False,
     allow_mass_deactivation: bool = False,
+    approve_run: str | None = None,
+    approval_reason: str = "",
 ) -> dict:
-    """One run: read Entra ID, gate, plan, and (unless dry_run) apply to Atlassian."""
+    """One run: read Entra ID, gate, plan, and (unless dry_run) apply to Atlassian.
+
+    `approve_run`: apply the plan that run held (a guard blocked it), if the plan made now is that very plan
+    (`guardsync approve`); `approval_reason` goes into the audit with it."""
     keep_results_private(settings.sync.results_keep_days)
     graph, scim, store = connect(settings, dry_run)
     admin = connect_admin(settings, dry_run)
@@ -111,12 +116,15 @@ def sync_directory(
     try:
         run.enter()  # one run per directory at a time (DirectoryBusy otherwise); a stale retry stops here
         mirror = run.mirror
+        if approve_run:  # read Entra and Atlassian as the run that held the plan did, to make it again
+            held = store.held_plan(approve_run)
+            full = full or bool(held and held["full_read"])
         needed = user_columns(settings.attributes.sources())
         full_read = (full or mirror.user_columns is None
                      or full_read_due(mirror.last_full_read, settings.sync.full_read_every_hours)
                      or not set(needed) <= set(mirror.user_columns))  # newly mapped: the mirror lacks it
         settled = settled_digest(settings.model_dump(mode="json"), allow_mass_deactivation)
-        changes = None if full_read or not run.is_settled(settled) else quick_look(graph, mirror)
+        changes = None if full_read or approve_run or not run.is_settled(settled) else quick_look(graph, mirror)
         unchanged = changes is not None and changes.is_empty  # Entra: nothing since a completed run
         # With [access], the configured groups must still hold their products too (one role-assignments read
         # a configured group): a hand revocation is repaired by this run, as the dry run (never quiet) says.
@@ -138,20 +146,30 @@ def sync_directory(
             store.check_binding(extracted.snapshot.tenant_id, settings.atlassian.scim_url)
             run.keep_mirror(extracted.snapshot, asdict(extracted.links), extracted.full, extracted.changed, extracted.based_on)
             summary.last_full_read = (datetime.now(timezone.utc) if extracted.full else mirror.last_full_read).isoformat(timespec="seconds")
-            if not extracted.changed and not unchanged and run.is_settled(settled) and products_hold(admin, store):
+            if (not approve_run and not extracted.changed and not unchanged and run.is_settled(settled)
+                    and products_hold(admin, store)):
                 summary.message = NOTHING_TO_DO
             else:
                 run.unsettle()  # until this run completes
                 reconcile(summary, extracted, settings, graph, scim, store, dry_run, allow_mass_deactivation, admin,
-                          check_lease=run.check_lease)
+                          check_lease=run.check_lease, approve_run=approve_run, approval_reason=approval_reason)
         summary.requests = {"graph": sum(graph.requests_made.values()), "scim": sum(scim.requests_made.values())}
         if admin is not None:
             summary.requests["organizations"] = sum(admin.requests_made.values())
         summary.status = "completed" if not summary.failures else "failed"
         if summary.status == "completed":
             run.settle(settled)
+    except WaitingForApproval as exc:
+        from tasks.approval import deployed
+
+        if not deployed():  # a command-line run says so, and exits 1
+            summary.status, summary.message = "failed", str(exc)
+            raise
+        # A scheduled run while another waits for its approval: nothing to do, and nothing to alert on.
+        summary.status, summary.message, quiet = "waiting", str(exc), True
     except GuardsyncBlocked as exc:
         summary.status, summary.message = "blocked", str(exc)
+        summary.held_run = getattr(exc, "held_run", None) or ""
         exc.run_summary = summary  # the command line ends a blocked run with its summary too
         raise
     except Exception as exc:
@@ -170,9 +188,11 @@ def sync_directory(
 
 def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, graph: GraphClient, scim: ScimClient,
               store: StateStore, dry_run: bool, allow_mass_deactivation: bool, admin: AdminClient | None = None,
-              check_lease: Callable[[], None] = lambda: None) -> None:
+              check_lease: Callable[[], None] = lambda: None, approve_run: str | None = None,
+              approval_reason: str = "") -> None:
     """Scope, gate, plan and (unless dry_run) load one snapshot; fills the summary as it goes. `check_lease`
-    raises when the run no longer holds its directory: called before each batch of writes."""
+    raises when the run no longer holds its directory: called before each batch of writes. A plan an approvable
+    guard holds is applied only as approved (tasks/approval.py)."""
     from guardsync.access_load import AccessLoader
     from guardsync.diff import plan_row_count, plan_rows
     from guardsync.load import Loader
@@ -219,8 +239,22 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
         access_plan = plan_access(admin, settings.access, opaque(validated), opaque(recorded), opaque(observation),
                                   opaque(plan), opaque(store.load_grants()))
         summary.access = access_plan.lines(granting=bool(access_plan.grants))
+    planned = plan.counts() | (access_plan.counts() if access_plan is not None else {})
+    approval = None
     if dry_run:
-        summary.counts = plan.counts() | (access_plan.counts() if access_plan is not None else {})
+        holds = plan.holds + (access_plan.holds if access_plan is not None else [])
+        if holds:  # as the sync would be, before it asks anyone
+            raise holds[0].error()
+    else:
+        from tasks.approval import settle_holds
+
+        approval = settle_holds(plan, access_plan, store=store, run_id=run_id, full_read=extracted.full, counts=planned,
+                                timeout_hours=settings.sync.approval_timeout_hours, approve_run=approve_run,
+                                reason=approval_reason)
+        if approval is not None:
+            summary.approval = approval.line()
+    if dry_run:
+        summary.counts = planned
         summary.plan_changes = plan_rows(plan, validated, recorded, observation, limit=DRY_RUN_ROWS)
         summary.planned_changes = plan_row_count(plan)
     else:
@@ -244,6 +278,8 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
             summary.failures += result["failures"]
         if observation is not None and observation.complete and not summary.failures:
             store.set_observation_pending(False)
+        if approval is not None and not summary.failures:
+            store.decide_plan(approval.held_run, "applied", applied_by=run_id, audit_run=run_id)
     with_products = access_plan.configured if access_plan is not None else frozenset()
     summary.new_groups = sorted(validated.groups[c.group_id].display_name for c in plan.groups
                                 if c.kind == "create" and c.group_id not in with_products)
@@ -277,7 +313,7 @@ def publish_summary(summary: RunSummary, quiet: bool = False) -> None:
     """The run's log ends with the summary (a worker's terminal, the UI's logs); the artifact has it as tables.
     A quiet run (no change in Entra) logs one line instead, makes no artifact, and is tagged for the retention
     of quiet runs: every row it adds to Prefect's database is multiplied by 1,440 a day on the fast cadence."""
-    if quiet and summary.status == "completed":
+    if quiet and summary.status in ("completed", "waiting"):
         get_run_logger().info(f"{summary.message} ({summary.requests.get('graph', 0)} Graph requests; last full read "
                               f"{summary.last_full_read})", extra={SUMMARY_LOG_MARK: True})
         tag_quiet_run()

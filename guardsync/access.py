@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from guardsync.admin import USER_ROLE, Workspace
+from guardsync.changes import Hold
 from guardsync.errors import ConfigError, GuardsyncBlocked
 from guardsync.models import DesiredGroup
 
@@ -69,6 +70,7 @@ class AccessPlan:
     names: dict[str, str] = field(default_factory=dict)  # group id -> its name after the run (configured groups)
     org_ids: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # configured groups left as they are this run, and why
+    holds: list[Hold] = field(default_factory=list)  # approvable guards it trips (revocations, seat capacity)
 
     def counts(self) -> dict[str, int]:
         return {"access_granted": len(self.grants), "access_revoked": len(self.revokes)}

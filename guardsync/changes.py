@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from guardsync.errors import GuardsyncBlocked
 from guardsync.models import DesiredUser, account_name
 from guardsync.scim import user_resource
 
@@ -87,6 +88,23 @@ class HandOver:
         return f"{self.user_name}: the account passes from Entra user {self.from_id} to {self.to_id}"
 
 
+@dataclass(frozen=True)
+class Hold:
+    """An approvable guard the plan trips (guardsync.errors.APPROVABLE_RULES): the run holds the plan for a
+    person to approve or reject (tasks/approval.py), or stops blocked."""
+
+    rule: str
+    message: str
+    advice: str
+
+    @classmethod
+    def of(cls, blocked: GuardsyncBlocked) -> Hold:
+        return cls(blocked.rule, blocked.message, blocked.advice)
+
+    def error(self) -> GuardsyncBlocked:
+        return GuardsyncBlocked(self.rule, self.message, self.advice)
+
+
 @dataclass
 class Plan:
     users: list[UserChange] = field(default_factory=list)
@@ -102,6 +120,7 @@ class Plan:
     # up only the others (guardsync.plan.facts_needed); with no_account_all, every such user of the run.
     no_account: dict[str, str] = field(default_factory=dict)
     no_account_all: bool = False
+    holds: list[Hold] = field(default_factory=list)  # approvable guards it trips (not part of what it changes)
 
     def counts(self) -> dict[str, int]:
         users = Counter(key for change in self.users for key in change.count_keys())

@@ -10,6 +10,7 @@ import argparse
 import atexit
 import gc
 import os
+import shlex
 import sys
 
 # Before anything imports Prefect or Great Expectations: nothing phones home. And without
@@ -35,8 +36,9 @@ from guardsync.summary import SUMMARY_LOG_MARK, RunSummary  # noqa: E402
 
 
 def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, allow_mass_deactivation: bool = False,
-             out=sys.stdout) -> int:
-    """One run of the sync-directory flow, in this process; prints the summary; returns the exit status."""
+             out=sys.stdout, approve_run: str | None = None, approval_reason: str = "", config_path: str = "FILE") -> int:
+    """One run of the sync-directory flow, in this process; prints the summary; returns the exit status.
+    `approve_run`: apply the plan that run held, if it is still the plan (`guardsync approve`)."""
     preflight(settings)
     from flows.sync_directory import WritesFailed, sync_directory  # Prefect loads only when a flow runs
 
@@ -44,7 +46,8 @@ def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, a
     skip_final_collection()
     try:
         result = sync_directory(settings=settings, dry_run=dry_run, full=full,
-                                allow_mass_deactivation=allow_mass_deactivation)
+                                allow_mass_deactivation=allow_mass_deactivation, approve_run=approve_run,
+                                approval_reason=approval_reason)
     except WritesFailed as exc:
         print_summary_table(exc.summary, out)
         print(f"guardsync: {exc}", file=sys.stderr)
@@ -52,6 +55,9 @@ def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, a
     except GuardsyncError as exc:
         print_run_summary(exc, out)
         print(f"guardsync: {exc}", file=sys.stderr)
+        if held_run := getattr(exc, "held_run", None):  # a guard holds the plan: say how to apply it as shown
+            print(f"guardsync: to apply exactly this plan: guardsync approve --config {shlex.quote(config_path)} "
+                  f"{held_run} --reason \"WHY\"", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # a bug or an outage nobody mapped: one line, the details in the error log
         print_run_summary(exc, out)
@@ -135,7 +141,15 @@ def quiet_expected_tracebacks() -> None:
 
 def _sync(args) -> int:
     return run_flow(load_settings(args.config), dry_run=args.dry_run, full=args.full,
-                    allow_mass_deactivation=args.allow_mass_deactivation)
+                    allow_mass_deactivation=args.allow_mass_deactivation, config_path=args.config)
+
+
+def _approve(args) -> int:
+    if not args.reason.strip():
+        print("guardsync: --reason must say why the plan is approved (it goes into the audit)", file=sys.stderr)
+        return 1
+    return run_flow(load_settings(args.config), approve_run=args.run_id, approval_reason=args.reason.strip(),
+                    config_path=args.config)
 
 
 def _plan(args) -> int:
@@ -226,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--allow-mass-deactivation", action="store_true",
                       help="this run only: allow more deactivations than [sync] max_deactivations")
     sync.set_defaults(handler=_sync)
+
+    approve = commands.add_parser(
+        "approve", help="apply the plan a guard held (a blocked run's), if Entra and Atlassian give that same plan now")
+    approve.add_argument("run_id", metavar="RUN_ID", help="the blocked run's id (its output names it)")
+    approve.add_argument("--config", required=True, metavar="FILE")
+    approve.add_argument("--reason", required=True, help="why: kept in the audit and the summary")
+    approve.set_defaults(handler=_approve)
 
     plan = commands.add_parser("plan", help="same as sync --dry-run")
     plan.add_argument("--config", required=True, metavar="FILE")

@@ -115,6 +115,8 @@ class SyncSettings(_Section):
     # minutes when it throttles); a longer wait fails the run with a message that says so.
     retry_budget_seconds: float = Field(900, gt=0, le=6 * 3600)
     request_timeout_seconds: float = Field(60, gt=0, le=600)  # a silent server must not hang a run
+    # A deployment run an approvable guard blocks waits this long for a person's answer in the Prefect UI
+    approval_timeout_hours: float = Field(24, gt=0, le=24 * 14)
 
     @field_validator("state")
     @classmethod

@@ -55,4 +55,15 @@ class GuardsyncBlocked(GuardsyncError):
     def __init__(self, rule: str, message: str, advice: str):
         super().__init__(f"blocked by {rule}: {message}" + (f". {advice}" if advice else ""))
         self.rule = rule
+        self.message = message
         self.advice = advice
+
+    @property
+    def approvable(self) -> bool:
+        """A person may lift it for exactly the plan shown (DESIGN.md, "Approval"); a gate, the group-size cap
+        (Atlassian's own limit), an empty scope and a store of another directory never are."""
+        return self.rule in APPROVABLE_RULES
+
+
+# The guards a person may approve past: the run's numbers are big, not wrong.
+APPROVABLE_RULES = frozenset({"max_deactivations", "max_revocations", "seat_capacity"})

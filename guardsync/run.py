@@ -26,7 +26,7 @@ from importlib.metadata import PackageNotFoundError, version
 from guardsync.errors import GuardsyncError
 from guardsync.gates import expectations_dir
 from guardsync.models import Snapshot, content_digest
-from guardsync.state import LOCK_LEASE, DirectoryBusy, Mirror, StateStore
+from guardsync.state import LOCK_LEASE, DirectoryBusy, Mirror, StateStore, WaitingForApproval
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,17 @@ class DirectoryRun:
         A retried run (the same run id) whose directory ran again after it started stops here (StaleRetry):
         the extract and plan it kept describe a directory that has moved on."""
         if not self.dry_run:
-            self.store.acquire_lock(self.run_id, self.lease)
+            try:
+                self.store.acquire_lock(self.run_id, self.lease)
+            except DirectoryBusy as busy:
+                holder = self.store.lock_holder_run()
+                held = self.store.held_plan(holder) if holder else None
+                if held is not None and held["status"] == "waiting":
+                    raise WaitingForApproval(
+                        f"run {holder} waits for a person to approve or reject its plan (held since "
+                        f"{held['held_at']:%Y-%m-%d %H:%M} UTC): this run did nothing; answer it in the Prefect UI "
+                        "(that run's Resume button)") from busy
+                raise
             self.locked = True
             self._start_heartbeat()
             later = self.store.start_run(self.run_id, self.mode)

@@ -141,6 +141,26 @@ access_grants = Table(  # the grant ledger: the product grants of synced groups 
     Column("run_id", String(64)),  # the run whose assign Atlassian confirmed last (None: seen, made by hand)
 )
 
+held_plans = Table(  # plans an approvable guard held for a person (DESIGN.md, "Approval"): the approval's audit
+    "held_plans", metadata,
+    Column("run_id", String(64), primary_key=True),  # the run that made the plan and was blocked
+    Column("digest", String(64), nullable=False),  # of exactly what the plan changes (tasks/approval.py)
+    Column("rules", Text, nullable=False),  # the guards it trips, comma-separated
+    Column("message", Text, nullable=False),
+    Column("counts", Text, nullable=False),  # JSON: the plan's counts, as shown
+    Column("full_read", Boolean, nullable=False),  # a terminal approval reads Entra and Atlassian as this run did
+    Column("held_at", DateTime(timezone=True), nullable=False),
+    # waiting (paused in Prefect for an answer) | held (blocked; approvable from the terminal) | approved |
+    # applied | rejected | expired (no answer in time; still approvable from the terminal)
+    Column("status", String(16), nullable=False),
+    Column("decided_at", DateTime(timezone=True)),
+    Column("decided_by", Text),  # the name the approver gave (the form), or the terminal's user
+    Column("reason", Text),
+    Column("applied_by", String(64)),  # the run that applied it: itself (the UI), or a `guardsync approve` run
+)
+
+HELD_STATUSES = ("waiting", "held", "approved", "applied", "rejected", "expired")
+
 
 class Mirror(NamedTuple):
     """The Entra side as the last run left it: a delta run merges into it."""
@@ -179,6 +199,10 @@ def lock_holder() -> str:
 
 class DirectoryBusy(GuardsyncError):
     """Another run is syncing this directory right now."""
+
+
+class WaitingForApproval(DirectoryBusy):
+    """The run holding the directory waits for a person to approve or reject its plan."""
 
 
 def now() -> datetime:
@@ -695,6 +719,46 @@ class StateStore:
         with self._lock, self.engine.begin() as conn:
             conn.execute(delete(locks).where(locks.c.name == "directory", locks.c.run_id == run_id,
                                              locks.c.holder == lock_holder()))
+
+    def lock_holder_run(self) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(locks.c.run_id).where(locks.c.name == "directory")).scalar()
+
+    # -- plans held for approval ------------------------------------------------------------
+    def hold_plan(self, run_id: str, digest: str, rules: list[str], message: str, counts: dict, full_read: bool,
+                  status: str) -> None:
+        """Keep what a blocked run planned (a retry of that run keeps its first record)."""
+        with self._lock, self.engine.begin() as conn:
+            if conn.execute(select(held_plans.c.run_id).where(held_plans.c.run_id == run_id)).first() is None:
+                conn.execute(insert(held_plans).values(
+                    run_id=run_id, digest=digest, rules=",".join(rules), message=message, counts=json.dumps(counts),
+                    full_read=full_read, held_at=now(), status=status))
+            self._audit(conn, run_id, "hold", "plan", run_id, None, "ok", json.dumps({"digest": digest, "rules": rules}))
+
+    def held_plan(self, run_id: str) -> dict | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(held_plans).where(held_plans.c.run_id == run_id)).one_or_none()
+            return dict(row._mapping) | {"counts": json.loads(row.counts)} if row else None
+
+    def decide_plan(self, run_id: str, status: str, *, by: str | None = None, reason: str | None = None,
+                    applied_by: str | None = None, audit_run: str | None = None) -> None:
+        """A held plan's new status (approved, applied, rejected, expired), with who and why, and its audit row
+        under the run that decided it (`audit_run`, else the run that held it)."""
+        assert status in HELD_STATUSES, status
+        values = {"status": status}
+        if status in ("approved", "rejected", "expired"):
+            values |= {"decided_at": now(), "decided_by": by, "reason": reason}
+        if applied_by is not None:
+            values["applied_by"] = applied_by
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(update(held_plans).where(held_plans.c.run_id == run_id).values(**values))
+            self._audit(conn, audit_run or run_id, status if status != "approved" else "approve", "plan", run_id, by,
+                        "ok", json.dumps({"reason": reason} if reason else {}))
+
+    def held_plans(self, limit: int = 20) -> list[dict]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(held_plans).order_by(held_plans.c.held_at.desc()).limit(limit))
+            return [dict(row._mapping) | {"counts": json.loads(row.counts)} for row in rows]
 
     # -- runs and history -------------------------------------------------------------
     def start_run(self, run_id: str, mode: str) -> dict | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from guardsync.text import md, plain
+
 COUNT_KEYS = [
     "users_created", "users_updated", "users_deactivated", "users_reactivated", "users_adopted",
     "groups_created", "groups_renamed", "groups_deleted", "groups_adopted",
@@ -39,6 +41,8 @@ class RunSummary:
     message: str = ""
     plan_changes: list[dict] = field(default_factory=list)  # dry runs: the first changes, as plan-changes rows
     planned_changes: int = 0  # dry runs: how many rows the whole plan has
+    approval: str = ""  # a held plan this run applied: whose, approved by whom, where, why
+    held_run: str = ""  # blocked with its plan held: the run id `guardsync approve` takes
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -98,9 +102,11 @@ class RunSummary:
             out.extend(f"    {line}" for line in self.failures[:20])
         if self.requests:
             out.append("  requests: " + _by_key(self.requests))
+        if self.approval:
+            out.append(f"  {self.approval}")
         if self.message:
             out.append(f"  {self.message}")
-        return out
+        return [plain(line) for line in out]  # names from Entra or Atlassian never break a log line
 
     def markdown(self) -> str:
         """The `summary` artifact: what stopped the run first (block reason, failures), then tables."""
@@ -134,6 +140,7 @@ class RunSummary:
             ("identifiers handed over from one Entra user to another", "; ".join(self.handovers)),
             ("last full read of Entra", self.last_full_read or ""),
             ("requests", _by_key(self.requests) if self.requests else ""),
+            ("approval", self.approval),
             ("note", self.message if self.status not in ("blocked", "failed") else ""),
         ]
         notes = [(label, value) for label, value in notes if value]
@@ -148,8 +155,8 @@ def _counts_table(label: str, counts: dict[str, int]) -> list[str]:
 
 
 def _cell(value) -> str:
-    """A value inside a markdown table cell or line: no line break, no column break."""
-    return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    """A value inside a markdown table cell or line: its text (guardsync.text.md), on one line."""
+    return md(value)
 
 
 def markdown_table(header, rows) -> list[str]:

@@ -12,8 +12,9 @@ from guardsync.config import AccessSettings
 from guardsync.errors import GuardsyncBlocked
 from guardsync.gates import blocked_message, run_gate
 from guardsync.observe import Observation
-from guardsync.changes import Plan
+from guardsync.changes import Hold, Plan
 from guardsync.models import AppliedState
+from guardsync.text import plain
 from guardsync.validate import Validated
 from tasks.common import PERSISTED, transient_only
 from tasks.load import LOAD_OPTIONS
@@ -46,12 +47,12 @@ def plan_access(admin: AdminClient, access: AccessSettings, validated: Validated
     if gate.blocking:
         raise GuardsyncBlocked(gate.blocking[0].rule, blocked_message(gate), "")
     for blocked in (too_many_revocations(access_plan, access.max_revocations), over_capacity(access_plan, seen.workspaces)):
-        if blocked:
-            raise blocked
+        if blocked:  # approvable: the plan is held for a person (tasks/approval.py), or the run stops
+            access_plan.holds.append(Hold.of(blocked))
     logger = get_run_logger()
     for note in access_plan.notes:
-        logger.warning("%s", note)
-    logger.info("access plan: %s", "; ".join(access_plan.seat_lines(granting=bool(access_plan.grants))) or "no change")
+        logger.warning("%s", plain(note))
+    logger.info("access plan: %s", plain("; ".join(access_plan.seat_lines(granting=bool(access_plan.grants)))) or "no change")
     return access_plan
 
 

@@ -11,6 +11,7 @@ from guardsync.observe import Observation, observe, observe_some
 from guardsync.models import AppliedState, DesiredUser, name_key
 from guardsync.scim import ScimClient
 from guardsync.summary import markdown_table
+from guardsync.text import md, plain
 from tasks.common import PERSISTED, transient_only
 
 MAX_ROWS = 500  # attribute edits the drift artifact lists; the summary counts them all
@@ -27,8 +28,8 @@ def observe_atlassian(scim: ScimClient, recorded: AppliedState) -> Observation:
     if recorded.users or recorded.groups:
         lines = observation.drift.lines()
         for line in lines:
-            logger.warning("drift: %s; this run restores it", line)
-        markdown = "# Drift in Atlassian\n\n" + "\n".join(f"- {line}" for line in lines or ["no managed object was changed by hand"])
+            logger.warning("drift: %s; this run restores it", plain(line))
+        markdown = "# Drift in Atlassian\n\n" + "\n".join(f"- {md(line)}" for line in lines or ["no managed object was changed by hand"])
         if rows := observation.drift.edit_rows():  # which attribute was edited by hand, and how
             markdown += "\n\n## Attributes edited by hand (restored to what guardsync wrote)\n\n" + "\n".join(
                 markdown_table(list(rows[0]), [list(row.values()) for row in rows[:MAX_ROWS]]))

@@ -10,9 +10,10 @@ from guardsync.config import SyncSettings
 from guardsync.diff import plan_row_count, plan_rows
 from guardsync.guards import empty_scope, managed_active_users, too_many_deprovisions
 from guardsync.observe import Observation
-from guardsync.changes import Plan
+from guardsync.changes import Hold, Plan
 from guardsync.models import AppliedState
 from guardsync.plan import PlanInputs
+from guardsync.text import md, md_rows
 from guardsync.validate import Validated
 from tasks.common import PERSISTED
 
@@ -33,10 +34,11 @@ def plan_changes(validated: Validated, recorded: AppliedState, observation: Obse
     if first_run is None:
         first_run = not recorded.users and not recorded.groups
     managed_active = managed_active_users(applied, plan, first_run)
-    for blocked in (empty_scope(active_in_scope, applied),
-                    too_many_deprovisions(plan, managed_active, sync, allow_mass_deactivation)):
-        if blocked:
-            raise blocked
+    if blocked := empty_scope(active_in_scope, applied):
+        raise blocked
+    # A person may approve past this one: the plan is held for them (the flow, tasks/approval.py) or the run stops
+    if blocked := too_many_deprovisions(plan, managed_active, sync, allow_mass_deactivation):
+        plan.holds.append(Hold.of(blocked))
     get_run_logger().info("plan: %s", {k: v for k, v in plan.counts().items() if v} or "no change")
     return plan
 
@@ -47,7 +49,7 @@ def publish_plan(plan: Plan, validated: Validated, recorded: AppliedState, obser
     counts = plan.counts() | (access.counts() if access is not None else {})
     lines = ["# Plan", "", "| change | count |", "|---|---|"] + [f"| {k} | {v} |" for k, v in counts.items()]
     if access is not None:
-        lines += ["", "## Product access", ""] + [f"- {line}" for line in access.lines(granting=bool(access.grants))]
+        lines += ["", "## Product access", ""] + [f"- {md(line)}" for line in access.lines(granting=bool(access.grants))]
     create_markdown_artifact(key="plan", markdown="\n".join(lines), description="What this run changes in Atlassian")
     rows = plan_rows(plan, validated, recorded, observation, limit=MAX_ROWS)
     if access is not None:
@@ -57,5 +59,5 @@ def publish_plan(plan: Plan, validated: Validated, recorded: AppliedState, obser
                   "detail": f"+{seats.gain} -{seats.lose} synced users (grants +{seats.grants} -{seats.revokes})"}
                  for product, seats in sorted(access.seats.items())]
     if rows:
-        create_table_artifact(key="plan-changes", table=rows,
+        create_table_artifact(key="plan-changes", table=md_rows(rows),
                               description=f"First {len(rows)} of {plan_row_count(plan)} planned changes")

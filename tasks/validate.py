@@ -8,6 +8,7 @@ from prefect.artifacts import create_table_artifact
 from guardsync.config import SyncSettings
 from guardsync.errors import GuardsyncBlocked
 from guardsync.scope import Scoped
+from guardsync.text import md_rows
 from guardsync.validate import Validated, validate
 from tasks.common import RECOMPUTED
 
@@ -28,7 +29,7 @@ def validate_gates(scoped: Scoped, sync: SyncSettings) -> Validated:
         for result in validated.results
         for outcome in result.outcomes
     ]
-    create_table_artifact(key="gate-results", table=rows, description="Great Expectations gates of this run")
+    create_table_artifact(key="gate-results", table=md_rows(rows), description="Great Expectations gates of this run")
     logger = get_run_logger()
     for rule, count in validated.quarantined_by_rule().items():
         logger.warning("quarantined %d users by %s", count, rule)

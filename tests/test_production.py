@@ -27,7 +27,8 @@ import pytest
 import yaml
 
 from guardsync.sandbox.http import Fault
-from guardsync.sandbox.stack import Sandbox
+from guardsync.sandbox.stack import Sandbox, to_toml
+from guardsync.state import StateStore
 from guardsync.sandbox.tenant import generate_tenant
 from tasks.load import scim_limit_name
 from tests.production.stack import (
@@ -312,6 +313,62 @@ def test_two_directories_on_two_workers_with_a_postgres_server(tmp_path):
             assert _scim_writes(fabrikam) == writes_before, "the stale retry wrote to Atlassian"
             _assert_directory_in_sync(fabrikam)
 
+            # -- approval: a guard holds a deployment run's plan until a person answers in the UI ------------
+            contoso = sandboxes["contoso"]
+            contoso_state = f"postgresql+psycopg://postgres@127.0.0.1:5432/{databases['contoso']}"
+            held_parameters = json.loads(json.dumps(deployments["contoso"].parameters))
+            held_parameters["settings"]["sync"]["max_deactivations"] = 2
+            _disable(contoso, 3)
+            approved = _start_deployment(deployments["contoso"], "contoso-approved", runs, held_parameters)
+            paused = _wait_for_pause(approved)
+            with get_client(sync_client=True) as client:
+                shown = _artifact_keys(client, approved)
+                digest = _form_default(client, paused, "plan_digest")
+            assert {"plan", "plan-changes", "gate-results"} <= shown, shown  # the plan is published before it waits
+            held = StateStore(contoso_state).held_plan(approved)
+            assert held["status"] == "waiting" and held["digest"] == digest
+            writes_before = _scim_writes(contoso)
+            _answer(approved, decision="approve", reason="the three planned leavers", approver="Ada", plan_digest=digest)
+            done = _wait_for_final({"approved": approved}, timeout=120)["approved"]
+            assert done.state.type.value == "COMPLETED", done.state.message
+            held = StateStore(contoso_state).held_plan(approved)
+            assert (held["status"], held["decided_by"], held["applied_by"]) == ("applied", "Ada", approved)
+            assert held["counts"]["users_deactivated"] == 3
+            made = next(run["counts"] for run in StateStore(contoso_state).history() if run["run_id"] == approved)
+            assert {k: v for k, v in made.items() if v} == {k: v for k, v in held["counts"].items() if v}, \
+                "the approved run made other changes than the plan it showed"
+            _assert_directory_in_sync(contoso)
+
+            _disable(contoso, 3)
+            rejected = _start_deployment(deployments["contoso"], "contoso-rejected", runs, held_parameters)
+            paused = _wait_for_pause(rejected)
+            with get_client(sync_client=True) as client:
+                digest = _form_default(client, paused, "plan_digest")
+            writes_before = _scim_writes(contoso)
+            _answer(rejected, decision="reject", reason="not expected: check the HR feed", approver="Grace",
+                    plan_digest=digest)
+            done = _wait_for_final({"rejected": rejected}, timeout=120)["rejected"]
+            assert done.state.type.value == "FAILED" and "rejected by Grace" in done.state.message, done.state.message
+            assert _scim_writes(contoso) == writes_before
+
+            held_parameters["settings"]["sync"]["approval_timeout_hours"] = 4 / 3600  # nobody answers within 4 s
+            expired = _start_deployment(deployments["contoso"], "contoso-expired", runs, held_parameters)
+            done = _wait_for_final({"expired": expired}, timeout=120)["expired"]
+            assert done.state.type.value == "FAILED" and "nobody answered" in done.state.message, done.state.message
+            assert _scim_writes(contoso) == writes_before
+            assert StateStore(contoso_state).held_plan(expired)["status"] == "expired"
+
+            # ... and the admin applies that plan from the terminal
+            config = tmp_path / "contoso.toml"
+            config.write_text(to_toml(contoso.config(state=contoso_state, max_deactivations=2)))
+            approve = subprocess.run([str(REPO / ".venv" / "bin" / "guardsync"), "approve", "--config", str(config),
+                                      expired, "--reason", "confirmed with HR"], env=cli_env | contoso.environment()
+                                     | {"REQUESTS_CA_BUNDLE": str(ca_bundle)}, capture_output=True, text=True, timeout=300)
+            assert approve.returncode == 0, approve.stdout + approve.stderr
+            held = StateStore(contoso_state).held_plan(expired)
+            assert held["status"] == "applied" and held["reason"] == "confirmed with HR"
+            _assert_directory_in_sync(contoso)
+
         print(f"\nserver healthy after {health_seconds:.1f}s; runs triggered at {triggered_seconds:.1f}s, "
               f"all final at {finished_seconds:.1f}s; {len(holds)} SCIM slot holds of {SCIM_SLOTS} on {scim_limit}, "
               f"at most {_most_slots_at_once(holds)} slots at once")
@@ -401,6 +458,51 @@ def _retry_from_the_ui(run_id: str):
         client.set_flow_run_state(uuid.UUID(run_id), force=True, state=State(
             type=StateType.SCHEDULED, name="AwaitingRetry", message="Retry from the UI"))
     return _wait_for_final({"retried": run_id}, timeout=90)["retried"]
+
+
+def _disable(sandbox: Sandbox, count: int) -> None:
+    """Disable `count` users in Entra that Atlassian holds active: leavers."""
+    active = {user["userName"] for user in sandbox.scim.users() if user["active"]}
+    leavers = [uid for uid, user in sorted(sandbox.tenant.users.items())
+               if user["userPrincipalName"] in active and user.get("accountEnabled", True)][:count]
+    for uid in leavers:
+        sandbox.tenant.update_user(uid, accountEnabled=False)
+
+
+def _start_deployment(deployment, name: str, runs: dict[str, str], parameters: dict) -> str:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        runs[name] = str(client.create_flow_run_from_deployment(deployment.id, name=name, parameters=parameters).id)
+    return runs[name]
+
+
+def _wait_for_pause(run_id: str, timeout: float = 120):
+    """The flow run once it is paused waiting for input (the UI's Resume form)."""
+    from prefect import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            run = client.read_flow_run(uuid.UUID(run_id))
+            if run.state.type.value == "PAUSED" and run.state.state_details.run_input_keyset:
+                return run
+            assert run.state.type.value not in FINAL, (run.state_name, run.state.message)
+            time.sleep(1)
+    raise AssertionError(f"run {run_id} never paused")
+
+
+def _form_default(client, flow_run, field: str):
+    """A field's default in the form the UI shows (the run saved its schema with the plan's digest)."""
+    schema = json.loads(client.read_flow_run_input(flow_run.id, flow_run.state.state_details.run_input_keyset["schema"]))
+    return schema["properties"][field]["default"]
+
+
+def _answer(run_id: str, **form) -> None:
+    """What the UI's Resume button sends with the form filled in."""
+    from prefect.flow_runs import resume_flow_run
+
+    resume_flow_run(uuid.UUID(run_id), run_input=form)
 
 
 def _scim_user(sandbox: Sandbox, user_name: str) -> dict:
