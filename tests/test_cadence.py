@@ -7,25 +7,20 @@ from pathlib import Path
 
 import yaml
 
+from tests.conftest import task_name, task_run_events
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def task_run_names(flow_run_id: str) -> list[str]:
-    """The task runs Prefect recorded for a flow run, by task name ("extract-3a1" -> "extract")."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        found = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)])))
-    return sorted(task_run.name.rsplit("-", 1)[0] for task_run in found)
+    return task_runs_recorded(flow_run_id, set(), wait_seconds=0)
 
 
 def task_runs_recorded(flow_run_id: str, at_least: set[str], wait_seconds: float = 60) -> list[str]:
-    """Task runs reach the server as events, recorded a moment after the run: wait for the named ones."""
-    deadline = time.monotonic() + wait_seconds
-    while not at_least <= set(names := task_run_names(flow_run_id)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return names
+    """The task runs of a flow run, by task name ("extract-3a1" -> "extract"), from their events (the server
+    records task runs from them): they arrive a moment after the run, so wait for the named ones."""
+    events = task_run_events(flow_run_id, at_least, wait_seconds)
+    return sorted({event["resource"]["prefect.resource.id"]: task_name(event) for event in events}.values())
 
 
 def flow_run(flow_run_id):

@@ -12,6 +12,7 @@ state store.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import re
 import sqlite3
@@ -31,6 +32,7 @@ from guardsync.errors import AuthError, ConfigError
 from guardsync.sandbox.http import SandboxCA
 from guardsync.sandbox.scim_server import AtlassianScimServer
 from guardsync.sandbox.stack import API_KEY_ENV, ORG_KEY_ENV, SECRET_ENV
+from tests.conftest import task_run_events
 from tests.test_config import cli_env, error_lines, run_cli, scim_writes, write_config
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -139,13 +141,13 @@ def prefect_records(flow_run_id) -> str:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
         flow_run = client.read_flow_run(flow_run_id)
-        task_runs = client.read_task_runs()
+    task_runs = task_run_events(flow_run_id, at_least={"extract"}, wait_seconds=20)  # states, inputs, results
     assert logs and artifacts, "the run left logs and artifacts to search"
     parts = [log.message for log in logs]
     parts += [f"{a.key} {a.description} {a.data}" for a in artifacts]
     parts.append(repr(flow_run.parameters))
     parts.append(repr(flow_run.state))
-    parts += [repr(t.state) + repr(t.task_inputs) for t in task_runs if t.flow_run_id == flow_run_id]
+    parts += [json.dumps(event) for event in task_runs]
     return "\n".join(parts)
 
 
