@@ -6,6 +6,9 @@ is what the assertions read, never guardsync's idea of it.
 
 from __future__ import annotations
 
+import html
+import json
+
 import pytest
 
 from guardsync.errors import AuthError, ConfigError, GuardsyncBlocked
@@ -264,7 +267,8 @@ def test_the_plan_changes_artifact_lists_grants_and_seats_per_product(sandbox, s
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=["plan-changes", "plan"])))
     latest = {a.key: a for a in sorted(artifacts, key=lambda a: a.created)}  # plan-access publishes them again, with access
-    rows = latest["plan-changes"].data if isinstance(latest["plan-changes"].data, list) else __import__("json").loads(latest["plan-changes"].data)
+    rows = latest["plan-changes"].data if isinstance(latest["plan-changes"].data, list) else json.loads(latest["plan-changes"].data)
+    rows = [{key: html.unescape(str(value)) for key, value in row.items()} for row in rows]  # cells as the UI shows them
     access_rows = {(r["object"], r["change"], r["name"], r["detail"]) for r in rows if r["object"] in ("access", "seats")}
     assert ("access", "grant", "Support All", JSM_SUPPORT) in access_rows
     assert any(r[0] == "seats" and r[2] == JIRA and r[3].startswith("+") for r in access_rows), access_rows
