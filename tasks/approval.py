@@ -17,14 +17,17 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from prefect import get_run_logger, runtime
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
+from prefect import get_client, get_run_logger, runtime
+from prefect.context import FlowRunContext
+from prefect.input import RunInput, keyset_from_paused_state
+from prefect.input.run_input import run_input_subclass_from_type
+from prefect.states import Paused, Running
+from prefect.utilities.engine import propose_state_sync
 from pydantic import Field
 
 from guardsync.changes import Hold, Plan
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
     from guardsync.access import AccessPlan
 
 POLL_SECONDS = 5  # how often a paused run asks Prefect whether it was answered
+SERVER_GRACE_SECONDS = 600  # the server fails a paused run this long after guardsync's deadline (a dead process)
 
 
 class ApprovalForm(RunInput):
@@ -168,12 +172,41 @@ def _ask(holds: list[Hold], counts: dict, digest: str, timeout_hours: float) -> 
                                           plan_digest=digest)
     get_run_logger().warning("a guard holds this run's plan: approve or reject it in the Prefect UI (Resume) within "
                              "%g hours; nothing is written until then", timeout_hours)
-    try:
-        # A key of its own for each pause: a retry of a rejected run is asked again, never handed the old answer.
-        return pause_flow_run(wait_for_input=form, timeout=max(1, round(timeout_hours * 3600)),
-                              poll_interval=POLL_SECONDS, key=f"approval-{uuid.uuid4().hex[:12]}")
-    except FlowPauseTimeout:
-        return None
+    return _pause_for(form, timeout_hours * 3600)
+
+
+def _pause_for(form: type[ApprovalForm], seconds: float) -> ApprovalForm | None:
+    """Prefect's pause_flow_run, with guardsync's own deadline: the run waits `seconds` for an answer, then takes
+    itself back (Running) and ends blocked with its own message. The server is told a later deadline, so it
+    fails the run itself ("paused and never resumed") only when this process died while it waited."""
+    context = FlowRunContext.get()
+    flow_run_id = context.flow_run.id
+    # A key of its own for each pause: a retry of a rejected run is asked again, never handed the old answer.
+    paused = Paused(timeout_seconds=round(seconds + SERVER_GRACE_SECONDS), reschedule=False,
+                    pause_key=f"approval-{uuid.uuid4().hex[:12]}")
+    form = run_input_subclass_from_type(form)
+    keyset = keyset_from_paused_state(paused)
+    paused.state_details.run_input_keyset = keyset
+    with get_client(sync_client=True) as client:
+        state = propose_state_sync(client, paused, flow_run_id=flow_run_id)
+        if not state.is_paused():
+            raise RuntimeError(f"Prefect did not pause the run for approval (its state: {state.name})")
+        form.save(keyset)
+        deadline = time.monotonic() + seconds
+        while True:
+            time.sleep(max(0.0, min(POLL_SECONDS, deadline - time.monotonic())))
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and state.is_running():  # resumed with the form: the answer
+                return form.load(keyset)
+            if time.monotonic() >= deadline:
+                break
+        state = propose_state_sync(client, Running(message="no answer in time"), flow_run_id=flow_run_id)
+        if state.is_running() and client.read_flow_run(flow_run_id).state.is_running():
+            try:  # answered in the last moment, before the run took itself back
+                return form.load(keyset)
+            except Exception:  # noqa: BLE001 - no input was given: nobody answered
+                return None
+    return None
 
 
 def form_description(holds: list[Hold], counts: dict, digest: str, timeout_hours: float) -> str:
