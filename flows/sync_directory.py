@@ -28,6 +28,7 @@ from guardsync.run import DirectoryRun, settled_digest
 from guardsync.scim import ScimClient
 from guardsync.state import Mirror, StateStore, WaitingForApproval
 from guardsync.summary import SUMMARY_LOG_MARK, RunSummary
+from guardsync.text import plain
 from flows.prune_quiet_runs import tag_quiet_run
 from tasks.load import TERMINAL_PROGRESS
 from tasks.results import keep_results_private
@@ -243,8 +244,8 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
     approval = None
     if dry_run:
         holds = plan.holds + (access_plan.holds if access_plan is not None else [])
-        if holds:  # as the sync would be, before it asks anyone
-            raise holds[0].error()
+        if holds:  # as the sync would be, before it asks anyone: every guard the plan trips
+            raise GuardsyncBlocked(holds[0].rule, "; ".join(hold.message for hold in holds), holds[0].advice)
     else:
         from tasks.approval import settle_holds
 
@@ -313,7 +314,11 @@ def publish_summary(summary: RunSummary, quiet: bool = False) -> None:
     """The run's log ends with the summary (a worker's terminal, the UI's logs); the artifact has it as tables.
     A quiet run (no change in Entra) logs one line instead, makes no artifact, and is tagged for the retention
     of quiet runs: every row it adds to Prefect's database is multiplied by 1,440 a day on the fast cadence."""
-    if quiet and summary.status in ("completed", "waiting"):
+    if quiet and summary.status == "waiting":  # another run waits for its approval: this one did nothing
+        get_run_logger().info(plain(summary.message))
+        tag_quiet_run()
+        return
+    if quiet and summary.status == "completed":
         get_run_logger().info(f"{summary.message} ({summary.requests.get('graph', 0)} Graph requests; last full read "
                               f"{summary.last_full_read})", extra={SUMMARY_LOG_MARK: True})
         tag_quiet_run()

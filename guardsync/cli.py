@@ -33,6 +33,7 @@ from guardsync.config import Settings, load_settings, preflight  # noqa: E402
 from guardsync.errors import GuardsyncError  # noqa: E402
 from guardsync.progress import print_plan_table, print_summary_table  # noqa: E402
 from guardsync.summary import SUMMARY_LOG_MARK, RunSummary  # noqa: E402
+from guardsync.text import plain  # noqa: E402
 
 
 def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, allow_mass_deactivation: bool = False,
@@ -50,11 +51,11 @@ def run_flow(settings: Settings, *, dry_run: bool = False, full: bool = False, a
                                 approval_reason=approval_reason)
     except WritesFailed as exc:
         print_summary_table(exc.summary, out)
-        print(f"guardsync: {exc}", file=sys.stderr)
+        print(f"guardsync: {plain(exc)}", file=sys.stderr)
         return exc.exit_code
     except GuardsyncError as exc:
         print_run_summary(exc, out)
-        print(f"guardsync: {exc}", file=sys.stderr)
+        print(f"guardsync: {plain(exc)}", file=sys.stderr)
         if held_run := getattr(exc, "held_run", None):  # a guard holds the plan: say how to apply it as shown
             print(f"guardsync: to apply exactly this plan: guardsync approve --config {shlex.quote(config_path)} "
                   f"{held_run} --reason \"WHY\"", file=sys.stderr)
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except GuardsyncError as exc:
-        print(f"guardsync: {exc}", file=sys.stderr)
+        print(f"guardsync: {plain(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("guardsync: interrupted", file=sys.stderr)

@@ -727,12 +727,16 @@ class StateStore:
     # -- plans held for approval ------------------------------------------------------------
     def hold_plan(self, run_id: str, digest: str, rules: list[str], message: str, counts: dict, full_read: bool,
                   status: str) -> None:
-        """Keep what a blocked run planned (a retry of that run keeps its first record)."""
+        """Keep what a blocked run planned. A retry of that run that holds a plan again (it was rejected or
+        expired, or its plan was made afresh) replaces the record: the plan held now is the one asked about."""
+        values = dict(digest=digest, rules=",".join(rules), message=message, counts=json.dumps(counts),
+                      full_read=full_read, held_at=now(), status=status, decided_at=None, decided_by=None, reason=None,
+                      applied_by=None)
         with self._lock, self.engine.begin() as conn:
             if conn.execute(select(held_plans.c.run_id).where(held_plans.c.run_id == run_id)).first() is None:
-                conn.execute(insert(held_plans).values(
-                    run_id=run_id, digest=digest, rules=",".join(rules), message=message, counts=json.dumps(counts),
-                    full_read=full_read, held_at=now(), status=status))
+                conn.execute(insert(held_plans).values(run_id=run_id, **values))
+            else:
+                conn.execute(update(held_plans).where(held_plans.c.run_id == run_id).values(**values))
             self._audit(conn, run_id, "hold", "plan", run_id, None, "ok", json.dumps({"digest": digest, "rules": rules}))
 
     def held_plan(self, run_id: str) -> dict | None:

@@ -34,8 +34,8 @@ from guardsync.changes import Hold, Plan
 from guardsync.errors import GuardsyncBlocked, GuardsyncError
 from guardsync.models import content_digest
 from guardsync.state import StateStore
-from guardsync.text import md
-from tasks.results import encode
+from guardsync.text import md, plain
+from tasks.results import TYPE, encode
 
 if TYPE_CHECKING:
     from guardsync.access import AccessPlan
@@ -78,11 +78,22 @@ def plan_digest(plan: Plan, access: AccessPlan | None) -> str:
 
 
 def _canonical(value):
+    """Lists (collections of changes, ids) sorted; a tuple's items and a mapping's (key, value) pairs keep
+    their positions: only the order of the pairs is free."""
     if isinstance(value, dict):
+        kind = value.get(TYPE)
+        if kind == "tuple":
+            return {**value, "items": [_canonical(item) for item in value["items"]]}
+        if kind == "dict":
+            return {**value, "items": _sorted([[_canonical(k), _canonical(v)] for k, v in value["items"]])}
         return {key: _canonical(item) for key, item in value.items()}
     if isinstance(value, list):
-        return sorted((_canonical(item) for item in value), key=lambda item: json.dumps(item, sort_keys=True))
+        return _sorted([_canonical(item) for item in value])
     return value
+
+
+def _sorted(items: list) -> list:
+    return sorted(items, key=lambda item: json.dumps(item, sort_keys=True))
 
 
 def deployed() -> bool:
@@ -102,7 +113,7 @@ def settle_holds(plan: Plan, access: AccessPlan | None, *, store: StateStore, ru
     earlier = store.held_plan(run_id)
     if earlier and earlier["status"] in ("approved", "applied") and earlier["digest"] == digest:
         get_run_logger().info("the plan was approved earlier by %s: this retry applies the rest of it",
-                              earlier["decided_by"] or "an operator")
+                              plain(earlier["decided_by"] or "an operator"))
         return Approval(run_id, earlier["decided_by"] or "", earlier["reason"] or "", "the Prefect UI", digest)
     rules, message = [hold.rule for hold in holds], "; ".join(hold.message for hold in holds)
     if not deployed():
@@ -110,7 +121,11 @@ def settle_holds(plan: Plan, access: AccessPlan | None, *, store: StateStore, ru
         raise _blocked(holds, f"To apply exactly this plan: guardsync approve RUN_ID (the run id {run_id}) with a "
                        "reason; it is refused if Entra or Atlassian changed since", held_run=run_id)
     store.hold_plan(run_id, digest, rules, message, counts, full_read, "waiting")
-    answer = _ask(holds, counts, digest, timeout_hours)
+    try:
+        answer = _ask(holds, counts, digest, timeout_hours)
+    except BaseException as exc:  # cancelled, or Prefect unreachable: nothing waits any more; the terminal may approve
+        store.decide_plan(run_id, "expired", reason=f"the wait ended: {type(exc).__name__}")
+        raise
     if answer is None:
         store.decide_plan(run_id, "expired")
         raise _blocked(holds, f"nobody answered within {timeout_hours:g} hours ([sync] approval_timeout_hours): nothing "
@@ -119,7 +134,7 @@ def settle_holds(plan: Plan, access: AccessPlan | None, *, store: StateStore, ru
     by = answer.approver.strip()
     if answer.decision == "approve" and answer.plan_digest.strip() == digest:
         store.decide_plan(run_id, "approved", by=by, reason=answer.reason, applied_by=run_id)
-        get_run_logger().info("plan approved by %s: %s", md(by or "an operator"), md(answer.reason))
+        get_run_logger().info("plan approved by %s: %s", plain(by or "an operator"), plain(answer.reason))
         return Approval(run_id, by, answer.reason, "the Prefect UI", digest)
     why = answer.reason if answer.decision == "reject" else \
         f"the form's plan digest {answer.plan_digest!r} is not this plan's ({digest}): not applied"
@@ -133,20 +148,20 @@ def _approve_from_terminal(store: StateStore, held_run: str, digest: str, run_id
         raise GuardsyncError(f"no plan of run {held_run} is held for this directory: give the run id a blocked run "
                              "printed (guardsync history lists the runs)")
     status, applied_by = held["status"], held["applied_by"]
-    if status == "waiting":
+    if status == "waiting" and store.lock_holder_run() == held_run:  # else its process died while it waited
         raise GuardsyncError(f"run {held_run} waits for an answer in the Prefect UI: approve or reject it there")
     if status == "rejected":
         raise GuardsyncBlocked("approval", f"the plan of run {held_run} was rejected by {held['decided_by'] or 'an operator'}"
                                f" ({held['reason']}); nothing was written", "run guardsync sync to make a new plan")
-    if status in ("approved", "applied") and applied_by != run_id:
-        raise GuardsyncError(f"the plan of run {held_run} was already {status} (run {applied_by}); nothing was written")
+    if status == "applied" and applied_by != run_id:
+        raise GuardsyncError(f"the plan of run {held_run} was already applied (run {applied_by}); nothing was written")
     if held["digest"] != digest:
         raise GuardsyncBlocked(
             "approval", f"Entra or Atlassian changed since run {held_run} made its plan: the plan made now (digest "
             f"{digest}) is not the one held ({held['digest']}); nothing was written",
-            "Run guardsync plan to see the plan as it is now; if a guard holds it, approve that run's plan")
+            "Run guardsync sync to make the plan as it is now; if a guard holds it, approve that run's plan")
     by = _terminal_user()
-    if status != "approved":
+    if not (status == "approved" and applied_by == run_id):  # approved earlier, its run stopped: approve again
         store.decide_plan(held_run, "approved", by=by, reason=reason, applied_by=run_id, audit_run=run_id)
     return Approval(held_run, by, reason, "the terminal", digest)
 
@@ -195,9 +210,15 @@ def _pause_for(form: type[ApprovalForm], seconds: float) -> ApprovalForm | None:
         deadline = time.monotonic() + seconds
         while True:
             time.sleep(max(0.0, min(POLL_SECONDS, deadline - time.monotonic())))
-            state = client.read_flow_run(flow_run_id).state
+            try:
+                state = client.read_flow_run(flow_run_id).state
+            except Exception as exc:  # noqa: BLE001 - the server restarting: ask again at the next poll
+                get_run_logger().warning("could not read this run's state (%s); asking again", type(exc).__name__)
+                state = None
             if state is not None and state.is_running():  # resumed with the form: the answer
                 return form.load(keyset)
+            if state is not None and (state.is_final() or state.is_cancelling()):
+                return None  # cancelled or failed from outside: nobody approves it any more
             if time.monotonic() >= deadline:
                 break
         state = propose_state_sync(client, Running(message="no answer in time"), flow_run_id=flow_run_id)

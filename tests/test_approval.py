@@ -21,6 +21,12 @@ from tests.test_safety import active_users, scim_writes
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
+@pytest.fixture
+def sandbox(make_sandbox):
+    """A small tenant: approval is about which plan is applied, not its size."""
+    return make_sandbox(users=40)
+
+
 def disable_some(sandbox, count: int) -> list[str]:
     """Disable `count` synced users in Entra: more than max_deactivations = 2 lets through."""
     synced = {name for name, active in active_users(sandbox).items() if active}
@@ -78,7 +84,8 @@ def test_approve_is_refused_when_atlassian_changed_since_a_full_read_plan(sandbo
     disable_some(sandbox, 4)
     status, error = sync(settings, full=True)  # planned against Atlassian as it is
     assert status == 3 and StateStore(state_url).held_plan(error.held_run)["full_read"] is True
-    someone = next(u for u in sandbox.scim.users() if u["active"])
+    enabled = {u["userPrincipalName"] for u in sandbox.tenant.users.values() if u.get("accountEnabled", True)}
+    someone = next(u for u in sandbox.scim.users() if u["active"] and u["userName"] in enabled)  # not a leaver
     sandbox.scim.edit_user_by_hand(someone["id"], title="Edited by hand")  # drift the held plan did not restore
     sandbox.scim.reset_counts()
     status, refused = sync(settings, approve_run=error.held_run, approval_reason="ok")
@@ -250,3 +257,15 @@ def test_a_paused_run_nobody_answers_ends_blocked_and_can_be_approved_from_the_t
     monkeypatch.setattr(tasks.approval, "deployed", lambda: False)  # the terminal's run is not a deployment's
     status, summary = sync(settings, approve_run=error.held_run, approval_reason="approved late, from the terminal")
     assert status == 0 and summary.counts["users_deactivated"] == 4, summary
+
+
+def test_a_plan_left_waiting_by_a_run_that_died_can_be_approved_from_the_terminal(state_url, sync, blocked):
+    settings, error = blocked
+    store = StateStore(state_url)
+    held = store.held_plan(error.held_run)
+    # As a deployment run killed while it waited leaves it: "waiting", and no run holds the directory.
+    store.hold_plan(error.held_run, held["digest"], held["rules"].split(","), held["message"], held["counts"],
+                    held["full_read"], "waiting")
+    assert store.lock_holder_run() is None
+    status, summary = sync(settings, approve_run=error.held_run, approval_reason="its run died while it waited")
+    assert status == 0 and summary.counts["users_deactivated"] == 5, summary
