@@ -122,3 +122,16 @@ def test_found_a_disabled_user_renamed_to_an_active_accounts_name(prefect_server
                     dict(entra=[("rename_user_to_old_name", 4, 0)],  # ed.4 (disabled, never created) takes it ...
                          hand=[("make_account", 0, 0)])],  # ... and an admin made an active account of that name
            breaks="no-active-account-for-leaver")
+
+
+# Found by `make test-deep` (2026-12-03, 40 histories of up to 8 rounds): a retried run after a managed group
+# was deleted by hand in Atlassian ends 1: its grant to the re-created group finds no such group in the
+# Organizations API ("the next run grants it").
+def test_a_retried_run_grants_the_products_of_a_group_it_recreated_after_a_hand_deletion(prefect_server):
+    replay(dict(seed=1067, users=11, groups=5, brownfield=True), [
+        dict(entra=[("add_user", 0, 0), ("add_user", 13, 0), ("add_user", 3, 14)], k=44, run="kill"),
+        dict(hand=[("grant", 8, 2)], k=25, run="dry-run then sync"),
+        dict(configure=[("pilot", 4, 1)], entra=[("add_user", 9, 12), ("recreate_group", 2, 7), ("delete_user", 9, 10)],
+             k=26, run="kill --full"),
+        dict(hand=[("delete_group", 1, 6)], k=14, run="retry"),
+    ], breaks="run-status")
