@@ -267,6 +267,7 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
         access_loader = AccessLoader(admin, store, run_id, access_plan) if access_plan is not None else None
         if access_loader is not None:  # a renamed group's new group gets its products before the old one goes
             loader.before_rename_delete = access_loader.grant_renamed
+            access_loader.restore_groups = loader.restore_groups  # a group deleted by hand is re-created to be granted
         stages = [lambda: load_users(loader, opaque(plan)), lambda: load_groups(loader, opaque(plan)),
                   lambda: load_memberships(loader, opaque(plan))]
         if access_loader is not None:

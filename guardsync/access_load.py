@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 from guardsync.access import GUARDSYNC, AccessPlan, Grant, desired_grants
 from guardsync.admin import AdminClient, Workspace
@@ -80,6 +81,8 @@ class AccessLoader:
         self.plan = plan
         self.report = LoadReport()
         self.org_ids: dict[str, str] = {}  # Entra group id -> Organizations API id, of the groups written to
+        # The group loader's Loader.restore_groups: re-creates recorded groups found gone when granting (load)
+        self.restore_groups: Callable[[list[str]], LoadReport] | None = None
         self._lock = threading.Lock()  # the group loader's threads may call grant_renamed at once
 
     def grant_renamed(self, group_id: str) -> None:
@@ -98,7 +101,7 @@ class AccessLoader:
         with self._lock:
             self.store.note_hand_made(self.run_id, [(g.group_id, g.group_name, g.workspace_id, g.product)
                                                     for g in self.plan.hand_made])
-            self._apply(self.plan.later_grants(), self.plan.revokes)
+            self._apply(self.plan.later_grants(), self.plan.revokes, restore=True)
             self.store.forget_grants(self.run_id, self._gone())
             self.store.save_access_check(self._expected())
 
@@ -127,8 +130,9 @@ class AccessLoader:
             return None
         return {ids[gid]: sorted(workspaces) for gid, workspaces in wanted.items()}
 
-    def _apply(self, grants: list[Grant], revokes: list[Grant]) -> int:
-        """Apply and record each; returns how many failed (reported, not raised: the others go on)."""
+    def _apply(self, grants: list[Grant], revokes: list[Grant], restore: bool = False) -> int:
+        """Apply and record each; returns how many failed (reported, not raised: the others go on). With `restore`,
+        a recorded group the Organizations API lacks is re-created first (restore_groups)."""
         confirmed = self.store.grants_confirmed_in(self.run_id)  # a retried load skips what landed
         grants = [g for g in grants if (g.group_id, g.workspace_id) not in confirmed]
         ours = {key for key, maker in self.store.load_grants().items() if maker == GUARDSYNC}
@@ -137,6 +141,18 @@ class AccessLoader:
             return 0
         failed = 0
         org_ids = self.admin.find_groups(sorted({g.group_name for g in grants + revokes}))
+        unfound = {g.group_id for g in grants if g.group_name.casefold() not in org_ids}
+        if restore and unfound and self.restore_groups is not None:
+            # A group the record holds but Atlassian does not: deleted by hand since it was made. A delta run plans
+            # from the record and met no 404 for it (no SCIM write touched it), so only the grant finds out: the
+            # group loader plans it again and re-creates it (the one planner), then it is granted. A group still
+            # there (only slow to reach the Organizations API) is read, found, and left alone.
+            restored = self.restore_groups(sorted(unfound))
+            for key, value in restored.counts.items():
+                self.report.count(key, value)
+            for line in restored.failures:
+                self.report.fail(line)
+            org_ids |= self.admin.find_groups(sorted({g.group_name for g in grants if g.group_id in unfound}))
         for operation, items in (("grant", grants), ("revoke", revokes)):
             for grant in items:
                 org_id = org_ids.get(grant.group_name.casefold())
