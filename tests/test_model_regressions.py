@@ -135,3 +135,20 @@ def test_a_retried_run_grants_the_products_of_a_group_it_recreated_after_a_hand_
              k=26, run="kill --full"),
         dict(hand=[("delete_group", 1, 6)], k=14, run="retry"),
     ], breaks="run-status")
+
+
+# Found by the second `make test-deep` (2026-12-03, 31 histories in, 444 runs): groups deleted by hand, then a
+# dry run and the sync on a delta round: the sync re-creates a group the dry run did not show (load-access's
+# restore of a configured group it cannot find), and Team 3 keeps a member Entra removed. Not fixed yet.
+@pytest.mark.xfail(strict=True, reason="open: a delta run's restore of a hand-deleted group is not in the dry run, "
+                                        "and the restored group keeps a removed member")
+def test_groups_deleted_by_hand_then_a_dry_run_and_the_sync_agree(prefect_server):
+    replay(dict(seed=4232, users=10, brownfield=False, groups=5), [
+        dict(configure=[("products", 0, 14)], entra=[("add_user", 0, 0), ("add_user", 13, 0)], k=28, run="delta"),
+        dict(configure=[("products", 0, 0)], entra=[("rename_user_to_old_name", 8, 14)], hand=[("revoke", 4, 3)], k=9,
+             run="dry-run then sync"),
+        dict(entra=[("rename_group_to_old_name", 4, 8)], hand=[("delete_group", 9, 9), ("delete_group", 15, 4)], k=60,
+             run="kill --full"),
+        dict(configure=[("domains", 10, 11)], entra=[("remove_member", 4, 7)], hand=[("delete_group", 1, 11)], k=9,
+             run="dry-run then sync"),
+    ], breaks="dry-run-counts-equal-sync")
