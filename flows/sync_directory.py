@@ -195,9 +195,11 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
     raises when the run no longer holds its directory: called before each batch of writes. A plan an approvable
     guard holds is applied only as approved (tasks/approval.py)."""
     from guardsync.access_load import AccessLoader
+    from guardsync.changes import blocked_by
     from guardsync.diff import plan_row_count, plan_rows
     from guardsync.load import Loader
     from tasks.access import load_access, plan_access
+    from tasks.approval import holds_of, settle_holds
     from tasks.flatten import flatten
     from tasks.load import load_groups, load_memberships, load_users
     from guardsync.plan import PlanInputs, facts_needed
@@ -241,24 +243,19 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
                                   opaque(plan), opaque(store.load_grants()))
         summary.access = access_plan.lines(granting=bool(access_plan.grants))
     planned = plan.counts() | (access_plan.counts() if access_plan is not None else {})
-    approval = None
     if dry_run:
-        holds = plan.holds + (access_plan.holds if access_plan is not None else [])
-        if holds:  # as the sync would be, before it asks anyone: every guard the plan trips
-            raise GuardsyncBlocked(holds[0].rule, "; ".join(hold.message for hold in holds), holds[0].advice)
+        if holds := holds_of(plan, access_plan):  # as the sync would be, before it asks anyone: every guard tripped
+            raise blocked_by(holds)
+        summary.counts = planned
+        summary.plan_changes = plan_rows(plan, validated, recorded, observation, limit=DRY_RUN_ROWS)
+        summary.planned_changes = plan_row_count(plan)
     else:
-        from tasks.approval import settle_holds
-
+        # Before any write: a plan an approvable guard holds goes on only as a person approved it.
         approval = settle_holds(plan, access_plan, store=store, run_id=run_id, full_read=extracted.full, counts=planned,
                                 timeout_hours=settings.sync.approval_timeout_hours, approve_run=approve_run,
                                 reason=approval_reason)
         if approval is not None:
             summary.approval = approval.line()
-    if dry_run:
-        summary.counts = planned
-        summary.plan_changes = plan_rows(plan, validated, recorded, observation, limit=DRY_RUN_ROWS)
-        summary.planned_changes = plan_row_count(plan)
-    else:
         store.bind(snapshot.tenant_id, settings.atlassian.scim_url)
         if observation is not None and observation.complete:
             store.set_observation_pending(True)

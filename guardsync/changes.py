@@ -101,8 +101,11 @@ class Hold:
     def of(cls, blocked: GuardsyncBlocked) -> Hold:
         return cls(blocked.rule, blocked.message, blocked.advice)
 
-    def error(self) -> GuardsyncBlocked:
-        return GuardsyncBlocked(self.rule, self.message, self.advice)
+
+def blocked_by(holds: list[Hold], note: str = "") -> GuardsyncBlocked:
+    """The error a run held by these guards ends with: every guard's reason, the first one's advice, then `note`."""
+    advice = ". ".join(part for part in (holds[0].advice, note) if part)
+    return GuardsyncBlocked(holds[0].rule, "; ".join(hold.message for hold in holds), advice)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from prefect.states import Paused, Running
 from prefect.utilities.engine import propose_state_sync
 from pydantic import Field
 
-from guardsync.changes import Hold, Plan
+from guardsync.changes import Hold, Plan, blocked_by
 from guardsync.errors import GuardsyncBlocked, GuardsyncError
 from guardsync.models import content_digest
 from guardsync.state import StateStore
@@ -96,6 +96,10 @@ def _sorted(items: list) -> list:
     return sorted(items, key=lambda item: json.dumps(item, sort_keys=True))
 
 
+def holds_of(plan: Plan, access: AccessPlan | None) -> list[Hold]:
+    return plan.holds + (access.holds if access is not None else [])
+
+
 def deployed() -> bool:
     """A run of a deployment (a person can answer it in the Prefect UI); else a command-line run."""
     return runtime.deployment.id is not None
@@ -104,7 +108,7 @@ def deployed() -> bool:
 def settle_holds(plan: Plan, access: AccessPlan | None, *, store: StateStore, run_id: str, full_read: bool,
                  counts: dict, timeout_hours: float, approve_run: str | None = None, reason: str = "") -> Approval | None:
     """None when no guard holds the plan; the Approval to apply it with; else raises GuardsyncBlocked."""
-    holds = plan.holds + (access.holds if access is not None else [])
+    holds = holds_of(plan, access)
     digest = plan_digest(plan, access)
     if approve_run:
         return _approve_from_terminal(store, approve_run, digest, run_id, reason)
@@ -174,9 +178,7 @@ def _terminal_user() -> str:
 
 
 def _blocked(holds: list[Hold], note: str, held_run: str | None = None) -> GuardsyncBlocked:
-    first = holds[0]
-    message = "; ".join(hold.message for hold in holds)
-    blocked = GuardsyncBlocked(first.rule, message, f"{first.advice}. {note}" if first.advice else note)
+    blocked = blocked_by(holds, note)
     blocked.held_run = held_run
     return blocked
 
