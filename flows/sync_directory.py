@@ -204,7 +204,7 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
     from tasks.load import load_groups, load_memberships, load_users
     from guardsync.plan import PlanInputs, facts_needed
     from tasks.observe import look_up_atlassian, observe_atlassian
-    from tasks.plan import plan_changes
+    from tasks.plan import foresee_writes, plan_changes
     from tasks.scope import scope_users
     from tasks.validate import validate_gates
 
@@ -220,7 +220,7 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
     recorded = store.load()
     first_run = not recorded.users and not recorded.groups
     summary.first_sync = not dry_run and first_run
-    observation = None
+    observation, needed = None, []
     # Plan against Atlassian as it is: on first runs, full reads, and after an observing run that
     # did not finish (what it adopted was not all recorded). Delta runs plan from the record, and
     # look up the few facts it lacks (a disabled newcomer's account); writes that meet 404/409
@@ -241,6 +241,16 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
     if admin is not None:  # before any write: unknown products, the access gate and guards stop the run here
         access_plan = plan_access(admin, settings.access, opaque(validated), opaque(recorded), opaque(observation),
                                   opaque(plan), opaque(store.load_grants()))
+    if dry_run and (observation is None or not observation.complete):
+        # A delta plan: the sync meets what was changed by hand when its writes answer 404 or 409; the dry run,
+        # which writes nothing, reads those objects instead, and shows the plan the sync's loader will follow.
+        granted = [grant.group_id for grant in access_plan.later_grants()] if access_plan is not None else []
+        if (foreseen := foresee_writes(scim, store, opaque(validated), opaque(plan), granted, opaque(needed))) is not None:
+            plan = foreseen
+            if admin is not None:
+                access_plan = plan_access(admin, settings.access, opaque(validated), opaque(recorded),
+                                          opaque(observation), opaque(plan), opaque(store.load_grants()))
+    if access_plan is not None:
         summary.access = access_plan.lines(granting=bool(access_plan.grants))
     planned = plan.counts() | (access_plan.counts() if access_plan is not None else {})
     if dry_run:

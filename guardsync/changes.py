@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from guardsync.errors import GuardsyncBlocked
-from guardsync.models import DesiredUser, account_name
+from guardsync.models import AppliedUser, DesiredUser, account_name
 from guardsync.scim import user_resource
 
 UserKind = Literal["create", "update", "deactivate", "reactivate", "adopt"]
@@ -124,6 +124,12 @@ class Plan:
     no_account: dict[str, str] = field(default_factory=dict)
     no_account_all: bool = False
     holds: list[Hold] = field(default_factory=list)  # approvable guards it trips (not part of what it changes)
+    # What Atlassian was seen to hold where the record says otherwise (Entra id -> account; group id -> managed
+    # members): a run killed after a write Atlassian applied and before it was recorded, or a hand edit that
+    # happens to match. The loader records it before writing, so the changes apply to the record as to Atlassian
+    # and a later delta run plans from what is there (without it, a member the record lacks is never removed).
+    observed_users: dict[str, AppliedUser] = field(default_factory=dict)
+    observed_members: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         users = Counter(key for change in self.users for key in change.count_keys())

@@ -50,6 +50,8 @@ USER_OPERATIONS = ("create", "update", "deactivate", "reactivate", "adopt", "han
 GROUP_OPERATIONS = ("create", "adopt", "rename", "delete")
 # A group whose members were set by a re-plan this run (its member changes and foreign members are done).
 REPLANNED = "replanned"
+# The record made what Atlassian was seen to hold (Plan.observed_*): each object's row, and once a run the marker.
+OBSERVED, OBSERVED_ONCE = "observed", "record-observed"
 T = TypeVar("T")
 
 
@@ -186,6 +188,7 @@ class Loader:
         """Forget the accounts deleted by hand whose users left, keep who was seen without an account, then
         write the changes wave by wave (a change that takes an identifier runs after the one that gives it up)."""
         changes, forget = list(plan.users), list(plan.forget_users)
+        self.record_observed(plan)
         self.store.keep_no_account(plan.no_account, replace=plan.no_account_all)
         if not changes and not forget:
             return  # nothing to do: not even a read of the state
@@ -199,6 +202,22 @@ class Loader:
             met = self._each("users", wave, self._apply_user, lambda c: c.user.user_name)
             if met:
                 self._replan_users(plan, met)
+
+    def record_observed(self, plan: Plan) -> None:
+        """Before the first write of the run (once: a retried load has recorded writes since), make the record
+        what the plan saw Atlassian hold: the plan's changes are made against that."""
+        if (plan.observed_users or plan.observed_members) and not self.store.done_in_run(self.run_id, (OBSERVED_ONCE,)):
+            self._correct_record(plan)
+            self.store.note(self.run_id, OBSERVED_ONCE, "run", self.run_id, None,
+                            f"recorded as observed: {len(plan.observed_users)} accounts, "
+                            f"{len(plan.observed_members)} groups' members")
+
+    def _correct_record(self, plan: Plan) -> None:
+        recorded = self.store.load()
+        self.store.save_users(self.run_id, [(OBSERVED, user.scim_id, user.record) for user in plan.observed_users.values()])
+        self.store.save_members(self.run_id, [
+            (gid, sorted(held - recorded.members.get(gid, frozenset())), sorted(recorded.members.get(gid, frozenset()) - held))
+            for gid, held in plan.observed_members.items() if gid in recorded.groups], operation=OBSERVED)
 
     def _apply_user(self, change: UserChange) -> None:
         user = change.user
@@ -231,8 +250,9 @@ class Loader:
                 # it may need an account, or its identifier is taken: who holds that identifier now?
                 self._read_account(change.user, reads)
         self._record()
+        replanned = self._plan_again(self.store.load(), reads)
+        self._correct_record(replanned)
         recorded = self.store.load()
-        replanned = self._plan_again(recorded, reads)
         # What this concerns: the users set aside, whose accounts were read, and the accounts they held.
         failing = {_user_key(item.change): item for item in met}
         users = {c.user.external_id for c in (item.change for item in met) if not c.release}
@@ -365,8 +385,9 @@ class Loader:
                     continue
 
     def _replan_group_ids(self, plan: Plan | None, failing: dict[str, _Met], reads: _Reads) -> None:
+        replanned = self._plan_again(self.store.load(), reads)
+        self._correct_record(replanned)
         recorded = self.store.load()
-        replanned = self._plan_again(recorded, reads)
         group_changes = {c.group_id: c for c in replanned.groups}
         members = {c.group_id: c for c in replanned.members}
         holders = {g.scim_id: gid for gid, g in recorded.groups.items()}
@@ -483,12 +504,61 @@ class Loader:
         return add, remove
 
     # -- planning again ------------------------------------------------------------------
+    def foresee(self, plan: Plan, granted: Iterable[str] = (), looked_up: Iterable[DesiredUser] = ()) -> Plan:
+        """What the dry run of a plan made from the record (a delta run) shows: the objects its writes would find
+        gone (404) or whose name is taken (409), read instead of written, and the plan made again with that, as the
+        sync's loader plans again what its writes meet (one planner; `make_plan` cannot tell the two apart). An
+        object found as recorded adds nothing: a write learns no more than that it landed. `granted`: recorded
+        groups load-access grants to, which it re-creates when they are gone (restore_groups); `looked_up`: the
+        users the plan looked up (tasks.observe.look_up_atlassian), read again so the new plan knows them too.
+        Only GETs."""
+        recorded = self.store.load()
+        ours_users = {user.scim_id for user in recorded.users.values()}
+        ours_groups = {group.scim_id for group in recorded.groups.values()}
+        reads, taken = _Reads(), _Reads()
+        for user in looked_up:
+            self._read_account(user, reads)
+        known = len(reads.users)
+        for change in plan.users:
+            if change.scim_id is None:  # a POST meets 409 where an account not ours holds the identifier
+                self._read_account(change.user, taken)
+            elif change.write and not _exists(self.scim.get_user, change.scim_id):
+                reads.missing_users.add(change.scim_id)
+                if change.user.active and not change.release:
+                    self._read_account(change.user, reads)
+        for change in plan.groups:
+            if change.kind in ("create", "rename") and not change.takes_existing:
+                self._read_group(change.display_name, taken)
+        written = {c.group_id for c in plan.groups}
+        for group_id in sorted(({c.group_id for c in plan.members} | set(granted)) - written):
+            group = recorded.groups.get(group_id)
+            if group is not None and not _exists(self.scim.get_group, group.scim_id):
+                reads.missing_groups.add(group.scim_id)
+                if group_id in self.inputs.groups:
+                    self._read_group(self.inputs.groups[group_id].display_name, reads)
+        reads.missing_groups -= set(reads.groups)
+        reads.users |= {scim_id: user for scim_id, user in taken.users.items() if scim_id not in ours_users}
+        reads.groups |= {scim_id: group for scim_id, group in taken.groups.items() if scim_id not in ours_groups}
+        if not (len(reads.users) > known or reads.groups or reads.missing_users or reads.missing_groups):
+            return plan
+        foreseen = self._plan_again(recorded, reads)
+        foreseen.holds = plan.holds  # the guards the sync meets are the plan's: it plans again only while writing
+        return foreseen
+
     def _plan_again(self, recorded: AppliedState, reads: _Reads) -> Plan:
         """The plan of the whole desired state against the record as this run left it so far, corrected by
         what was just read: guardsync.plan's functions, as an observing run calls them."""
         observation = observe_some(recorded, list(reads.users.values()), list(reads.groups.values()),
                                    reads.missing_users, reads.missing_groups, frozenset(reads.names))
         return self.inputs.plan(recorded, observation)
+
+
+def _exists(get: Callable[[str], dict], scim_id: str) -> bool:
+    try:
+        get(scim_id)
+    except NotFound:
+        return False
+    return True
 
 
 def _user_operation(change: UserChange) -> str:

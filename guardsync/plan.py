@@ -240,8 +240,13 @@ def make_plan(
     foreign: dict[str, tuple[str, ...]] = {}
     forget_users: list[str] = []
     forget_groups: list[str] = []
+    observed_users: dict[str, AppliedUser] = {}
+    observed_members: dict[str, frozenset[str]] = {}
     if observation is not None:
-        applied = observation.applied
+        recorded, applied = applied, observation.applied
+        observed_users = {uid: user for uid, user in applied.users.items() if recorded.users.get(uid) != user}
+        observed_members = {gid: held for gid, held in applied.members.items()
+                            if gid in recorded.groups and recorded.members.get(gid, frozenset()) != held}
         forget_users = [u for u in observation.gone_users if u not in frozen_users and not (u in users and users[u].active)]
         forget_groups = [g for g in observation.gone_groups if g not in groups and g not in frozen_groups]
         foreign = dict(observation.foreign_members)
@@ -277,7 +282,8 @@ def make_plan(
     foreign = _not_frozen(foreign, observation, frozen_names)
     member_changes = plan_members(groups, mapped, group_changes, frozen_users, frozen_groups)
     return Plan(user_changes, group_changes, member_changes, foreign, forget_users, forget_groups, handovers,
-                len(not_created), adopted_active, no_account, observation is not None and observation.complete)
+                len(not_created), adopted_active, no_account, observation is not None and observation.complete,
+                observed_users=observed_users, observed_members=observed_members)
 
 
 def _not_frozen(foreign: dict[str, tuple[str, ...]], observation: Observation | None,

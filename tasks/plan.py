@@ -9,13 +9,16 @@ from guardsync.access import AccessPlan
 from guardsync.config import SyncSettings
 from guardsync.diff import plan_row_count, plan_rows
 from guardsync.guards import empty_scope, managed_active_users, too_many_deprovisions
+from guardsync.load import Loader
 from guardsync.observe import Observation
 from guardsync.changes import Hold, Plan
-from guardsync.models import AppliedState
+from guardsync.models import AppliedState, DesiredUser
 from guardsync.plan import PlanInputs
+from guardsync.scim import ScimClient
+from guardsync.state import StateStore
 from guardsync.text import md, md_rows
 from guardsync.validate import Validated
-from tasks.common import PERSISTED
+from tasks.common import PERSISTED, RECOMPUTED
 
 MAX_ROWS = 500  # the artifact table shows the first changes; the counts cover all of them
 
@@ -41,6 +44,20 @@ def plan_changes(validated: Validated, recorded: AppliedState, observation: Obse
         plan.holds.append(Hold.of(blocked))
     get_run_logger().info("plan: %s", {k: v for k, v in plan.counts().items() if v} or "no change")
     return plan
+
+
+@task(name="foresee", **RECOMPUTED)
+def foresee_writes(scim: ScimClient, store: StateStore, validated: Validated, plan: Plan, granted: list[str],
+                   looked_up: list[DesiredUser]) -> Plan | None:
+    """A dry run of a plan made from the record (a delta run): the sync learns what was changed by hand in
+    Atlassian when a write meets 404 or 409, and plans that again; the dry run reads those objects instead
+    (guardsync.load.Loader.foresee), so it shows what the sync will do. None: nothing found that changes the plan."""
+    foreseen = Loader(scim, store, "dry-run", PlanInputs.of(validated)).foresee(plan, granted, looked_up)
+    if foreseen is plan:
+        return None
+    get_run_logger().info("the objects this run writes were read as the sync's writes would find them: plan %s",
+                          {k: v for k, v in foreseen.counts().items() if v} or "no change")
+    return foreseen
 
 
 def publish_plan(plan: Plan, validated: Validated, recorded: AppliedState, observation: Observation | None,

@@ -85,9 +85,9 @@ def test_1_a_leaver_whose_email_was_edited_by_hand_is_deactivated(sandbox, state
 # -- item 6 ----------------------------------------------------------------------------------------
 
 
-def test_6_a_managed_group_deleted_by_hand_then_a_membership_change_on_a_delta_run(sandbox, state_url, sync):
-    """The group's PATCH meets 404: the run reads the group's name, plans it as a full read would (a group
-    of the synced set that Atlassian does not hold is created, with its members) and applies that."""
+def _group_deleted_by_hand_then_a_member_added(sandbox, state_url, sync):
+    """After a first sync: a managed group deleted by hand in Atlassian, then a member added to it in Entra.
+    Returns the settings, the group's name and Entra id, and the newcomer's UPN."""
     tenant = sandbox.tenant
     settings = sandbox.settings(state_url)
     assert sync(settings)[0] == 0
@@ -98,14 +98,72 @@ def test_6_a_managed_group_deleted_by_hand_then_a_membership_change_on_a_delta_r
     newcomer = next(upn for upn in sorted(expected_upns(tenant)) if by_upn[upn] not in transitive_users(tenant, gid))
     tenant.add_member(gid, by_upn[newcomer])
     sandbox.scim.reset_counts()
+    return settings, name, gid, newcomer
+
+
+def test_6_a_managed_group_deleted_by_hand_then_a_membership_change_on_a_delta_run(sandbox, state_url, sync):
+    """The group's PATCH meets 404: the run reads the group's name, plans it as a full read would (a group
+    of the synced set that Atlassian does not hold is created, with its members) and applies that."""
+    settings, name, gid, newcomer = _group_deleted_by_hand_then_a_member_added(sandbox, state_url, sync)
     status, summary = sync(settings)
     assert status == 0, summary
     assert sandbox.scim.answered(404) == 1
     assert _reads(sandbox) <= 1  # the group looked up by name, once
     group = next(g for g in sandbox.scim.groups() if g["displayName"] == name)
     assert group["externalId"] == gid
-    assert groups_by_name(sandbox)[name] == _members_wanted(tenant, gid)
+    assert groups_by_name(sandbox)[name] == _members_wanted(sandbox.tenant, gid)
     assert newcomer in groups_by_name(sandbox)[name]
+    _converged(sandbox, settings, sync)
+
+
+def test_6_the_dry_run_of_that_delta_run_shows_the_group_re_created(sandbox, state_url, sync):
+    """The dry run of the same round reads what the sync's writes meet (the group is gone: a GET answers 404),
+    plans it as the sync's loader will, and its counts are the sync's; it writes nothing."""
+    settings, name, gid, newcomer = _group_deleted_by_hand_then_a_member_added(sandbox, state_url, sync)
+    status, preview = sync(settings, dry_run=True)
+    assert status == 0, preview
+    assert scim_writes(sandbox) == 0
+    assert preview.counts["groups_created"] == 1
+    assert preview.counts["members_added"] == len(_members_wanted(sandbox.tenant, gid))  # the re-created group's
+    assert sandbox.scim.answered(404) == 1 and _reads(sandbox) <= 2  # the group by id (404), then by name
+    status, summary = sync(settings)
+    assert status == 0, summary
+    assert {k: v for k, v in summary.counts.items() if v} == {k: v for k, v in preview.counts.items() if v}
+    _converged(sandbox, settings, sync)
+
+
+def test_an_observing_run_records_what_it_saw_where_it_writes_nothing(sandbox, state_url, sync):
+    """A member Entra removed that was also taken out by hand in Atlassian (or by a killed run's PATCH that
+    landed unrecorded): the full read finds Atlassian right and writes nothing, and records what it saw, so a
+    delta run that adds the member back in Entra adds it in Atlassian (before: the record still held it)."""
+    tenant = sandbox.tenant
+    settings = sandbox.settings(state_url)
+    assert sync(settings)[0] == 0
+    by_upn = entra_by_upn(tenant)
+    synced = groups_by_name(sandbox)
+
+    def direct_only(gid: str, uid: str) -> bool:  # a direct member, not also reached through a nested group
+        nested = [m for m in tenant.members.get(gid, ()) if m in tenant.groups]
+        return uid in tenant.members.get(gid, ()) and not any(uid in transitive_users(tenant, n) for n in nested)
+
+    name, gid, upn = next((g["displayName"], g["id"], upn) for g in tenant.groups.values() if g["displayName"] in synced
+                          for upn in sorted(synced[g["displayName"]]) if direct_only(g["id"], by_upn[upn]))
+    tenant.remove_member(gid, by_upn[upn])
+    assert by_upn[upn] not in transitive_users(tenant, gid), "a member through nesting too: pick another"
+    group = next(g for g in sandbox.scim.groups() if g["displayName"] == name)
+    account = _account(sandbox, upn)
+    answer = requests.patch(f"{sandbox.scim.scim_url}/Groups/{group['id']}", headers={"Authorization": f"Bearer {sandbox.api_key}"},
+                            json={"schemas": ["urn:ietf:params:scim:api:messages:2.0:PatchOp"],
+                                  "Operations": [{"op": "remove", "path": f'members[value eq "{account["id"]}"]'}]},
+                            verify=str(sandbox.ca.ca_file), timeout=10)
+    assert answer.status_code in (200, 204), answer.text
+    sandbox.scim.reset_counts()
+    status, summary = sync(settings, full=True)
+    assert status == 0 and scim_writes(sandbox) == 0, summary  # Atlassian is as Entra wants it
+    tenant.add_member(gid, by_upn[upn])
+    status, summary = sync(settings)
+    assert status == 0, summary
+    assert upn in groups_by_name(sandbox)[name]
     _converged(sandbox, settings, sync)
 
 
