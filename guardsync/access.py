@@ -15,7 +15,10 @@ keeps each (Entra group, workspace) grant's maker, guardsync or by hand (guardsy
 - a group created this run holds nothing yet, whatever its name held before;
 - a group deleted because it left scope takes its grants with it: nothing to revoke;
 - the ledger changes only once Atlassian confirmed: a grant or revocation when it answered, the rows
-  of a renamed or deleted group's grants once the old group is gone (the loader checks the record).
+  of a renamed or deleted group's grants once the old group is gone (the loader checks the record); one
+  exception keeps a maker from being lost: a new grant's row is written, with its maker, before it is asked
+  for (and taken back if Atlassian refuses it), so a run killed in between leaves it guardsync's, never
+  "seen, made by nobody": a grant held and guardsync's, or gone and forgotten, as any of guardsync's.
 """
 
 from __future__ import annotations

@@ -156,12 +156,18 @@ class AccessLoader:
         for operation, items in (("grant", grants), ("revoke", revokes)):
             for grant in items:
                 org_id = org_ids.get(grant.group_name.casefold())
+                # The ledger names the maker before the grant is asked for: a run killed once Atlassian applied it,
+                # before it was recorded, must not find it on the next run as a grant nobody made (hand-made).
+                intended = operation == "grant" and self.store.intend_grant(grant.group_id, grant.workspace_id,
+                                                                            grant.product, grant.maker)
                 try:
                     if org_id is None:
                         raise ApiError(f"the Organizations API has no group {grant.group_name!r} in this directory yet "
                                        "(a SCIM group takes a moment to reach it): the next run grants it", status=404)
                     (self.admin.assign if operation == "grant" else self.admin.revoke)(org_id, grant.workspace_id)
                 except ApiError as exc:
+                    if intended:  # refused: nobody made it
+                        self.store.drop_intended_grant(grant.group_id, grant.workspace_id)
                     self.report.fail(f"access {operation} {grant.product} for {grant.group_name}: {exc}")
                     self.store.record_failure(self.run_id, operation, "group", grant.group_id, grant.group_name, str(exc))
                     failed += 1

@@ -482,11 +482,11 @@ class Loader:
 
     def _patch(self, group_id: str, group_scim_id: str, add: list[str], remove: list[str], users) -> None:
         add = [u for u in add if u in users]  # a user whose create failed cannot join yet
-        remove_scim = [users[u].scim_id for u in remove if u in users]
+        remove_scim = [users[u].scim_id for u in remove if u in users]  # an account forgotten this run left already
         self.scim.patch_members(group_scim_id, [users[u].scim_id for u in add], remove_scim)
         self._members_written(group_id, add, remove)
         self.report.count("members_added", len(add))
-        self.report.count("members_removed", len(remove))
+        self.report.count("members_removed", len(remove_scim))
 
     def _patch_now(self, group_id: str, group_scim_id: str, add: list[str], remove: list[str],
                    operation: str | None, users=None) -> tuple[list[str], list[str]]:
@@ -519,21 +519,26 @@ class Loader:
         for user in looked_up:
             self._read_account(user, reads)
         known = len(reads.users)
+        gone_users = self._gone(self.scim.get_user, [c.scim_id for c in plan.users if c.scim_id is not None and c.write])
         for change in plan.users:
-            if change.scim_id is None:  # a POST meets 409 where an account not ours holds the identifier
-                self._read_account(change.user, taken)
-            elif change.write and not _exists(self.scim.get_user, change.scim_id):
+            if change.scim_id in gone_users:
                 reads.missing_users.add(change.scim_id)
                 if change.user.active and not change.release:
                     self._read_account(change.user, reads)
+            elif not change.release and (change.scim_id is None or _renames(change, recorded)):
+                # a POST, or a PUT that changes the userName, meets 409 where an account not ours holds that name
+                if (held := self.scim.find_user(user_name=change.user.user_name)) is not None:
+                    taken.users[held["id"]] = held
         for change in plan.groups:
             if change.kind in ("create", "rename") and not change.takes_existing:
                 self._read_group(change.display_name, taken)
         written = {c.group_id for c in plan.groups}
-        for group_id in sorted(({c.group_id for c in plan.members} | set(granted)) - written):
-            group = recorded.groups.get(group_id)
-            if group is not None and not _exists(self.scim.get_group, group.scim_id):
-                reads.missing_groups.add(group.scim_id)
+        touched = [gid for gid in sorted(({c.group_id for c in plan.members} | set(granted)) - written)
+                   if gid in recorded.groups]
+        gone_groups = self._gone(self.scim.get_group, [recorded.groups[gid].scim_id for gid in touched])
+        for group_id in touched:
+            if recorded.groups[group_id].scim_id in gone_groups:
+                reads.missing_groups.add(recorded.groups[group_id].scim_id)
                 if group_id in self.inputs.groups:
                     self._read_group(self.inputs.groups[group_id].display_name, reads)
         reads.missing_groups -= set(reads.groups)
@@ -545,12 +550,22 @@ class Loader:
         foreseen.holds = plan.holds  # the guards the sync meets are the plan's: it plans again only while writing
         return foreseen
 
+    def _gone(self, get: Callable[[str], dict], scim_ids: list[str]) -> set[str]:
+        """Which of these objects Atlassian no longer holds: a GET each, `concurrency` at a time."""
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return {scim_id for scim_id, held in zip(scim_ids, pool.map(lambda s: _exists(get, s), scim_ids)) if not held}
+
     def _plan_again(self, recorded: AppliedState, reads: _Reads) -> Plan:
         """The plan of the whole desired state against the record as this run left it so far, corrected by
         what was just read: guardsync.plan's functions, as an observing run calls them."""
         observation = observe_some(recorded, list(reads.users.values()), list(reads.groups.values()),
                                    reads.missing_users, reads.missing_groups, frozenset(reads.names))
         return self.inputs.plan(recorded, observation)
+
+
+def _renames(change: UserChange, recorded: AppliedState) -> bool:
+    before = recorded.users.get(change.user.external_id)
+    return before is not None and name_key(before.record.user_name) != name_key(change.user.user_name)
 
 
 def _exists(get: Callable[[str], dict], scim_id: str) -> bool:

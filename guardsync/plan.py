@@ -244,7 +244,10 @@ def make_plan(
     observed_members: dict[str, frozenset[str]] = {}
     if observation is not None:
         recorded, applied = applied, observation.applied
-        observed_users = {uid: user for uid, user in applied.users.items() if recorded.users.get(uid) != user}
+        # An account whose externalId is not its user's (edited by hand, a hand-over or release cut short) is left
+        # to the plan's own write: the store keys a record by the externalId it holds.
+        observed_users = {uid: user for uid, user in applied.users.items()
+                          if recorded.users.get(uid) != user and user.record.external_id == uid}
         observed_members = {gid: held for gid, held in applied.members.items()
                             if gid in recorded.groups and recorded.members.get(gid, frozenset()) != held}
         forget_users = [u for u in observation.gone_users if u not in frozen_users and not (u in users and users[u].active)]

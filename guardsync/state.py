@@ -531,6 +531,23 @@ class StateStore:
             self._audit(conn, run_id, operation, "group", group_id, group_name, "ok",
                         f"{product} ({workspace_id})" + (f", made by {maker}" if maker != "guardsync" else ""))
 
+    def intend_grant(self, group_id: str, workspace_id: str, product: str, maker: str) -> bool:
+        """The ledger row of a grant about to be asked for, with its maker, unless the ledger has one: True if
+        written (drop_intended_grant takes it back when Atlassian refuses). No audit row: save_grant writes that."""
+        with self._lock, self.engine.begin() as conn:
+            if conn.execute(select(access_grants.c.maker).where(access_grants.c.group_id == group_id,
+                                                                access_grants.c.workspace_id == workspace_id)).first():
+                return False
+            # run_id stays empty until Atlassian confirmed it (grants_confirmed_in: a retried load grants it again)
+            conn.execute(insert(access_grants).values(group_id=group_id, workspace_id=workspace_id, product=product,
+                                                      maker=maker, run_id=None))
+            return True
+
+    def drop_intended_grant(self, group_id: str, workspace_id: str) -> None:
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(delete(access_grants).where(access_grants.c.group_id == group_id,
+                                                     access_grants.c.workspace_id == workspace_id))
+
     def note_hand_made(self, run_id: str, seen: list[tuple[str, str, str, str]]) -> None:
         """Grants seen on a synced group that guardsync did not make, (group id, group name, workspace id, product)
         each: in the ledger as hand-made, so they stay so whatever happens to the group (a rename included).

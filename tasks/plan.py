@@ -55,6 +55,7 @@ def foresee_writes(scim: ScimClient, store: StateStore, validated: Validated, pl
     foreseen = Loader(scim, store, "dry-run", PlanInputs.of(validated)).foresee(plan, granted, looked_up)
     if foreseen is plan:
         return None
+    publish_plan(foreseen, validated, store.load(), None)  # the artifacts show the plan the dry run shows
     get_run_logger().info("the objects this run writes were read as the sync's writes would find them: plan %s",
                           {k: v for k, v in foreseen.counts().items() if v} or "no change")
     return foreseen

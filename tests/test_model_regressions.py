@@ -153,3 +153,21 @@ def test_groups_deleted_by_hand_then_a_dry_run_and_the_sync_agree(prefect_server
         dict(configure=[("domains", 10, 11)], entra=[("remove_member", 4, 7)], hand=[("delete_group", 1, 11)], k=9,
              run="dry-run then sync"),
     ], breaks="dry-run-counts-equal-sync")
+
+
+# Found by the third `make test-deep` (2026-12-03, after the fixes above: 28 histories, 186 rounds, 485 runs): a
+# mapping change, a group re-created under its name and a hand revocation in one delta round, run killed after its
+# 17th write and run again: a grant of guardsync's no longer configured stays on Team 4.
+def test_a_killed_delta_run_after_a_mapping_change_revokes_what_is_no_longer_configured(prefect_server):
+    replay(dict(seed=2290, groups=5, brownfield=True, users=11), [
+        dict(configure=[("pilot", 7, 12)], k=43, run="delta"),
+        dict(entra=[("retitle_user", 0, 11), ("rename_group", 7, 9), ("recase_group", 7, 7)], k=26,
+             run="dry-run then sync --full"),
+        dict(configure=[("products", 13, 3)], entra=[("rename_user_to_old_name", 14, 7), ("nest", 11, 8)],
+             hand=[("make_team", 6, 5)], k=23, run="kill --full"),
+        dict(configure=[("domains", 14, 0)], entra=[("retitle_user", 5, 5), ("delete_user", 3, 5)],
+             hand=[("make_team", 5, 13), ("make_account", 12, 3)], k=5, run="full"),
+        dict(hand=[("delete_account", 3, 15)], k=29, run="dry-run then sync --full"),
+        dict(configure=[("products", 0, 14)], entra=[("delete_user", 9, 9), ("toggle_user", 10, 7), ("recreate_group", 2, 11)],
+             hand=[("revoke", 7, 10)], k=17, run="kill"),
+    ], breaks="only-configured-or-hand-grants")
