@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from guardsync.state import StateStore
 from tests.test_brownfield import entra_by_upn, scim_user
-from tests.test_flow import expected_upns, group_id, groups_by_name, scim_writes
-from tests.test_one_planner import _account, _put_by_hand
+from tests.test_flow import expected_upns, groups_by_name, scim_writes
+from tests.test_one_planner import _account, _put_by_hand, renamed_onto_a_hand_made_account
 from tests.test_safety import _delete
 
 
@@ -64,15 +64,7 @@ def test_dry_run_and_sync_agree_on_a_user_renamed_onto_an_unmanaged_account(sand
     """test_8 (delta) with a dry run first: the rename's PUT meets 409 in the sync, which adopts the hand-made
     account and releases the old one; the first foresee read no name an update takes, so its dry run showed an
     update. It reads the userName a PUT takes now, as a POST's."""
-    tenant = sandbox.tenant
-    settings = sandbox.settings(state_url)
-    assert sync(settings)[0] == 0
-    pilot = tenant.groups[group_id(tenant, "Pilot")]["displayName"]
-    upn = sorted(groups_by_name(sandbox)[pilot])[1]
-    user = entra_by_upn(tenant)[upn]
-    new_upn = f"renamed.{upn}"
-    sandbox.scim.add_user(scim_user(new_upn, display="Made by hand"))
-    tenant.update_user(user, userPrincipalName=new_upn, mail=new_upn)
+    settings = renamed_onto_a_hand_made_account(sandbox, state_url, sync)[0]
     status, preview = sync(settings, dry_run=True)
     assert status == 0, preview
     status, summary = sync(settings)

@@ -205,22 +205,29 @@ def test_7_a_disabled_user_entering_scope_whose_active_account_exists_is_deactiv
 # -- item 8 ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("read", ["delta", "full"])
-def test_8_a_managed_user_renamed_to_the_identifier_of_an_unmanaged_account_adopts_it(sandbox, state_url, sync, read):
-    """DESIGN.md: accounts that already exist with the same userName are taken over, never duplicated, and
-    Atlassian keys accounts by email; a renamed user "gets the new userName": the account that holds it.
-    So the renamed user adopts that account (as on a first run) and its old account, whose identifier is
-    nobody's now, is deactivated and released, as in a hand-over. Before: 409 on every run."""
+def renamed_onto_a_hand_made_account(sandbox, state_url, sync):
+    """After a first sync: a Pilot member renamed in Entra to the userName of an account made by hand.
+    Returns the settings, the Pilot group's name, the old UPN, the user's Entra id, the new UPN, the account."""
     tenant = sandbox.tenant
     settings = sandbox.settings(state_url)
     assert sync(settings)[0] == 0
     pilot = tenant.groups[group_id(tenant, "Pilot")]["displayName"]
     upn = sorted(groups_by_name(sandbox)[pilot])[1]
     user = entra_by_upn(tenant)[upn]
-    old = _account(sandbox, upn)
     new_upn = f"renamed.{upn}"
     made = sandbox.scim.add_user(scim_user(new_upn, display="Made by hand"))
     tenant.update_user(user, userPrincipalName=new_upn, mail=new_upn)
+    return settings, pilot, upn, user, new_upn, made
+
+
+@pytest.mark.parametrize("read", ["delta", "full"])
+def test_8_a_managed_user_renamed_to_the_identifier_of_an_unmanaged_account_adopts_it(sandbox, state_url, sync, read):
+    """DESIGN.md: accounts that already exist with the same userName are taken over, never duplicated, and
+    Atlassian keys accounts by email; a renamed user "gets the new userName": the account that holds it.
+    So the renamed user adopts that account (as on a first run) and its old account, whose identifier is
+    nobody's now, is deactivated and released, as in a hand-over. Before: 409 on every run."""
+    settings, pilot, upn, user, new_upn, made = renamed_onto_a_hand_made_account(sandbox, state_url, sync)
+    old = _account(sandbox, upn)
     sandbox.scim.reset_counts()
     status, summary = sync(settings, full=read == "full")
     assert status == 0, summary
