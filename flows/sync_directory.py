@@ -245,7 +245,8 @@ def reconcile(summary: RunSummary, extracted: Extracted, settings: Settings, gra
         # A delta plan: the sync meets what was changed by hand when its writes answer 404 or 409; the dry run,
         # which writes nothing, reads those objects instead, and shows the plan the sync's loader will follow.
         granted = [grant.group_id for grant in access_plan.later_grants()] if access_plan is not None else []
-        if (foreseen := foresee_writes(scim, store, opaque(validated), opaque(plan), granted, opaque(needed))) is not None:
+        if (foreseen := foresee_writes(scim, store, opaque(validated), opaque(plan), granted, opaque(needed),
+                                       settings.sync.write_concurrency)) is not None:
             plan = foreseen
             if admin is not None:
                 access_plan = plan_access(admin, settings.access, opaque(validated), opaque(recorded),

@@ -4,7 +4,8 @@ check on a run with no change in Entra that the configured groups still hold the
 The grant ledger (table access_grants) changes only once Atlassian confirmed: a grant or revocation when
 it answered (with its audit row; a retried load skips what this run's assigns confirmed, and assign and
 revoke are idempotent at Atlassian too), the rows of a renamed or deleted group once the record shows the
-old group gone. The Organizations API's group ids are not SCIM ids: groups are found by name, once per run.
+old group gone. One row goes first: a new grant's maker, marked unconfirmed, before it is asked for, taken
+back when Atlassian refuses it (StateStore.intend_grant): a kill in between leaves it guardsync's. The Organizations API's group ids are not SCIM ids: groups are found by name, once per run.
 """
 
 from __future__ import annotations
@@ -158,8 +159,8 @@ class AccessLoader:
                 org_id = org_ids.get(grant.group_name.casefold())
                 # The ledger names the maker before the grant is asked for: a run killed once Atlassian applied it,
                 # before it was recorded, must not find it on the next run as a grant nobody made (hand-made).
-                intended = operation == "grant" and self.store.intend_grant(grant.group_id, grant.workspace_id,
-                                                                            grant.product, grant.maker)
+                intended = operation == "grant" and self.store.intend_grant(self.run_id, grant.group_id,
+                                                                            grant.workspace_id, grant.product, grant.maker)
                 try:
                     if org_id is None:
                         raise ApiError(f"the Organizations API has no group {grant.group_name!r} in this directory yet "

@@ -138,8 +138,11 @@ access_grants = Table(  # the grant ledger: the product grants of synced groups 
     Column("product", Text, nullable=False),  # key@site-host, for people
     # "guardsync" (only these may be revoked) or "hand"; rows from before makers were kept are guardsync's
     Column("maker", String(16), nullable=False, server_default="guardsync"),
-    Column("run_id", String(64)),  # the run whose assign Atlassian confirmed last (None: seen, made by hand)
+    # the run whose assign Atlassian confirmed last; None: seen, made by hand (or kept from before makers were);
+    # INTENT + a run: asked for by that run, not confirmed yet (StateStore.intend_grant)
+    Column("run_id", String(64)),
 )
+INTENT = "intent:"
 
 held_plans = Table(  # plans an approvable guard held for a person (DESIGN.md, "Approval"): the approval's audit
     "held_plans", metadata,
@@ -531,22 +534,25 @@ class StateStore:
             self._audit(conn, run_id, operation, "group", group_id, group_name, "ok",
                         f"{product} ({workspace_id})" + (f", made by {maker}" if maker != "guardsync" else ""))
 
-    def intend_grant(self, group_id: str, workspace_id: str, product: str, maker: str) -> bool:
-        """The ledger row of a grant about to be asked for, with its maker, unless the ledger has one: True if
-        written (drop_intended_grant takes it back when Atlassian refuses). No audit row: save_grant writes that."""
+    def intend_grant(self, run_id: str, group_id: str, workspace_id: str, product: str, maker: str) -> bool:
+        """The ledger row of a grant about to be asked for, with its maker, marked unconfirmed (run_id INTENT + the
+        run), unless the ledger has a confirmed row. True when the row is an unconfirmed intent: the caller takes it
+        back (drop_intended_grant) when Atlassian refuses the grant, also one an earlier run left after an error
+        that said neither yes nor no. No audit row: save_grant writes that, and confirms the row."""
         with self._lock, self.engine.begin() as conn:
-            if conn.execute(select(access_grants.c.maker).where(access_grants.c.group_id == group_id,
-                                                                access_grants.c.workspace_id == workspace_id)).first():
-                return False
-            # run_id stays empty until Atlassian confirmed it (grants_confirmed_in: a retried load grants it again)
+            row = conn.execute(select(access_grants.c.maker, access_grants.c.run_id).where(
+                access_grants.c.group_id == group_id, access_grants.c.workspace_id == workspace_id)).first()
+            if row is not None:
+                return (row.run_id or "").startswith(INTENT) and row.maker == maker
             conn.execute(insert(access_grants).values(group_id=group_id, workspace_id=workspace_id, product=product,
-                                                      maker=maker, run_id=None))
+                                                      maker=maker, run_id=f"{INTENT}{run_id}"[:64]))
             return True
 
     def drop_intended_grant(self, group_id: str, workspace_id: str) -> None:
         with self._lock, self.engine.begin() as conn:
             conn.execute(delete(access_grants).where(access_grants.c.group_id == group_id,
-                                                     access_grants.c.workspace_id == workspace_id))
+                                                     access_grants.c.workspace_id == workspace_id,
+                                                     access_grants.c.run_id.startswith(INTENT)))
 
     def note_hand_made(self, run_id: str, seen: list[tuple[str, str, str, str]]) -> None:
         """Grants seen on a synced group that guardsync did not make, (group id, group name, workspace id, product)

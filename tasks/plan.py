@@ -48,11 +48,11 @@ def plan_changes(validated: Validated, recorded: AppliedState, observation: Obse
 
 @task(name="foresee", **RECOMPUTED)
 def foresee_writes(scim: ScimClient, store: StateStore, validated: Validated, plan: Plan, granted: list[str],
-                   looked_up: list[DesiredUser]) -> Plan | None:
+                   looked_up: list[DesiredUser], concurrency: int = 4) -> Plan | None:
     """A dry run of a plan made from the record (a delta run): the sync learns what was changed by hand in
     Atlassian when a write meets 404 or 409, and plans that again; the dry run reads those objects instead
     (guardsync.load.Loader.foresee), so it shows what the sync will do. None: nothing found that changes the plan."""
-    foreseen = Loader(scim, store, "dry-run", PlanInputs.of(validated)).foresee(plan, granted, looked_up)
+    foreseen = Loader(scim, store, "dry-run", PlanInputs.of(validated), concurrency).foresee(plan, granted, looked_up)
     if foreseen is plan:
         return None
     publish_plan(foreseen, validated, store.load(), None)  # the artifacts show the plan the dry run shows
