@@ -5,7 +5,8 @@ The grant ledger (table access_grants) changes only once Atlassian confirmed: a 
 it answered (with its audit row; a retried load skips what this run's assigns confirmed, and assign and
 revoke are idempotent at Atlassian too), the rows of a renamed or deleted group once the record shows the
 old group gone. One row goes first: a new grant's maker, marked unconfirmed, before it is asked for, taken
-back when Atlassian refuses it (StateStore.intend_grant): a kill in between leaves it guardsync's. The Organizations API's group ids are not SCIM ids: groups are found by name, once per run.
+back when Atlassian refuses it (StateStore.intend_grant): a kill in between leaves it guardsync's. The
+Organizations API's group ids are not SCIM ids: groups are found by name, once per run.
 """
 
 from __future__ import annotations

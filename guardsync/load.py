@@ -207,17 +207,20 @@ class Loader:
         """Before the first write of the run (once: a retried load has recorded writes since), make the record
         what the plan saw Atlassian hold: the plan's changes are made against that."""
         if (plan.observed_users or plan.observed_members) and not self.store.done_in_run(self.run_id, (OBSERVED_ONCE,)):
-            self._correct_record(plan)
+            self._correct_record(plan, self.store.load())
             self.store.note(self.run_id, OBSERVED_ONCE, "run", self.run_id, None,
                             f"recorded as observed: {len(plan.observed_users)} accounts, "
                             f"{len(plan.observed_members)} groups' members")
 
-    def _correct_record(self, plan: Plan) -> None:
-        recorded = self.store.load()
+    def _correct_record(self, plan: Plan, recorded: AppliedState) -> AppliedState:
+        """Record Plan.observed_* over `recorded`; returns the record as it is then (read again only if changed)."""
+        if not (plan.observed_users or plan.observed_members):
+            return recorded
         self.store.save_users(self.run_id, [(OBSERVED, user.scim_id, user.record) for user in plan.observed_users.values()])
         self.store.save_members(self.run_id, [
             (gid, sorted(held - recorded.members.get(gid, frozenset())), sorted(recorded.members.get(gid, frozenset()) - held))
             for gid, held in plan.observed_members.items() if gid in recorded.groups], operation=OBSERVED)
+        return self.store.load()
 
     def _apply_user(self, change: UserChange) -> None:
         user = change.user
@@ -250,9 +253,9 @@ class Loader:
                 # it may need an account, or its identifier is taken: who holds that identifier now?
                 self._read_account(change.user, reads)
         self._record()
-        replanned = self._plan_again(self.store.load(), reads)
-        self._correct_record(replanned)
         recorded = self.store.load()
+        replanned = self._plan_again(recorded, reads)
+        recorded = self._correct_record(replanned, recorded)
         # What this concerns: the users set aside, whose accounts were read, and the accounts they held.
         failing = {_user_key(item.change): item for item in met}
         users = {c.user.external_id for c in (item.change for item in met) if not c.release}
@@ -385,9 +388,9 @@ class Loader:
                     continue
 
     def _replan_group_ids(self, plan: Plan | None, failing: dict[str, _Met], reads: _Reads) -> None:
-        replanned = self._plan_again(self.store.load(), reads)
-        self._correct_record(replanned)
         recorded = self.store.load()
+        replanned = self._plan_again(recorded, reads)
+        recorded = self._correct_record(replanned, recorded)
         group_changes = {c.group_id: c for c in replanned.groups}
         members = {c.group_id: c for c in replanned.members}
         holders = {g.scim_id: gid for gid, g in recorded.groups.items()}
